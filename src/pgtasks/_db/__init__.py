@@ -1,0 +1,1 @@
+"""Database access: connections (`connect`) and every SQL statement pgtasks runs (`queries`)."""

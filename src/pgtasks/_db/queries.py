@@ -1,0 +1,267 @@
+"""Every SQL statement pgtasks runs against pgmq and its own schema.
+
+Each statement is a named constant (or, where it names a queue's table, a cached builder)
+beside one small typed function taking a connection or pool. No business logic here.
+
+JSON crosses the wire as text (``$n::text::jsonb`` in, ``::text`` out): no codec is
+registered, so a caller's own connection (transactional enqueue) behaves like ours.
+
+pgmq's ``delete``/``archive``/``set_vt`` do not check who holds a message. Acks, releases
+and lease extensions therefore go straight to the queue table, guarded by ``msg_id`` AND the
+``read_ct`` we claimed: a worker that lost its lease changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from ..queues import check_queue_name
+
+# A connection: the caller's own, or one from a pool.
+Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
+# Where a statement can run: a connection or the pool.
+Executor: TypeAlias = "asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool"
+
+NOTIFY_CHANNEL = "pgtasks"
+
+# --- enqueue --------------------------------------------------------------------------------
+
+MESSAGE_SEND = """
+SELECT msg_id, deduplicated
+FROM pgtasks.send($1::text, $2::text::jsonb, $3::text::jsonb, $4::float8, $5::timestamptz)
+"""
+
+MESSAGE_SEND_BATCH = """
+SELECT msg_id, deduplicated
+FROM pgtasks.send_batch($1::text, $2::text[]::jsonb[], $3::text[]::jsonb[], $4::float8,
+                        $5::timestamptz)
+"""
+
+
+async def message_send(
+    conn: Executor,
+    queue: str,
+    body: str,
+    headers: str | None,
+    delay: float,
+    eta: dt.datetime | None,
+) -> tuple[int, bool]:
+    row = await conn.fetchrow(MESSAGE_SEND, queue, body, headers, delay, eta)
+    assert row is not None
+    return row[0], row[1]
+
+
+async def message_send_batch(
+    conn: Executor,
+    queue: str,
+    bodies: Sequence[str],
+    headers: Sequence[str | None] | None,
+    delay: float,
+    eta: dt.datetime | None,
+) -> list[tuple[int, bool]]:
+    rows = await conn.fetch(MESSAGE_SEND_BATCH, queue, bodies, headers, delay, eta)
+    return [(r[0], r[1]) for r in rows]
+
+
+# --- claim ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A claimed message, as ``pgmq.read`` returns it."""
+
+    msg_id: int
+    read_ct: int
+    enqueued_at: dt.datetime
+    vt: dt.datetime
+    body: str | None
+    headers: str | None
+
+
+MESSAGE_READ = """
+SELECT msg_id, read_ct, enqueued_at, vt, message::text, headers::text
+FROM pgmq.read($1::text, $2::integer, $3::integer)
+"""
+
+
+async def message_read(conn: Executor, queue: str, vt: int, qty: int) -> list[Message]:
+    rows = await conn.fetch(MESSAGE_READ, queue, vt, qty)
+    return sorted((Message(*r) for r in rows), key=lambda m: m.msg_id)
+
+
+@lru_cache(maxsize=256)
+def _next_visible_sql(queues: tuple[str, ...]) -> str:
+    parts = [f"SELECT min(vt) AS vt FROM pgmq.{_table('q', q)}" for q in queues]
+    return (
+        "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 "
+        f"FROM ({' UNION ALL '.join(parts)}) AS t"
+    )
+
+
+async def queues_next_visible(conn: Executor, queues: Sequence[str]) -> float | None:
+    """Seconds until the earliest message of these queues is visible (<= 0: one is visible
+    now), or None when they are all empty. Uses pgmq's vt index."""
+    value: float | None = await conn.fetchval(_next_visible_sql(tuple(queues)))
+    return value
+
+
+# --- outcomes (ownership-guarded) -----------------------------------------------------------
+
+
+def _table(prefix: str, queue: str) -> str:
+    return '"' + prefix + "_" + check_queue_name(queue) + '"'
+
+
+@lru_cache(maxsize=256)
+def _ack_sql(queue: str, archive: bool) -> str:
+    q, a = _table("q", queue), _table("a", queue)
+    archived = (
+        f""", archived AS (
+    INSERT INTO pgmq.{a} (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers)
+    SELECT msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers FROM done
+)"""
+        if archive
+        else ""
+    )
+    return f"""
+WITH done AS (
+    DELETE FROM pgmq.{q} AS m
+    USING unnest($1::bigint[], $2::integer[]) AS t(id, ct)
+    WHERE m.msg_id = t.id AND m.read_ct = t.ct
+    RETURNING m.*
+){archived}, keys AS (
+    UPDATE pgtasks.idempotency_keys AS k
+    SET expires_at = now() + make_interval(secs => $3::float8)
+    FROM done
+    WHERE k.key = done.headers ->> 'idempotency_key' AND k.msg_id = done.msg_id
+)
+SELECT msg_id FROM done
+"""
+
+
+async def messages_ack(
+    conn: Executor,
+    queue: str,
+    owned: Sequence[tuple[int, int]],
+    *,
+    archive: bool,
+    key_retention: float,
+) -> set[int]:
+    """Archive (or delete) the messages still held at these (msg_id, read_ct); mark their
+    idempotency keys succeeded, in the same statement. Returns the ids acked."""
+    ids, cts = _split(owned)
+    rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention)
+    return {r[0] for r in rows}
+
+
+@lru_cache(maxsize=256)
+def _set_vt_sql(queue: str) -> str:
+    return f"""
+UPDATE pgmq.{_table("q", queue)} AS m
+SET vt = clock_timestamp() + make_interval(secs => t.delay)
+FROM unnest($1::bigint[], $2::integer[], $3::float8[]) AS t(id, ct, delay)
+WHERE m.msg_id = t.id AND m.read_ct = t.ct
+RETURNING m.msg_id
+"""
+
+
+async def messages_set_vt(
+    conn: Executor, queue: str, owned: Sequence[tuple[int, int]], delays: Sequence[float]
+) -> set[int]:
+    """Make messages still held at (msg_id, read_ct) visible after ``delays`` seconds: a
+    lease extension, a retry after backoff, or a release (0). Returns the ids still held."""
+    ids, cts = _split(owned)
+    rows = await conn.fetch(_set_vt_sql(queue), ids, cts, list(delays))
+    return {r[0] for r in rows}
+
+
+@lru_cache(maxsize=256)
+def _dead_letter_sql(queue: str) -> str:
+    return f"""
+WITH t AS (
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::text[]::jsonb[])
+        AS t(id, ct, task, reason, error)
+), gone AS (
+    DELETE FROM pgmq.{_table("q", queue)} AS m
+    USING t
+    WHERE m.msg_id = t.id AND m.read_ct = t.ct
+    RETURNING m.*, t.task, t.reason, t.error
+), keys AS (
+    DELETE FROM pgtasks.idempotency_keys AS k
+    USING gone
+    WHERE k.key = gone.headers ->> 'idempotency_key' AND k.msg_id = gone.msg_id
+)
+INSERT INTO pgtasks.dead_letters
+    (queue, msg_id, task, message, headers, read_ct, enqueued_at, reason, error)
+SELECT $6::text, msg_id, task, message, headers, read_ct, enqueued_at, reason, error
+FROM gone
+RETURNING msg_id
+"""
+
+
+async def messages_dead_letter(
+    conn: Executor,
+    queue: str,
+    owned: Sequence[tuple[int, int]],
+    tasks: Sequence[str | None],
+    reasons: Sequence[str],
+    errors: Sequence[str | None],
+) -> set[int]:
+    """Move messages still held at (msg_id, read_ct) to pgtasks.dead_letters, releasing
+    their idempotency keys, in one statement. Returns the ids moved."""
+    ids, cts = _split(owned)
+    rows = await conn.fetch(
+        _dead_letter_sql(queue), ids, cts, list(tasks), list(reasons), list(errors), queue
+    )
+    return {r[0] for r in rows}
+
+
+def _split(owned: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    return [i for i, _ in owned], [c for _, c in owned]
+
+
+# --- queues and maintenance -----------------------------------------------------------------
+
+QUEUE_LIST = "SELECT queue_name::text FROM pgmq.meta ORDER BY queue_name"
+
+
+async def queue_list(conn: Executor) -> list[str]:
+    return [r[0] for r in await conn.fetch(QUEUE_LIST)]
+
+
+QUEUE_ENSURE = "SELECT pgtasks.ensure_queue($1::text)"
+
+
+async def queue_ensure(conn: Executor, queue: str) -> None:
+    """Create the queue unless it exists (validating its name)."""
+    await conn.execute(QUEUE_ENSURE, queue)
+
+
+KEYS_PRUNE = """
+WITH gone AS (
+    DELETE FROM pgtasks.idempotency_keys WHERE expires_at < now() RETURNING 1
+) SELECT count(*) FROM gone
+"""
+
+
+async def keys_prune(conn: Executor) -> int:
+    """Delete idempotency keys whose retention after success has passed."""
+    count: int = await conn.fetchval(KEYS_PRUNE)
+    return count
+
+
+KEY_GET = """
+SELECT key, queue, msg_id, created_at, expires_at FROM pgtasks.idempotency_keys WHERE key = $1
+"""
+
+
+async def key_get(conn: Executor, key: str) -> asyncpg.Record | None:
+    row: Any = await conn.fetchrow(KEY_GET, key)
+    return row  # type: ignore[no-any-return]

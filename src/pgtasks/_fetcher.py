@@ -1,0 +1,99 @@
+"""The fetcher: claims messages, never more than there are free slots.
+
+Each pass visits the worker's queues round-robin from a rotating start and claims with one
+``pgmq.read(queue, vt, qty)`` per queue, ``qty`` being that queue's share of the free slots,
+so a claimed message never waits for a slot while its lease runs and no queue starves
+another. A queue that returned fewer than asked is drained. When every queue is drained the
+fetcher sleeps until the first of: a wake-up (a notification, a freed slot, a stop), the next
+message becoming visible (min(vt) of its queues: delayed jobs, retries and expired leases do
+not notify), or the safety poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import anyio
+import asyncpg
+
+from ._db import queries
+
+logger = logging.getLogger("pgtasks")
+_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
+class Wakeup:
+    """A resettable event: `set` wakes the waiter; `wait` returns early or at timeout."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:  # noqa: ASYNC109
+        with anyio.move_on_after(max(timeout, 0.0)):
+            await self._event.wait()
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+
+class Fetcher:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        queues: Sequence[str],
+        read_vt: dict[str, int],
+        *,
+        free_slots: Callable[[], int],
+        claimed: Callable[[str, list[queries.Message]], None],
+        poll_interval: float,
+        max_batch: int = 1000,
+    ) -> None:
+        self._pool = pool
+        self._queues = list(queues)
+        self._read_vt = read_vt
+        self._free_slots = free_slots
+        self._claimed = claimed
+        self._poll_interval = poll_interval
+        self._max_batch = max_batch
+        self._offset = 0
+        self.wakeup = Wakeup()
+
+    async def claim_pass(self) -> tuple[int, bool]:
+        """One round over the queues: (messages claimed, whether every queue is drained)."""
+        n = len(self._queues)
+        order = self._queues[self._offset :] + self._queues[: self._offset]
+        self._offset = (self._offset + 1) % n
+        total = 0
+        drained = True
+        for i, queue in enumerate(order):
+            free = self._free_slots()
+            if free <= 0:
+                return total, False
+            share = min(self._max_batch, max(1, math.ceil(free / (n - i))))
+            messages = await queries.message_read(self._pool, queue, self._read_vt[queue], share)
+            if messages:
+                total += len(messages)
+                self._claimed(queue, messages)
+            if len(messages) >= share:
+                drained = False
+        return total, drained
+
+    async def idle_wait(self) -> None:
+        """Sleep until a wake-up, the next visible message, or the safety poll."""
+        try:
+            next_visible = await queries.queues_next_visible(self._pool, self._queues)
+        except _CONNECTION_ERRORS:
+            next_visible = None
+        timeout = self._poll_interval
+        if next_visible is not None:
+            # visible already but not claimed (another worker holds the row lock for an
+            # instant): look again shortly rather than spin
+            timeout = min(timeout, max(next_visible, 0.01))
+        await self.wakeup.wait(timeout)
+
+    async def wait_for_slot(self) -> None:
+        await self.wakeup.wait(self._poll_interval)

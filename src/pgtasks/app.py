@@ -1,0 +1,464 @@
+"""`App`: configuration, the connection pool, the task registry, and enqueueing.
+
+The DSN comes from ``App(dsn=...)``, else ``PGTASKS_DSN``, else ``DATABASE_URL``, else the
+embedded server (the ``embedded`` extra). The pool opens on first use, on the running event
+loop; ``async with app:`` or ``await app.close()`` closes it. There is no global state
+except the registry of shared tasks (bare ``@pgtasks.task``), which every `App` includes,
+and the default app those tasks defer through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import weakref
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import asyncpg
+from typing_extensions import ParamSpec, Self
+
+from . import schema
+from ._db import queries
+from ._db.connect import DsnSource, create_pool, describe, materialize, resolve_dsn
+from .exceptions import ConfigurationError, DatabaseUnavailable
+from .queues import check_queue_name
+from .task import JobRef, OnSuccess, Signature, Task, TaskConfig
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+logger = logging.getLogger("pgtasks")
+
+_BATCH_CHUNK = 5_000
+_CONNECTION_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+)
+
+_shared_tasks: dict[str, Task[Any, Any]] = {}
+_apps: weakref.WeakSet[App] = weakref.WeakSet()
+_default_app: weakref.ReferenceType[App] | None = None
+
+
+class App:
+    """A pgtasks application.
+
+    Args:
+        dsn: a ``postgresql://`` URL. Default: ``PGTASKS_DSN``, else ``DATABASE_URL``, else
+            the embedded server.
+        pool_min_size: connections the pool keeps open.
+        pool_max_size: connections the pool opens at most.
+        max_message_size: largest encoded message body, in bytes.
+        key_retention: how long an idempotency key keeps deduplicating after its job
+            succeeded.
+        default: make this the app that shared tasks (``@pgtasks.task``) defer through.
+        max_retries, retry_backoff, retry_backoff_max, retry_jitter, retry_on,
+            dont_retry_on, timeout, lease, on_success: defaults for every task; see
+            `App.task`.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        pool_min_size: int = 1,
+        pool_max_size: int = 10,
+        max_message_size: int = 1024 * 1024,
+        key_retention: dt.timedelta = dt.timedelta(days=7),
+        default: bool = False,
+        max_retries: int = 3,
+        retry_backoff: float = 2.0,
+        retry_backoff_max: float = 600.0,
+        retry_jitter: bool = True,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
+        dont_retry_on: tuple[type[BaseException], ...] = (),
+        timeout: float | None = None,
+        lease: float = 30.0,
+        on_success: OnSuccess = "archive",
+    ) -> None:
+        self._dsn_source: DsnSource | None = None
+        self._explicit_dsn = dsn
+        if pool_max_size < 1 or pool_min_size < 0 or pool_min_size > pool_max_size:
+            raise ConfigurationError(
+                f"pool sizes must satisfy 0 <= pool_min_size <= pool_max_size >= 1 "
+                f"(got {pool_min_size} and {pool_max_size})"
+            )
+        self.pool_min_size = pool_min_size
+        self.pool_max_size = pool_max_size
+        self.max_message_size = max_message_size
+        self.key_retention = key_retention
+        self.defaults = TaskConfig(
+            max_retries=max_retries,
+            retry_backoff=retry_backoff,
+            retry_backoff_max=retry_backoff_max,
+            retry_jitter=retry_jitter,
+            retry_on=retry_on,
+            dont_retry_on=dont_retry_on,
+            timeout=timeout,
+            lease=_check_lease(lease),
+            on_success=_check_on_success(on_success),
+        )
+        self._tasks: dict[str, Task[Any, Any]] = {}
+        self._pool: asyncpg.Pool | None = None
+        self._pool_loop: asyncio.AbstractEventLoop | None = None
+        self._pool_lock: asyncio.Lock | None = None
+        self._dsn: str | None = None
+        _apps.add(self)
+        if default:
+            self.set_default()
+
+    def __repr__(self) -> str:
+        return f"<pgtasks.App tasks={len(self.tasks)}>"
+
+    # --- registry -------------------------------------------------------------------------
+
+    @overload
+    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+    @overload
+    def task(
+        self,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        max_retries: int | None = None,
+        retry_backoff: float | None = None,
+        retry_backoff_max: float | None = None,
+        retry_jitter: bool | None = None,
+        retry_on: tuple[type[BaseException], ...] | None = None,
+        dont_retry_on: tuple[type[BaseException], ...] | None = None,
+        timeout: float | None = None,
+        lease: float | None = None,
+        on_success: OnSuccess | None = None,
+    ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
+
+    def task(
+        self, fn: Callable[P, Awaitable[R]] | None = None, /, **options: Any
+    ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
+        """Register an ``async def`` as a task; use bare or with options.
+
+        Args:
+            name: the name messages carry; default ``module.qualname``.
+            queue: the pgmq queue it is deferred to; default ``"default"``.
+            max_retries: retries after the first attempt (Celery's meaning).
+            retry_backoff: base of the exponential backoff, in seconds.
+            retry_backoff_max: cap of the backoff, in seconds.
+            retry_jitter: full jitter (a uniform draw below the backoff).
+            retry_on: exception types that are retried (default: every ``Exception``).
+            dont_retry_on: exception types that fail at once.
+            timeout: seconds a run may take before it is cancelled and counted as failed.
+            lease: the visibility timeout, in seconds, that the worker keeps extending
+                while the job runs; a crashed worker's job reappears after it.
+            on_success: ``"archive"`` (keep the message in pgmq's archive) or ``"delete"``.
+        """
+
+        def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
+            task = _make_task(f, self, options)
+            self._register(task)
+            return task
+
+        return register(fn) if fn is not None else register
+
+    def _register(self, task: Task[Any, Any]) -> None:
+        existing = self._tasks.get(task.name) or _shared_tasks.get(task.name)
+        if existing is not None and existing.fn is not task.fn:
+            raise ConfigurationError(
+                f"two tasks are named {task.name!r} ({existing.fn!r} and {task.fn!r}); "
+                "give one of them another name with @app.task(name=...)"
+            )
+        self._tasks[task.name] = task
+
+    @property
+    def tasks(self) -> dict[str, Task[Any, Any]]:
+        """Every task this app runs: its own and the shared ones, by name."""
+        return {**_shared_tasks, **self._tasks}
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues of the registered tasks."""
+        return sorted({t.queue for t in self.tasks.values()})
+
+    def set_default(self) -> None:
+        """Make this the app that shared tasks (``@pgtasks.task``) defer through."""
+        global _default_app
+        _default_app = weakref.ref(self)
+
+    # --- connections ----------------------------------------------------------------------
+
+    @property
+    def dsn_source(self) -> DsnSource:
+        if self._dsn_source is None:
+            self._dsn_source = resolve_dsn(self._explicit_dsn)
+        return self._dsn_source
+
+    async def dsn(self) -> str:
+        """The DSN in use (starting the embedded server if that is the source)."""
+        if self._dsn is None:
+            self._dsn = await materialize(self.dsn_source)
+        return self._dsn
+
+    async def pool(self) -> asyncpg.Pool:
+        """The connection pool, opened on first use on the running event loop."""
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._pool_loop is loop:
+            return self._pool
+        if self._pool_lock is None or self._pool_loop is not loop:
+            self._pool_lock = asyncio.Lock()
+            if self._pool is not None:  # opened on an event loop that is gone
+                self._pool.terminate()
+                self._pool = None
+            self._pool_loop = loop
+        async with self._pool_lock:
+            if self._pool is None:
+                dsn = await self.dsn()
+                self._pool = await create_pool(
+                    dsn, min_size=self.pool_min_size, max_size=self.pool_max_size
+                )
+                logger.info(
+                    "pgtasks: using PostgreSQL at %s (from %s)",
+                    describe(dsn),
+                    self.dsn_source.origin,
+                )
+            return self._pool
+
+    async def close(self) -> None:
+        """Close the pool (the embedded server, if any, stops when the process exits)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def __aenter__(self) -> Self:
+        await self.pool()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # --- schema ---------------------------------------------------------------------------
+
+    async def migrate(self) -> list[schema.Step]:
+        """Install pgmq and the pgtasks schema, and create every registered task's queue.
+        Idempotent, and safe to run from several processes at once."""
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            steps = await schema.migrate(conn, self.queues)
+        for step in steps:
+            logger.info("pgtasks: migrate: %s", step.description)
+        return steps
+
+    async def migration_plan(self) -> list[schema.Step]:
+        """What `migrate` would run now, without running it."""
+        pool = await self.pool()
+        async with pool.acquire() as conn:
+            return await schema.plan(conn, self.queues)
+
+    async def prune_keys(self) -> int:
+        """Delete idempotency keys whose retention after success has passed."""
+        return await queries.keys_prune(await self.pool())
+
+    # --- enqueue --------------------------------------------------------------------------
+
+    async def _defer_one(self, sig: Signature) -> JobRef:
+        body = sig.body(self.max_message_size)
+        headers = sig.headers()
+        opts = sig.options
+        executor = opts.connection or await self.pool()
+        try:
+            msg_id, dedup = await queries.message_send(
+                executor, sig.queue, body, headers, opts.delay, opts.eta
+            )
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(f"deferring {sig.task.name!r} to {sig.queue!r}", exc) from exc
+        return JobRef(msg_id, sig.queue, sig.task.name, dedup)
+
+    async def defer_many(
+        self, signatures: Iterable[Signature], *, connection: asyncpg.Connection | None = None
+    ) -> list[JobRef]:
+        """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
+        delay); returns their refs in input order. Built with ``task.s(...)`` or
+        ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
+        of ``connection`` here."""
+        sigs = list(signatures)
+        bodies = [s.body(self.max_message_size) for s in sigs]  # validate all before sending
+        groups: dict[tuple[str, float, dt.datetime | None], list[int]] = defaultdict(list)
+        for i, s in enumerate(sigs):
+            groups[(s.queue, s.options.delay, s.options.eta)].append(i)
+        refs: list[JobRef | None] = [None] * len(sigs)
+        try:
+            if connection is not None:
+                async with connection.transaction():
+                    await self._send_groups(connection, sigs, bodies, groups, refs)
+            else:
+                pool = await self.pool()
+                async with pool.acquire() as conn, conn.transaction():
+                    await self._send_groups(conn, sigs, bodies, groups, refs)
+        except _CONNECTION_ERRORS as exc:
+            raise self._unavailable(f"deferring {len(sigs)} jobs", exc) from exc
+        return [r for r in refs if r is not None]
+
+    async def _send_groups(
+        self,
+        conn: queries.Connection,
+        sigs: Sequence[Signature],
+        bodies: Sequence[str],
+        groups: dict[tuple[str, float, dt.datetime | None], list[int]],
+        refs: list[JobRef | None],
+    ) -> None:
+        for (queue, delay, eta), positions in groups.items():
+            for start in range(0, len(positions), _BATCH_CHUNK):
+                chunk = positions[start : start + _BATCH_CHUNK]
+                headers = [sigs[i].headers() for i in chunk]
+                results = await queries.message_send_batch(
+                    conn,
+                    queue,
+                    [bodies[i] for i in chunk],
+                    headers if any(h is not None for h in headers) else None,
+                    delay,
+                    eta,
+                )
+                for i, (msg_id, dedup) in zip(chunk, results, strict=True):
+                    refs[i] = JobRef(msg_id, queue, sigs[i].task.name, dedup)
+
+    def _unavailable(self, what: str, exc: BaseException) -> DatabaseUnavailable:
+        where = describe(self._dsn) if self._dsn else "the database"
+        return DatabaseUnavailable(f"{what} failed: lost the connection to {where} ({exc})")
+
+    # --- worker ---------------------------------------------------------------------------
+
+    def worker(
+        self,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        burst: bool = False,
+        shutdown_timeout: float = 30.0,
+        listen: bool = True,
+        poll_interval: float = 5.0,
+    ) -> Worker:
+        """A worker for this app; see `pgtasks.Worker`."""
+        from .worker import Worker
+
+        return Worker(
+            self,
+            queues=queues,
+            concurrency=concurrency,
+            burst=burst,
+            shutdown_timeout=shutdown_timeout,
+            listen=listen,
+            poll_interval=poll_interval,
+        )
+
+
+def _check_lease(lease: float) -> float:
+    if lease < 1:
+        raise ConfigurationError(f"lease must be at least 1 second (got {lease})")
+    return lease
+
+
+def _check_on_success(value: str) -> OnSuccess:
+    if value not in ("archive", "delete"):
+        raise ConfigurationError(f"on_success must be 'archive' or 'delete' (got {value!r})")
+    return value  # type: ignore[return-value]
+
+
+_TASK_OPTIONS = frozenset(
+    {
+        "max_retries",
+        "retry_backoff",
+        "retry_backoff_max",
+        "retry_jitter",
+        "retry_on",
+        "dont_retry_on",
+        "timeout",
+        "lease",
+        "on_success",
+    }
+)
+
+
+def _make_task(
+    fn: Callable[P, Awaitable[R]], app: App | None, options: dict[str, Any]
+) -> Task[P, R]:
+    unknown = set(options) - _TASK_OPTIONS - {"name", "queue"}
+    if unknown:
+        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
+    config = {k: v for k, v in options.items() if k in _TASK_OPTIONS}
+    if config.get("lease") is not None:
+        _check_lease(config["lease"])
+    if config.get("on_success") is not None:
+        _check_on_success(config["on_success"])
+    return Task(
+        fn,
+        name=options.get("name"),
+        queue=check_queue_name(options.get("queue", "default")),
+        config=TaskConfig(**config),
+        app=app,
+    )
+
+
+@overload
+def task(fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    *,
+    name: str | None = None,
+    queue: str = "default",
+    max_retries: int | None = None,
+    retry_backoff: float | None = None,
+    retry_backoff_max: float | None = None,
+    retry_jitter: bool | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    dont_retry_on: tuple[type[BaseException], ...] | None = None,
+    timeout: float | None = None,
+    lease: float | None = None,
+    on_success: OnSuccess | None = None,
+) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
+
+
+def task(
+    fn: Callable[P, Awaitable[R]] | None = None, /, **options: Any
+) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
+    """A shared task (Celery's ``shared_task``), for reusable modules: every `App` runs it,
+    and it defers through the default app. Options as for `App.task`."""
+
+    def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
+        t = _make_task(f, None, options)
+        existing = _shared_tasks.get(t.name)
+        if existing is not None and existing.fn is not t.fn:
+            raise ConfigurationError(f"two shared tasks are named {t.name!r}")
+        _shared_tasks[t.name] = t
+        return t
+
+    return register(fn) if fn is not None else register
+
+
+def default_app(*, for_task: str) -> App:
+    """The app shared tasks defer through: the one marked default, else the only one."""
+    if _default_app is not None:
+        app = _default_app()
+        if app is not None:
+            return app
+    apps = list(_apps)
+    if len(apps) == 1:
+        return apps[0]
+    raise ConfigurationError(
+        f"shared task {for_task!r} needs an app to defer through, and there are "
+        f"{len(apps)}: create one App, or mark one with App(default=True) or app.set_default()"
+    )

@@ -1,0 +1,73 @@
+"""What a running job knows about itself (`current_job`), and the events a worker emits.
+
+`JobContext` is set in a context variable for the duration of one run, so task code (and
+anything it calls) can read ``pgtasks.current_job().attempt`` without threading it through.
+`JobEvent`s go to the callbacks registered with ``worker.subscribe``: tests wait on them
+instead of sleeping, and metrics can count them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EventKind = Literal["started", "succeeded", "failed", "retried", "dead", "lost"]
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """The job being run.
+
+    Attributes:
+        id: the pgmq message id.
+        queue: the queue it was claimed from.
+        task: the task name.
+        attempt: pgmq's ``read_ct``: 1 on the first run, 2 on the first retry, ...
+        enqueued_at: when the message was sent (the sender's transaction start).
+        idempotency_key: the key it was deferred with, if any.
+        headers: the message's pgmq headers.
+    """
+
+    id: int
+    queue: str
+    task: str
+    attempt: int
+    enqueued_at: dt.datetime
+    idempotency_key: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+
+
+_current: ContextVar[JobContext] = ContextVar("pgtasks_current_job")
+
+
+def current_job() -> JobContext:
+    """The job this code runs in. Raises RuntimeError outside a job run by a worker."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError(
+            "pgtasks.current_job() was called outside a job run by a pgtasks worker"
+        ) from None
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """Something that happened to a job in a worker.
+
+    Kinds: ``started``; ``succeeded`` (acked); ``failed`` (an attempt raised; followed by
+    ``retried`` or ``dead``); ``retried`` (visible again after ``retry_in`` seconds);
+    ``dead`` (moved to the dead letters); ``lost`` (the lease was lost; another worker may
+    hold the message, and this one will not ack it).
+    """
+
+    kind: EventKind
+    queue: str
+    msg_id: int
+    attempt: int
+    task: str | None
+    error: BaseException | None = None
+    duration: float | None = None
+    retry_in: float | None = None
+    reason: str | None = None

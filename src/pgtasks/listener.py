@@ -1,0 +1,98 @@
+"""The listener: one dedicated LISTEN connection per worker, outside the pool.
+
+Producers send ``NOTIFY pgtasks, '<queue>'`` once per transaction. A notification is only a
+hint that a queue may have work: the fetcher reads until the queue is drained, and a timer
+and a safety poll cover what never notifies (delays, retries, expired leases) and what was
+missed. The connection is watched two ways, a termination callback and a periodic
+``SELECT 1``; when it dies the listener reconnects with backoff and, after every
+(re)connect, wakes the fetcher for a full read pass, since notifications sent while it was
+away are gone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
+
+from ._db.connect import connect
+from ._db.queries import NOTIFY_CHANNEL
+from .exceptions import DatabaseUnavailable
+
+logger = logging.getLogger("pgtasks")
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: Callable[[], Awaitable[str]],
+        on_wake: Callable[[str | None], None],
+        *,
+        health_interval: float = 10.0,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self._dsn = dsn
+        self._on_wake = on_wake
+        self._health_interval = health_interval
+        self._max_backoff = max_backoff
+        self.connected = False
+        self.reconnects = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        backoff = 0.1
+        first = True
+        while True:
+            try:
+                await self._listen_once(task_status if first else None)
+                backoff = 0.1
+            except (
+                DatabaseUnavailable,
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                TimeoutError,
+            ) as exc:
+                if first:
+                    raise
+                logger.warning(
+                    "pgtasks: listener connection lost (%s); reconnecting in %.1fs", exc, backoff
+                )
+            first = False
+            self.connected = False
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+            self.reconnects += 1
+
+    async def _listen_once(self, task_status: TaskStatus[None] | None) -> None:
+        conn = await connect(await self._dsn())
+        lost = anyio.Event()
+
+        def on_notify(_c: Any, _pid: int, _channel: str, payload: object) -> None:
+            self._on_wake(str(payload) if payload else None)
+
+        def on_terminate(_c: Any) -> None:
+            lost.set()
+
+        try:
+            conn.add_termination_listener(on_terminate)
+            await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+            self.connected = True
+            if task_status is not None:
+                task_status.started()
+            else:
+                logger.info("pgtasks: listener reconnected")
+            self._on_wake(None)  # catch up on whatever was sent while we were away
+            while True:
+                with anyio.move_on_after(self._health_interval):
+                    await lost.wait()
+                if lost.is_set():
+                    raise OSError("the LISTEN connection was closed")
+                with anyio.fail_after(5):
+                    await conn.execute("SELECT 1")
+        finally:
+            if not conn.is_closed():
+                conn.terminate()

