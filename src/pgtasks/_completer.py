@@ -20,12 +20,12 @@ import anyio
 import asyncpg
 
 from ._db import queries
+from ._db.connect import CONNECTION_ERRORS
 from .context import JobEvent
 
 logger = logging.getLogger("pgtasks")
 
 OutcomeKind = Literal["ack", "retry", "release", "dead"]
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 @dataclass(slots=True)
@@ -49,12 +49,14 @@ class Completer:
         *,
         key_retention: float,
         emit: Callable[[JobEvent], None],
+        requeued: Callable[[], None] = lambda: None,
         batch_size: int = 500,
         interval: float = 0.005,
     ) -> None:
         self._pool = pool
         self._key_retention = key_retention
         self._emit = emit
+        self._requeued = requeued
         self._batch_size = batch_size
         self._interval = interval
         self._pending: list[Outcome] = []
@@ -86,7 +88,7 @@ class Completer:
             try:
                 await self._flush()
                 backoff = 0.05
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 logger.warning(
                     "pgtasks: could not write %d job outcome(s), retrying in %.1fs: %s",
                     len(self._pending),
@@ -103,7 +105,7 @@ class Completer:
             while self._pending:
                 try:
                     await self._flush()
-                except _CONNECTION_ERRORS as exc:
+                except CONNECTION_ERRORS as exc:
                     logger.warning("pgtasks: flushing outcomes at shutdown failed: %s", exc)
                     await anyio.sleep(0.2)
         if scope.cancelled_caught and self._pending:
@@ -144,6 +146,8 @@ class Completer:
                     o.queue,
                     o.read_ct,
                 )
+        if any(o.kind in ("retry", "release") for o in batch):
+            self._requeued()  # the fetcher's timer must learn of the new visibility times
         if not self._pending:
             self._idle.set()
 

@@ -19,9 +19,9 @@ import anyio
 import asyncpg
 
 from ._db import queries
+from ._db.connect import CONNECTION_ERRORS
 
 logger = logging.getLogger("pgtasks")
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 class Wakeup:
@@ -86,7 +86,7 @@ class Fetcher:
         """Sleep until a wake-up, the next visible message, or the safety poll."""
         try:
             next_visible = await queries.queues_next_visible(self._pool, self._queues)
-        except _CONNECTION_ERRORS:
+        except CONNECTION_ERRORS:
             next_visible = None
         timeout = self._poll_interval
         if next_visible is not None:

@@ -18,11 +18,11 @@ import anyio
 import asyncpg
 
 from ._db import queries
+from ._db.connect import CONNECTION_ERRORS
 from ._executor import Job
 from .context import JobEvent
 
 logger = logging.getLogger("pgtasks")
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 
 
 class LeaseKeeper:
@@ -44,7 +44,7 @@ class LeaseKeeper:
             await anyio.sleep(self._tick)
             try:
                 await self.extend_due()
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 logger.warning("pgtasks: could not extend leases, retrying: %s", exc)
 
     async def extend_due(self) -> None:

@@ -23,7 +23,14 @@ from typing_extensions import ParamSpec, Self
 
 from . import schema
 from ._db import queries
-from ._db.connect import DsnSource, create_pool, describe, materialize, resolve_dsn
+from ._db.connect import (
+    CONNECTION_ERRORS,
+    DsnSource,
+    create_pool,
+    describe,
+    materialize,
+    resolve_dsn,
+)
 from .exceptions import ConfigurationError, DatabaseUnavailable
 from .queues import check_queue_name
 from .task import JobRef, OnSuccess, Signature, Task, TaskConfig
@@ -33,18 +40,21 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 logger = logging.getLogger("pgtasks")
 
 _BATCH_CHUNK = 5_000
-_CONNECTION_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-)
 
 _shared_tasks: dict[str, Task[Any, Any]] = {}
+
+
+class _Sending:
+    """Whether a failed enqueue may have reached the database (see App._on_connection)."""
+
+    ambiguous = False
+
+
 _apps: weakref.WeakSet[App] = weakref.WeakSet()
 _default_app: weakref.ReferenceType[App] | None = None
 
@@ -277,13 +287,14 @@ class App:
         body = sig.body(self.max_message_size)
         headers = sig.headers()
         opts = sig.options
-        executor = opts.connection or await self.pool()
-        try:
-            msg_id, dedup = await queries.message_send(
-                executor, sig.queue, body, headers, opts.delay, opts.eta
-            )
-        except _CONNECTION_ERRORS as exc:
-            raise self._unavailable(f"deferring {sig.task.name!r} to {sig.queue!r}", exc) from exc
+
+        async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool]:
+            # with an idempotency key a repeat is deduplicated, so a retry is always safe
+            sending.ambiguous = opts.idempotency_key is None
+            return await queries.message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
+
+        what = f"deferring {sig.task.name!r} to {sig.queue!r}"
+        msg_id, dedup = await self._on_connection(opts.connection, send, what)
         return JobRef(msg_id, sig.queue, sig.task.name, dedup)
 
     async def defer_many(
@@ -299,17 +310,47 @@ class App:
         for i, s in enumerate(sigs):
             groups[(s.queue, s.options.delay, s.options.eta)].append(i)
         refs: list[JobRef | None] = [None] * len(sigs)
-        try:
-            if connection is not None:
-                async with connection.transaction():
-                    await self._send_groups(connection, sigs, bodies, groups, refs)
-            else:
-                pool = await self.pool()
-                async with pool.acquire() as conn, conn.transaction():
-                    await self._send_groups(conn, sigs, bodies, groups, refs)
-        except _CONNECTION_ERRORS as exc:
-            raise self._unavailable(f"deferring {len(sigs)} jobs", exc) from exc
+
+        async def send(conn: queries.Connection, sending: _Sending) -> None:
+            async with conn.transaction():
+                await self._send_groups(conn, sigs, bodies, groups, refs)
+                sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
+
+        await self._on_connection(connection, send, f"deferring {len(sigs)} jobs")
         return [r for r in refs if r is not None]
+
+    async def _on_connection(
+        self,
+        connection: asyncpg.Connection | None,
+        work: Callable[[queries.Connection, _Sending], Awaitable[T]],
+        what: str,
+    ) -> T:
+        """Run ``work`` on the caller's connection, else on a pooled one, turning connection
+        failures into `DatabaseUnavailable`. On a pooled connection (one killed while idle
+        in the pool, say), a failure is retried on a fresh connection when that cannot
+        duplicate jobs: nothing was sent yet, nothing was committed, or the job has an
+        idempotency key. The caller's connection is never retried: its transaction is
+        theirs."""
+        sending = _Sending()
+        if connection is not None:
+            try:
+                return await work(connection, sending)
+            except CONNECTION_ERRORS as exc:
+                raise self._unavailable(what, exc, sending) from exc
+        attempts = self.pool_max_size + 1  # every pooled connection may be a dead one
+        for attempt in range(1, attempts + 1):
+            sending = _Sending()
+            pool = await self.pool()
+            async with pool.acquire() as conn:
+                try:
+                    return await work(conn, sending)
+                except CONNECTION_ERRORS as exc:
+                    unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
+                    if attempt == attempts or not unsent:
+                        raise self._unavailable(what, exc, sending) from exc
+                    conn.terminate()  # so the pool replaces it
+                    logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
+        raise AssertionError("unreachable")
 
     async def _send_groups(
         self,
@@ -334,9 +375,19 @@ class App:
                 for i, (msg_id, dedup) in zip(chunk, results, strict=True):
                     refs[i] = JobRef(msg_id, queue, sigs[i].task.name, dedup)
 
-    def _unavailable(self, what: str, exc: BaseException) -> DatabaseUnavailable:
+    def _unavailable(self, what: str, exc: BaseException, sending: _Sending) -> DatabaseUnavailable:
+        if isinstance(exc, DatabaseUnavailable):
+            return exc
         where = describe(self._dsn) if self._dsn else "the database"
-        return DatabaseUnavailable(f"{what} failed: lost the connection to {where} ({exc})")
+        unsure = (
+            "; the connection broke while sending, so whether the job(s) were enqueued is "
+            "unknown (idempotency keys make a retry safe)"
+            if sending.ambiguous
+            else "; nothing was enqueued"
+        )
+        return DatabaseUnavailable(
+            f"{what} failed: lost the connection to {where} ({type(exc).__name__}: {exc})" + unsure
+        )
 
     # --- worker ---------------------------------------------------------------------------
 

@@ -16,12 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
-import asyncpg
 from anyio.abc import TaskStatus
 
 from ._db.connect import connect
 from ._db.queries import NOTIFY_CHANNEL
-from .exceptions import DatabaseUnavailable
 
 logger = logging.getLogger("pgtasks")
 
@@ -40,35 +38,35 @@ class Listener:
         self._health_interval = health_interval
         self._max_backoff = max_backoff
         self.connected = False
+        self.ever_connected = False
         self.reconnects = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled. The first connection's failure is raised (the worker
+        cannot start); later failures are logged and retried with backoff."""
         backoff = 0.1
-        first = True
+        status: TaskStatus[None] | None = task_status
         while True:
             try:
-                await self._listen_once(task_status if first else None)
-                backoff = 0.1
-            except (
-                DatabaseUnavailable,
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                TimeoutError,
-            ) as exc:
-                if first:
+                await self._listen_once(status)
+            except Exception as exc:  # a loop that restarts with backoff
+                if not self.ever_connected:
                     raise
                 logger.warning(
                     "pgtasks: listener connection lost (%s); reconnecting in %.1fs", exc, backoff
                 )
-            first = False
+            status = None
+            if self.connected:  # it had been up: start the backoff afresh
+                backoff = 0.1
             self.connected = False
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff)
             self.reconnects += 1
 
     async def _listen_once(self, task_status: TaskStatus[None] | None) -> None:
-        conn = await connect(await self._dsn())
+        conn = await connect(
+            await self._dsn(), server_settings={"application_name": "pgtasks-listener"}
+        )
         lost = anyio.Event()
 
         def on_notify(_c: Any, _pid: int, _channel: str, payload: object) -> None:
@@ -80,7 +78,7 @@ class Listener:
         try:
             conn.add_termination_listener(on_terminate)
             await conn.add_listener(NOTIFY_CHANNEL, on_notify)
-            self.connected = True
+            self.connected = self.ever_connected = True
             if task_status is not None:
                 task_status.started()
             else:

@@ -27,6 +27,7 @@ from typing_extensions import Self
 
 from ._completer import Completer, Outcome
 from ._db import queries
+from ._db.connect import CONNECTION_ERRORS
 from ._executor import Executor, Job
 from ._fetcher import Fetcher
 from ._leases import LeaseKeeper
@@ -37,7 +38,8 @@ from .listener import Listener
 from .queues import check_queue_name
 
 logger = logging.getLogger("pgtasks")
-_CONNECTION_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# the fetch loop also survives server-side errors (a queue dropped under it, say)
+_FETCH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 
 
 class Worker:
@@ -124,7 +126,10 @@ class Worker:
         executor = Executor(self._tasks, self.app.defaults, self._submit, self._emit)
         read_vt = {q: self._read_vt(executor, q) for q in self.queues}
         self._completer = Completer(
-            pool, key_retention=self.app.key_retention.total_seconds(), emit=self._emit
+            pool,
+            key_retention=self.app.key_retention.total_seconds(),
+            emit=self._emit,
+            requeued=lambda: self._on_notify(None),
         )
         self._fetcher = Fetcher(
             pool,
@@ -237,7 +242,7 @@ class Worker:
                     continue
                 if claimed == 0:
                     await fetcher.idle_wait()
-            except _CONNECTION_ERRORS as exc:
+            except _FETCH_ERRORS as exc:
                 logger.warning("pgtasks: fetching failed (%s); retrying in %.1fs", exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)

@@ -94,6 +94,21 @@ def _error(dsn: str, exc: BaseException) -> DatabaseUnavailable:
     return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe(dsn)}: {_cause(exc)}")
 
 
+# Errors that mean "the connection is gone or unusable", not "the statement was wrong".
+# Loops that talk to the database (fetcher, completer, lease keeper, listener) retry on
+# these with backoff; producers turn them into DatabaseUnavailable.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    DatabaseUnavailable,
+)
+
 _CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError)
 
 
@@ -105,11 +120,20 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
         raise _error(dsn, exc) from exc
 
 
+APPLICATION_NAME = "pgtasks"
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
     """The app's pool. Statements are cached per connection; no codecs are registered (the SQL
     layer passes and returns JSON as text, so callers' own connections work the same way)."""
     try:
-        pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, timeout=10)
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=10,
+            server_settings={"application_name": APPLICATION_NAME},
+        )
     except _CONNECT_ERRORS as exc:
         raise _error(dsn, exc) from exc
     assert pool is not None

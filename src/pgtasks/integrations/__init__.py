@@ -1,0 +1,1 @@
+"""Framework integrations. Nothing framework-specific lives outside this package."""
