@@ -1,0 +1,89 @@
+"""The examples run as documented: the quickstart (on a given server and on the embedded
+one) and the FastAPI app with its lifespan worker."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PGTASKS_DSN", "DATABASE_URL", "PGTASKS_APP", "PGTASKS_DATA_DIR")
+    }
+    env.update(extra)
+    return env
+
+
+def test_quickstart_runs_against_a_server(db_dsn: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py")],
+        cwd=tmp_path,
+        env=_env(PGTASKS_DSN=db_dsn),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done: 5 succeeded, 1 retried, 0 dead-lettered" in result.stdout
+
+
+def test_quickstart_runs_on_the_embedded_server(tmp_path: Path) -> None:
+    """No DSN anywhere: the quickstart starts the embedded server in ./.pgtasks/pgdata."""
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quickstart.py")],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "done: 5 succeeded" in result.stdout
+    assert (tmp_path / ".pgtasks" / "pgdata" / "PG_VERSION").exists()
+    pid_file = tmp_path / ".pgtasks" / "pgdata" / "postmaster.pid"
+    assert not pid_file.exists(), "the embedded server should stop when the process exits"
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{path.stem}", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_fastapi_example_runs_a_deferred_job(
+    db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGTASKS_DSN", db_dsn)
+    example = _load(EXAMPLES / "fastapi_app.py")
+    done = asyncio.Event()
+    async with LifespanManager(example.api) as manager:
+        worker = manager._state["pgtasks_worker"]
+        worker.subscribe(lambda e: done.set() if e.kind == "succeeded" else None)
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.post("/signup", params={"email": "ada@example.com"})
+        assert response.status_code == 200
+        job_id = response.json()["job"]
+        await asyncio.wait_for(done.wait(), timeout=10)
+    archived = await conn.fetchval(
+        "SELECT message->'kwargs'->>'email' FROM pgmq.a_signups WHERE msg_id = $1", job_id
+    )
+    assert archived == "ada@example.com"
