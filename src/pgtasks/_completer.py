@@ -39,6 +39,7 @@ class Outcome:
     task: str | None = None  # dead
     reason: str = ""  # dead
     error: str | None = None  # dead: JSON text
+    attempt_error: queries.AttemptError | None = None  # retry / dead: the failure to record
     event: JobEvent | None = None  # emitted once written
 
 
@@ -49,6 +50,7 @@ class Completer:
         *,
         key_retention: float,
         emit: Callable[[JobEvent], None],
+        worker_id: str = "",
         requeued: Callable[[], None] = lambda: None,
         batch_size: int = 500,
         interval: float = 0.005,
@@ -57,6 +59,7 @@ class Completer:
         self._key_retention = key_retention
         self._emit = emit
         self._requeued = requeued
+        self._worker_id = worker_id
         self._batch_size = batch_size
         self._interval = interval
         self._pending: list[Outcome] = []
@@ -129,6 +132,13 @@ class Completer:
                 for (kind, queue, archive), items in groups.items():
                     done = await self._write(conn, kind, queue, archive, items)
                     written.update((queue, i) for i in done)
+                    errors = [
+                        o.attempt_error
+                        for o in items
+                        if o.attempt_error is not None and o.msg_id in done
+                    ]
+                    if errors:
+                        await queries.attempt_errors_insert(conn, queue, self._worker_id, errors)
         except BaseException:
             self._pending[:0] = batch  # keep them for the next attempt
             raise

@@ -18,14 +18,16 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
+import asyncpg
 import orjson
 
 from . import envelope
 from ._completer import Outcome
+from ._db import queries
 from ._db.queries import Message
 from .context import JobContext, JobEvent, _current
 from .exceptions import EnvelopeError, UnknownTask
@@ -51,19 +53,29 @@ class Job:
         return (self.queue, self.message.msg_id)
 
 
+class _LeaseLost(Exception):
+    """Raised inside a transactional job's transaction when its ack finds the message gone
+    or taken: the transaction, and so the task's own writes, roll back."""
+
+
 class Executor:
     def __init__(
         self,
         tasks: dict[str, Task[Any, Any]],
         defaults: TaskConfig,
+        pool: asyncpg.Pool,
         submit: Callable[[Outcome], None],
         emit: Callable[[JobEvent], None],
+        *,
+        key_retention: float,
     ) -> None:
         self._tasks = tasks
         self._defaults = defaults
         self._default_policy = RetryPolicy.from_config(TaskConfig(), defaults)
+        self._pool = pool
         self._submit = submit
         self._emit = emit
+        self._key_retention = key_retention
 
     def lease_for(self, task_name: str | None) -> float:
         task = self._tasks.get(task_name or "")
@@ -81,10 +93,10 @@ class Executor:
         task = self._tasks.get(env.task)
         if task is None:
             known = ", ".join(sorted(self._tasks)) or "none"
-            exc2 = UnknownTask(
+            unknown = UnknownTask(
                 f"task {env.task!r} is not registered in this worker (known: {known})"
             )
-            self._failed(job, env.task, self._default_policy, exc2, 0.0)
+            self._failed(job, env.task, self._default_policy, unknown, 0.0)
             return
         job.lease = self.lease_for(env.task)
         policy = task.retry_policy(self._defaults)
@@ -104,16 +116,43 @@ class Executor:
                 job, env.task, f"arguments do not fit the signature of {env.task!r}: {exc}", exc
             )
             return
+        key = headers.get(envelope.HEADER_IDEMPOTENCY_KEY)
         ctx = JobContext(
             id=msg.msg_id,
             queue=job.queue,
             task=env.task,
             attempt=msg.read_ct,
             enqueued_at=msg.enqueued_at,
-            idempotency_key=headers.get(envelope.HEADER_IDEMPOTENCY_KEY),
+            idempotency_key=key if isinstance(key, str) else None,
             headers=headers,
         )
+        if ctx.idempotency_key and await self._already_done(job, ctx, task):
+            return
         await self._execute(job, task, policy, ctx, bound.args, bound.kwargs)
+
+    async def _already_done(self, job: Job, ctx: JobContext, task: Task[Any, Any]) -> bool:
+        """A job whose key another job already completed is acked without running."""
+        assert ctx.idempotency_key is not None
+        other = await queries.key_succeeded_elsewhere(self._pool, ctx.idempotency_key, ctx.id)
+        if other is None:
+            return False
+        logger.info(
+            "pgtasks: %s (id %d) skipped: idempotency key %r already succeeded with job %d",
+            ctx.task,
+            ctx.id,
+            ctx.idempotency_key,
+            other,
+        )
+        event = JobEvent(
+            "succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, reason="already done"
+        )
+        self._submit(
+            Outcome("ack", job.queue, ctx.id, ctx.attempt, self._archive(task), event=event)
+        )
+        return True
+
+    def _archive(self, task: Task[Any, Any]) -> bool:
+        return (task.config.on_success or self._defaults.on_success) != "delete"
 
     async def _execute(
         self,
@@ -127,16 +166,26 @@ class Executor:
         self._emit(JobEvent("started", ctx.queue, ctx.id, ctx.attempt, ctx.task))
         logger.debug("pgtasks: running %s (id %d, attempt %d)", ctx.task, ctx.id, ctx.attempt)
         timeout = task.config.timeout if task.config.timeout is not None else self._defaults.timeout
-        token = _current.set(ctx)
         started = time.monotonic()
         error: BaseException | None = None
+        acked = False
         try:
             with job.scope:
                 try:
                     with anyio.fail_after(timeout):
-                        await task.fn(*args, **kwargs)
+                        if task.config.transactional:
+                            await self._run_in_transaction(job, task, ctx, args, kwargs)
+                            acked = True
+                        else:
+                            token = _current.set(ctx)
+                            try:
+                                await task.fn(*args, **kwargs)
+                            finally:
+                                _current.reset(token)
                 except anyio.get_cancelled_exc_class():
                     raise
+                except _LeaseLost:
+                    job.lost = True
                 except Exception as exc:  # the job boundary
                     error = exc
         except anyio.get_cancelled_exc_class():
@@ -144,27 +193,52 @@ class Executor:
             if not job.lost:
                 self._submit(Outcome("release", job.queue, ctx.id, job.message.read_ct))
             raise
-        finally:
-            _current.reset(token)
         duration = time.monotonic() - started
         if job.lost:
             logger.warning(
-                "pgtasks: %s (id %d, attempt %d) was cancelled because its lease was lost; "
-                "it is not acked here",
+                "pgtasks: %s (id %d, attempt %d) lost its lease; this run is not acked%s",
                 ctx.task,
                 ctx.id,
                 ctx.attempt,
+                " and its transaction was rolled back" if task.config.transactional else "",
             )
             return
         if error is None:
             logger.debug("pgtasks: %s (id %d) succeeded in %.3fs", ctx.task, ctx.id, duration)
-            archive = (task.config.on_success or self._defaults.on_success) != "delete"
             event = JobEvent("succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, None, duration)
-            self._submit(
-                Outcome("ack", job.queue, ctx.id, job.message.read_ct, archive, event=event)
-            )
+            if acked:
+                self._emit(event)
+            else:
+                self._submit(
+                    Outcome("ack", job.queue, ctx.id, ctx.attempt, self._archive(task), event=event)
+                )
             return
         self._failed(job, ctx.task, policy, error, duration)
+
+    async def _run_in_transaction(
+        self,
+        job: Job,
+        task: Task[Any, Any],
+        ctx: JobContext,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """The task's writes, its ack and its key commit together, or not at all."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            token = _current.set(replace(ctx, connection=conn))
+            try:
+                await task.fn(*args, **kwargs)
+            finally:
+                _current.reset(token)
+            acked = await queries.messages_ack(
+                conn,
+                job.queue,
+                [(ctx.id, ctx.attempt)],
+                archive=self._archive(task),
+                key_retention=self._key_retention,
+            )
+            if not acked:
+                raise _LeaseLost
 
     def _failed(
         self,
@@ -175,9 +249,8 @@ class Executor:
         duration: float,
     ) -> None:
         msg = job.message
-        self._emit(
-            JobEvent("failed", job.queue, msg.msg_id, msg.read_ct, task_name, error, duration)
-        )
+        failed = JobEvent("failed", job.queue, msg.msg_id, msg.read_ct, task_name, error, duration)
+        self._emit(failed)
         if policy.should_retry(error, msg.read_ct):
             delay = error.delay if isinstance(error, Retry) and error.delay is not None else None
             if delay is None:
@@ -197,7 +270,15 @@ class Executor:
                 "retried", job.queue, msg.msg_id, msg.read_ct, task_name, error, duration, delay
             )
             self._submit(
-                Outcome("retry", job.queue, msg.msg_id, msg.read_ct, delay=delay, event=event)
+                Outcome(
+                    "retry",
+                    job.queue,
+                    msg.msg_id,
+                    msg.read_ct,
+                    delay=delay,
+                    attempt_error=_attempt_error(msg, task_name, error),
+                    event=event,
+                )
             )
             return
         if isinstance(error, Fail):
@@ -228,6 +309,7 @@ class Executor:
         event = JobEvent(
             "dead", job.queue, msg.msg_id, msg.read_ct, task_name, error, duration, reason=reason
         )
+        record = _attempt_error(msg, task_name, error) if error is not None else None
         self._submit(
             Outcome(
                 "dead",
@@ -236,7 +318,8 @@ class Executor:
                 msg.read_ct,
                 task=task_name,
                 reason=reason,
-                error=_error_json(error),
+                error=_error_json(record),
+                attempt_error=record,
                 event=event,
             )
         )
@@ -256,10 +339,18 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
-def _error_json(error: BaseException | None) -> str | None:
-    if error is None:
-        return None
+def _attempt_error(
+    msg: Message, task_name: str | None, error: BaseException
+) -> queries.AttemptError:
     tb = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    return queries.AttemptError(
+        msg.msg_id, task_name, msg.read_ct, type(error).__qualname__, str(error), tb[-8000:]
+    )
+
+
+def _error_json(record: queries.AttemptError | None) -> str | None:
+    if record is None:
+        return None
     return orjson.dumps(
-        {"type": type(error).__qualname__, "message": str(error), "traceback": tb[-8000:]}
+        {"type": record.error_type, "message": record.message, "traceback": record.traceback}
     ).decode()

@@ -31,8 +31,9 @@ from ._db.connect import (
     materialize,
     resolve_dsn,
 )
+from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError, DatabaseUnavailable
-from .queues import check_queue_name
+from .queues import QUEUE_NAME, check_queue_name
 from .task import JobRef, OnSuccess, Signature, Task, TaskConfig
 
 if TYPE_CHECKING:
@@ -150,6 +151,7 @@ class App:
         timeout: float | None = None,
         lease: float | None = None,
         on_success: OnSuccess | None = None,
+        transactional: bool = False,
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
     def task(
@@ -170,6 +172,10 @@ class App:
             lease: the visibility timeout, in seconds, that the worker keeps extending
                 while the job runs; a crashed worker's job reappears after it.
             on_success: ``"archive"`` (keep the message in pgmq's archive) or ``"delete"``.
+            transactional: run the task inside a transaction that also acks the job (and
+                marks its idempotency key): the task writes through
+                ``current_job().connection``, and its writes and the ack commit together
+                or not at all. Each running transactional job holds a pool connection.
         """
 
         def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -277,9 +283,33 @@ class App:
         async with pool.acquire() as conn:
             return await schema.plan(conn, self.queues)
 
-    async def prune_keys(self) -> int:
-        """Delete idempotency keys whose retention after success has passed."""
-        return await queries.keys_prune(await self.pool())
+    @property
+    def dead_letters(self) -> DeadLetters:
+        """Jobs that failed for good: list, inspect, retry, purge."""
+        return DeadLetters(self)
+
+    async def prune(
+        self,
+        *,
+        errors_older_than: dt.timedelta = dt.timedelta(days=7),
+        archive_older_than: dt.timedelta | None = None,
+    ) -> dict[str, int]:
+        """Delete what has outlived its use: idempotency keys past their retention, the
+        error history of attempts older than ``errors_older_than`` (dead letters keep
+        theirs) and, when ``archive_older_than`` is given, archived messages older than
+        that. Returns how many rows of each kind were deleted."""
+        pool = await self.pool()
+        counts = {
+            "keys": await queries.keys_prune(pool),
+            "errors": await queries.errors_prune(pool, errors_older_than),
+            "archived": 0,
+        }
+        if archive_older_than is not None:
+            for queue in await queries.queue_list(pool):
+                if not QUEUE_NAME.fullmatch(queue):  # not one of ours
+                    continue
+                counts["archived"] += await queries.archive_prune(pool, queue, archive_older_than)
+        return counts
 
     # --- enqueue --------------------------------------------------------------------------
 
@@ -438,6 +468,7 @@ _TASK_OPTIONS = frozenset(
         "timeout",
         "lease",
         "on_success",
+        "transactional",
     }
 )
 
@@ -480,6 +511,7 @@ def task(
     timeout: float | None = None,
     lease: float | None = None,
     on_success: OnSuccess | None = None,
+    transactional: bool = False,
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
 

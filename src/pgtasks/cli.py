@@ -1,26 +1,32 @@
 """``python -m pgtasks``: the command line.
 
-Commands: ``worker``, ``migrate``, ``status``, ``prune``. ``--app module:attr`` (or
-``PGTASKS_APP``) names the user's `App`; ``--dsn`` overrides its database. Errors pgtasks
-raises on purpose print as one line on stderr with exit status 1. Only this module installs
-signal handlers: SIGTERM and SIGINT stop a worker gracefully, a second SIGINT at once.
+Commands: ``worker``, ``migrate``, ``status``, ``prune``, ``dead list|show|retry|purge``.
+``--app module:attr`` (or ``PGTASKS_APP``) names the user's `App`; ``--dsn`` overrides its
+database. Errors pgtasks raises on purpose print as one line on stderr with exit status 1.
+Only this module installs signal handlers: SIGTERM and SIGINT stop a worker gracefully, a
+second SIGINT at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
+
 from . import schema
 from ._version import __version__
 from .app import App
+from .dead_letters import DeadLetter
 from .exceptions import ConfigurationError, PgTasksError
 
 logger = logging.getLogger("pgtasks")
@@ -102,8 +108,54 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("status", parents=[common], help="queue depths and dead letters")
-    sub.add_parser("prune", parents=[common], help="delete idempotency keys past their retention")
+    prune = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete expired idempotency keys, old error history and (optionally) archives",
+    )
+    prune.add_argument(
+        "--errors-older-than",
+        type=duration,
+        default=dt.timedelta(days=7),
+        help="error history age to keep, e.g. 7d, 12h (default 7d; dead letters keep theirs)",
+    )
+    prune.add_argument(
+        "--archive-older-than",
+        type=duration,
+        help="also delete archived (succeeded) messages older than this, e.g. 30d",
+    )
+
+    dead = sub.add_parser("dead", help="inspect, retry and purge dead letters")
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    dead_list = dead_sub.add_parser("list", parents=[common], help="the newest dead letters")
+    dead_list.add_argument("--queue")
+    dead_list.add_argument("--task")
+    dead_list.add_argument("--limit", type=int, default=50)
+    dead_show = dead_sub.add_parser(
+        "show", parents=[common], help="one dead letter: payload and every attempt's error"
+    )
+    dead_show.add_argument("id", type=int)
+    dead_retry = dead_sub.add_parser(
+        "retry", parents=[common], help="enqueue dead letters again, with fresh attempts"
+    )
+    dead_retry.add_argument("ids", type=int, nargs="*", metavar="ID")
+    dead_retry.add_argument("--all", action="store_true", help="every dead letter (of --queue)")
+    dead_retry.add_argument("--queue")
+    dead_purge = dead_sub.add_parser("purge", parents=[common], help="delete dead letters")
+    dead_purge.add_argument("--older-than", type=duration, help="e.g. 7d, 12h, 30m")
+    dead_purge.add_argument("--queue")
     return parser
+
+
+def duration(text: str) -> dt.timedelta:
+    """``7d``, ``12h``, ``30m``, ``45s`` (or plain seconds) as a timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: use a number with d, h, m or s, like 7d or 12h"
+        )
+    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "": "seconds"}
+    return dt.timedelta(**{unit[match[2]]: float(match[1])})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -150,11 +202,73 @@ async def _status(app: App, args: argparse.Namespace) -> int:
 
 async def _prune(app: App, args: argparse.Namespace) -> int:
     async with app:
-        print(f"pgtasks: {await app.prune_keys()} expired idempotency key(s) deleted")
+        counts = await app.prune(
+            errors_older_than=args.errors_older_than,
+            archive_older_than=args.archive_older_than,
+        )
+    print(
+        f"pgtasks: deleted {counts['keys']} expired idempotency key(s), {counts['errors']} "
+        f"error record(s), {counts['archived']} archived message(s)"
+    )
     return 0
 
 
-_COMMANDS: dict[str, Any] = {"migrate": _migrate, "status": _status, "prune": _prune}
+async def _dead(app: App, args: argparse.Namespace) -> int:
+    async with app:
+        dead = app.dead_letters
+        if args.dead_command == "list":
+            rows = await dead.list(queue=args.queue, task=args.task, limit=args.limit)
+            print(f"{'id':>8} {'queue':<20} {'task':<40} {'tries':>5} {'failed at':<20} reason")
+            for d in rows:
+                print(
+                    f"{d.id:>8} {d.queue:<20} {d.task or '?':<40} {d.attempts:>5} "
+                    f"{d.failed_at:%Y-%m-%d %H:%M:%S}  {d.reason}"
+                )
+        elif args.dead_command == "show":
+            _show(await dead.get(args.id))
+        elif args.dead_command == "retry":
+            if bool(args.ids) == bool(args.all):
+                raise ConfigurationError("dead retry: give dead letter ids, or --all")
+            refs = (
+                await dead.retry_all(queue=args.queue)
+                if args.all
+                else await dead.retry(args.ids, queue=args.queue)
+            )
+            for ref in refs:
+                note = " (deduplicated: its idempotency key is held)" if ref.deduplicated else ""
+                print(f"re-enqueued as job {ref.id} in queue {ref.queue}{note}")
+            print(f"pgtasks: {len(refs)} dead letter(s) retried")
+        else:
+            count = await dead.purge(older_than=args.older_than, queue=args.queue)
+            print(f"pgtasks: {count} dead letter(s) deleted")
+    return 0
+
+
+def _show(d: DeadLetter) -> None:
+    print(f"dead letter {d.id}: job {d.msg_id} in queue {d.queue}, task {d.task or '?'}")
+    print(
+        f"  enqueued {d.enqueued_at:%Y-%m-%d %H:%M:%S%z}, failed {d.failed_at:%Y-%m-%d %H:%M:%S%z}"
+    )
+    print(f"  attempts: {d.attempts}")
+    print(f"  reason: {d.reason}")
+    print(f"  message: {orjson.dumps(d.message).decode()}")
+    if d.headers:
+        print(f"  headers: {orjson.dumps(d.headers).decode()}")
+    for h in d.history:
+        print(
+            f"  attempt {h.attempt} on {h.worker} at {h.failed_at:%Y-%m-%d %H:%M:%S%z}: "
+            f"{h.error_type}: {h.message}"
+        )
+        if h.traceback:
+            print("    " + h.traceback.rstrip().replace("\n", "\n    "))
+
+
+_COMMANDS: dict[str, Any] = {
+    "migrate": _migrate,
+    "status": _status,
+    "prune": _prune,
+    "dead": _dead,
+}
 
 
 def _run_worker(app: App, args: argparse.Namespace) -> int:

@@ -13,6 +13,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
 EventKind = Literal["started", "succeeded", "failed", "retried", "dead", "lost"]
 
 
@@ -28,6 +31,9 @@ class JobContext:
         enqueued_at: when the message was sent (the sender's transaction start).
         idempotency_key: the key it was deferred with, if any.
         headers: the message's pgmq headers.
+        connection: for a ``transactional=True`` task, the connection whose open
+            transaction also acks the job: write through it and your writes commit with
+            the ack, or not at all.
     """
 
     id: int
@@ -37,6 +43,7 @@ class JobContext:
     enqueued_at: dt.datetime
     idempotency_key: str | None = None
     headers: dict[str, Any] = field(default_factory=dict)
+    connection: asyncpg.Connection | PoolConnectionProxy | None = None
 
 
 _current: ContextVar[JobContext] = ContextVar("pgtasks_current_job")

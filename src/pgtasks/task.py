@@ -198,6 +198,7 @@ class TaskConfig:
     timeout: float | None = None
     lease: float | None = None
     on_success: OnSuccess | None = None
+    transactional: bool = False
 
 
 class Task(_Deferrer[P, R]):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from types import TracebackType
@@ -123,12 +125,20 @@ class Worker:
         """Run until stopped (or, with ``burst``, until there is nothing left to do)."""
         pool = await self.app.pool()
         await self._ensure_queues(pool)
-        executor = Executor(self._tasks, self.app.defaults, self._submit, self._emit)
+        executor = Executor(
+            self._tasks,
+            self.app.defaults,
+            pool,
+            self._submit,
+            self._emit,
+            key_retention=self.app.key_retention.total_seconds(),
+        )
         read_vt = {q: self._read_vt(executor, q) for q in self.queues}
         self._completer = Completer(
             pool,
             key_retention=self.app.key_retention.total_seconds(),
             emit=self._emit,
+            worker_id=f"{socket.gethostname()}:{os.getpid()}",
             requeued=lambda: self._on_notify(None),
         )
         self._fetcher = Fetcher(

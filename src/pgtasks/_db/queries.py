@@ -265,3 +265,158 @@ SELECT key, queue, msg_id, created_at, expires_at FROM pgtasks.idempotency_keys 
 async def key_get(conn: Executor, key: str) -> asyncpg.Record | None:
     row: Any = await conn.fetchrow(KEY_GET, key)
     return row  # type: ignore[no-any-return]
+
+
+# --- failures -------------------------------------------------------------------------------
+
+ATTEMPT_ERRORS_INSERT = """
+INSERT INTO pgtasks.attempt_errors
+    (queue, msg_id, task, attempt, error_type, message, traceback, worker)
+SELECT $1::text, t.msg_id, t.task, t.attempt, t.error_type, t.message, t.traceback, $2::text
+FROM unnest($3::bigint[], $4::text[], $5::integer[], $6::text[], $7::text[], $8::text[])
+    AS t(msg_id, task, attempt, error_type, message, traceback)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptError:
+    """A failed attempt, as recorded in pgtasks.attempt_errors."""
+
+    msg_id: int
+    task: str | None
+    attempt: int
+    error_type: str
+    message: str
+    traceback: str | None
+
+
+async def attempt_errors_insert(
+    conn: Executor, queue: str, worker: str, errors: Sequence[AttemptError]
+) -> None:
+    await conn.execute(
+        ATTEMPT_ERRORS_INSERT,
+        queue,
+        worker,
+        [e.msg_id for e in errors],
+        [e.task for e in errors],
+        [e.attempt for e in errors],
+        [e.error_type for e in errors],
+        [e.message for e in errors],
+        [e.traceback for e in errors],
+    )
+
+
+KEY_SUCCEEDED_ELSEWHERE = """
+SELECT msg_id FROM pgtasks.idempotency_keys
+WHERE key = $1 AND expires_at > now() AND msg_id IS DISTINCT FROM $2
+"""
+
+
+async def key_succeeded_elsewhere(conn: Executor, key: str, msg_id: int) -> int | None:
+    """The msg_id of another job that already succeeded with this key, if any."""
+    other: int | None = await conn.fetchval(KEY_SUCCEEDED_ELSEWHERE, key, msg_id)
+    return other
+
+
+DEAD_LIST = """
+SELECT id, queue, msg_id, task, read_ct, enqueued_at, failed_at, reason
+FROM pgtasks.dead_letters
+WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2)
+ORDER BY id DESC
+LIMIT $3
+"""
+
+
+async def dead_list(
+    conn: Executor, queue: str | None, task: str | None, limit: int
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(DEAD_LIST, queue, task, limit))
+
+
+DEAD_GET = """
+SELECT id, queue, msg_id, task, message::text AS message, headers::text AS headers, read_ct,
+       enqueued_at, failed_at, reason, error::text AS error
+FROM pgtasks.dead_letters WHERE id = $1
+"""
+
+ATTEMPT_ERRORS_OF = """
+SELECT msg_id, task, attempt, error_type, message, traceback, worker, failed_at
+FROM pgtasks.attempt_errors WHERE queue = $1 AND msg_id = $2 ORDER BY attempt, id
+"""
+
+
+async def dead_get(
+    conn: Executor, dead_id: int
+) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
+    """A dead letter and the errors of every attempt of its message."""
+    row = await conn.fetchrow(DEAD_GET, dead_id)
+    if row is None:
+        return None, []
+    history = await conn.fetch(ATTEMPT_ERRORS_OF, row["queue"], row["msg_id"])
+    return row, list(history)
+
+
+DEAD_RETRY = """
+WITH picked AS (
+    DELETE FROM pgtasks.dead_letters
+    WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR queue = $2)
+    RETURNING id, queue, task, message, headers
+)
+SELECT p.id, p.queue, p.task, s.msg_id, s.deduplicated
+FROM picked AS p, LATERAL pgtasks.send(p.queue, p.message, p.headers) AS s
+ORDER BY p.id
+"""
+
+
+async def dead_retry(
+    conn: Executor, ids: Sequence[int] | None, queue: str | None
+) -> list[asyncpg.Record]:
+    """Re-enqueue dead letters (as new messages with fresh attempts) and remove them, in one
+    statement; ``ids=None`` takes every dead letter (of ``queue``, if given)."""
+    return list(await conn.fetch(DEAD_RETRY, None if ids is None else list(ids), queue))
+
+
+DEAD_PURGE = """
+WITH gone AS (
+    DELETE FROM pgtasks.dead_letters
+    WHERE ($1::interval IS NULL OR failed_at < now() - $1) AND ($2::text IS NULL OR queue = $2)
+    RETURNING 1
+) SELECT count(*) FROM gone
+"""
+
+
+async def dead_purge(conn: Executor, older_than: dt.timedelta | None, queue: str | None) -> int:
+    count: int = await conn.fetchval(DEAD_PURGE, older_than, queue)
+    return count
+
+
+ERRORS_PRUNE = """
+WITH gone AS (
+    DELETE FROM pgtasks.attempt_errors AS e
+    WHERE e.failed_at < now() - $1::interval
+      AND NOT EXISTS (SELECT 1 FROM pgtasks.dead_letters AS d
+                      WHERE d.queue = e.queue AND d.msg_id = e.msg_id)
+    RETURNING 1
+) SELECT count(*) FROM gone
+"""
+
+
+async def errors_prune(conn: Executor, older_than: dt.timedelta) -> int:
+    """Delete the error history of attempts older than this, except for dead letters."""
+    count: int = await conn.fetchval(ERRORS_PRUNE, older_than)
+    return count
+
+
+@lru_cache(maxsize=256)
+def _archive_prune_sql(queue: str) -> str:
+    return f"""
+WITH gone AS (
+    DELETE FROM pgmq.{_table("a", queue)} WHERE archived_at < now() - $1::interval RETURNING 1
+) SELECT count(*) FROM gone
+"""
+
+
+async def archive_prune(conn: Executor, queue: str, older_than: dt.timedelta) -> int:
+    """Delete archived (succeeded) messages older than this from one queue's archive."""
+    count: int = await conn.fetchval(_archive_prune_sql(queue), older_than)
+    return count

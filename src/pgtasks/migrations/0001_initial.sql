@@ -33,6 +33,23 @@ CREATE TABLE pgtasks.dead_letters (
 CREATE INDEX dead_letters_queue_task ON pgtasks.dead_letters (queue, task);
 CREATE INDEX dead_letters_failed_at ON pgtasks.dead_letters (failed_at);
 
+-- One row per failed attempt, written only on failure (the success path stays lean), in the
+-- same transaction as the retry or the move to the dead letters.
+CREATE TABLE pgtasks.attempt_errors (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue       text NOT NULL,
+    msg_id      bigint NOT NULL,
+    task        text,
+    attempt     integer NOT NULL,
+    error_type  text NOT NULL,
+    message     text NOT NULL,
+    traceback   text,
+    worker      text NOT NULL,          -- host:pid
+    failed_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX attempt_errors_message ON pgtasks.attempt_errors (queue, msg_id);
+CREATE INDEX attempt_errors_failed_at ON pgtasks.attempt_errors (failed_at);
+
 -- Queue names pgtasks accepts; pgmq accepts more but lowercases table names and not its
 -- metadata, which breaks mixed-case names in subtle ways.
 CREATE FUNCTION pgtasks.check_queue_name(p_queue text) RETURNS void

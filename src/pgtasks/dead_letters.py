@@ -1,0 +1,133 @@
+"""Dead letters: jobs that will not be run again unless someone decides so.
+
+A message lands in ``pgtasks.dead_letters`` when its retries run out, when it raises `Fail`,
+when it cannot be decoded or does not fit its task's signature, or when it was claimed more
+often than its policy allows (runs that crashed the worker). The move is one statement with
+the removal from the queue, guarded by ownership, and it releases the job's idempotency key.
+Every failed attempt's error stays in ``pgtasks.attempt_errors`` for `DeadLetters.get`.
+
+``app.dead_letters`` is the API; ``python -m pgtasks dead list|show|retry|purge`` the CLI.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import orjson
+
+from ._db import queries
+from .exceptions import JobNotFound
+from .task import JobRef
+
+if TYPE_CHECKING:
+    from .app import App
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One failed attempt of a job."""
+
+    attempt: int
+    error_type: str
+    message: str
+    traceback: str | None
+    worker: str
+    failed_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead-lettered job. ``message``, ``headers``, ``error`` and ``history`` are filled by
+    `DeadLetters.get` only."""
+
+    id: int
+    queue: str
+    msg_id: int
+    task: str | None
+    attempts: int
+    enqueued_at: dt.datetime
+    failed_at: dt.datetime
+    reason: str
+    message: Any = None
+    headers: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    history: list[AttemptRecord] = field(default_factory=list)
+
+
+def _loads(text: str | None) -> Any:
+    return orjson.loads(text) if text else None
+
+
+def _summary(row: asyncpg.Record, **extra: Any) -> DeadLetter:
+    return DeadLetter(
+        id=row["id"],
+        queue=row["queue"],
+        msg_id=row["msg_id"],
+        task=row["task"],
+        attempts=row["read_ct"],
+        enqueued_at=row["enqueued_at"],
+        failed_at=row["failed_at"],
+        reason=row["reason"],
+        **extra,
+    )
+
+
+class DeadLetters:
+    """The dead letters of an app's database; get it as ``app.dead_letters``."""
+
+    def __init__(self, app: App) -> None:
+        self._app = app
+
+    async def list(
+        self, *, queue: str | None = None, task: str | None = None, limit: int = 100
+    ) -> Sequence[DeadLetter]:
+        """The newest dead letters, optionally of one queue or task."""
+        rows = await queries.dead_list(await self._app.pool(), queue, task, limit)
+        return [_summary(r) for r in rows]
+
+    async def get(self, dead_id: int) -> DeadLetter:
+        """One dead letter with its payload and the error of every attempt."""
+        row, history = await queries.dead_get(await self._app.pool(), dead_id)
+        if row is None:
+            raise JobNotFound(f"no dead letter with id {dead_id}")
+        return _summary(
+            row,
+            message=_loads(row["message"]),
+            headers=_loads(row["headers"]),
+            error=_loads(row["error"]),
+            history=[
+                AttemptRecord(
+                    h["attempt"],
+                    h["error_type"],
+                    h["message"],
+                    h["traceback"],
+                    h["worker"],
+                    h["failed_at"],
+                )
+                for h in history
+            ],
+        )
+
+    async def retry(self, ids: Sequence[int], *, queue: str | None = None) -> Sequence[JobRef]:
+        """Enqueue these dead letters again, as new jobs with fresh attempts, and remove
+        them from the dead letters, in one transaction. Ids that do not exist are skipped."""
+        return await self._retry(list(ids), queue)
+
+    async def retry_all(self, *, queue: str | None = None) -> Sequence[JobRef]:
+        """`retry` every dead letter (of ``queue``, if given)."""
+        return await self._retry(None, queue)
+
+    async def _retry(self, ids: Sequence[int] | None, queue: str | None) -> Sequence[JobRef]:
+        rows = await queries.dead_retry(await self._app.pool(), ids, queue)
+        return [JobRef(r["msg_id"], r["queue"], r["task"] or "", r["deduplicated"]) for r in rows]
+
+    async def purge(
+        self, *, older_than: dt.timedelta | None = None, queue: str | None = None
+    ) -> int:
+        """Delete dead letters (failed before ``older_than`` ago, of ``queue``); returns how
+        many."""
+        return await queries.dead_purge(await self._app.pool(), older_than, queue)
