@@ -37,7 +37,9 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
     if (
         isinstance(collector, pytest.Module | pytest.Class)
         and collector.istestfunction(obj, name)
-        and inspect.iscoroutinefunction(obj)
+        and inspect.iscoroutinefunction(
+            getattr(getattr(obj, "hypothesis", None), "inner_test", obj)
+        )
     ):
         pytest.mark.anyio(obj)
 

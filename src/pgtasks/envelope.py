@@ -72,6 +72,11 @@ def encode(
         raise SerializationError(
             f"cannot encode the arguments of task {task!r}: {_culprit(args, kwargs)}: {exc}"
         ) from None
+    if b"\\u0000" in data and _has_nul(body):
+        raise SerializationError(
+            f"cannot encode the arguments of task {task!r}: {_culprit_nul(args, kwargs)} "
+            "contains a NUL character (\\x00), which PostgreSQL's jsonb cannot store"
+        )
     if len(data) > max_size:
         raise MessageTooLarge(
             f"the message for task {task!r} is {len(data):,} bytes, over the limit of "
@@ -90,6 +95,28 @@ def _culprit(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         except (TypeError, orjson.JSONEncodeError):
             return f"{label} ({type(value).__qualname__})"
     return "the arguments"
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_nul(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _has_nul(dataclasses.asdict(value))
+    return False
+
+
+def _culprit_nul(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    for i, value in enumerate(args):
+        if _has_nul(value):
+            return f"positional argument {i}"
+    for key, value in kwargs.items():
+        if _has_nul(value):
+            return f"argument {key!r}"
+    return "an argument"
 
 
 @dataclasses.dataclass(frozen=True)
