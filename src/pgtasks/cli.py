@@ -68,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--dsn", help="database URL (default: the app's, $PGTASKS_DSN, ...)")
     common.add_argument(
-        "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)"
+        "--log-level",
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO for worker, else WARNING)",
     )
 
     parser = argparse.ArgumentParser(
@@ -160,8 +161,9 @@ def duration(text: str) -> dt.timedelta:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.command == "worker" else "WARNING")
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
