@@ -30,6 +30,20 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + database))
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        help="run the chaos scenarios at full size (minutes) instead of their short CI form",
+    )
+
+
+@pytest.fixture(scope="session")
+def chaos_full(request: pytest.FixtureRequest) -> bool:
+    """Whether the chaos scenarios run at full size (``pytest -m chaos --chaos-full``)."""
+    return bool(request.config.getoption("--chaos-full"))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: object) -> None:
     """Run every ``async def test_*`` under anyio (asyncio), parametrized ones included: the
