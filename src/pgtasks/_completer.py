@@ -10,9 +10,11 @@ the messages reappear when their leases expire (at-least-once).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,8 +65,8 @@ class Completer:
         self._batch_size = batch_size
         self._interval = interval
         self._pending: list[Outcome] = []
-        self._wake = anyio.Event()
-        self._idle = anyio.Event()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self._idle.set()
 
     @property
@@ -73,7 +75,7 @@ class Completer:
 
     def submit(self, outcome: Outcome) -> None:
         self._pending.append(outcome)
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._idle.clear()
         self._wake.set()
 
     async def wait_idle(self) -> None:
@@ -85,7 +87,7 @@ class Completer:
         backoff = 0.05
         while True:
             await self._wake.wait()
-            self._wake = anyio.Event()
+            self._wake.clear()
             if len(self._pending) < self._batch_size:
                 await anyio.sleep(self._interval)
             try:
@@ -128,7 +130,12 @@ class Completer:
             groups[(o.kind, o.queue, o.archive if o.kind == "ack" else False)].append(o)
         written: set[tuple[str, int]] = set()
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            # one statement (the common case: a batch of acks) needs no transaction of its own
+            single = len(groups) == 1 and all(o.attempt_error is None for o in batch)
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction() if not single else nullcontext(),
+            ):
                 for (kind, queue, archive), items in groups.items():
                     done = await self._write(conn, kind, queue, archive, items)
                     written.update((queue, i) for i in done)

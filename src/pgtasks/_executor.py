@@ -18,6 +18,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -76,6 +77,7 @@ class Executor:
         self._submit = submit
         self._emit = emit
         self._key_retention = key_retention
+        self._policies: dict[str, RetryPolicy] = {}
 
     def lease_for(self, task_name: str | None) -> float:
         task = self._tasks.get(task_name or "")
@@ -99,7 +101,9 @@ class Executor:
             self._failed(job, env.task, self._default_policy, unknown, 0.0)
             return
         job.lease = self.lease_for(env.task)
-        policy = task.retry_policy(self._defaults)
+        policy = self._policies.get(env.task)
+        if policy is None:
+            policy = self._policies[env.task] = task.retry_policy(self._defaults)
         if msg.read_ct > policy.max_retries + 1:
             self._dead(
                 job,
@@ -172,7 +176,7 @@ class Executor:
         try:
             with job.scope:
                 try:
-                    with anyio.fail_after(timeout):
+                    with anyio.fail_after(timeout) if timeout is not None else nullcontext():
                         if task.config.transactional:
                             await self._run_in_transaction(job, task, ctx, args, kwargs)
                             acked = True

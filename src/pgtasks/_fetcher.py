@@ -11,6 +11,7 @@ not notify), or the safety poll interval.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -25,19 +26,21 @@ logger = logging.getLogger("pgtasks")
 
 
 class Wakeup:
-    """A resettable event: `set` wakes the waiter; `wait` returns early or at timeout."""
+    """A resettable event: `set` wakes the waiter; `wait` returns early or at timeout.
+    (An asyncio.Event: it is set once per finished job, and anyio's costs more per call;
+    asyncpg ties pgtasks to asyncio anyway.)"""
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event = asyncio.Event()
 
     def set(self) -> None:
         self._event.set()
 
     async def wait(self, timeout: float) -> None:  # noqa: ASYNC109
-        with anyio.move_on_after(max(timeout, 0.0)):
-            await self._event.wait()
-        if self._event.is_set():
-            self._event = anyio.Event()
+        if not self._event.is_set():
+            with anyio.move_on_after(max(timeout, 0.0)):
+                await self._event.wait()
+        self._event.clear()
 
 
 class Fetcher:
@@ -94,6 +97,15 @@ class Fetcher:
             # instant): look again shortly rather than spin
             timeout = min(timeout, max(next_visible, 0.01))
         await self.wakeup.wait(timeout)
+
+    async def gather_slots(self, enough: int, window: float = 0.002) -> None:
+        """Wait until ``enough`` slots are free, for ``window`` seconds at most."""
+        deadline = anyio.current_time() + window
+        while self._free_slots() < enough:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return
+            await self.wakeup.wait(left)
 
     async def wait_for_slot(self) -> None:
         await self.wakeup.wait(self._poll_interval)

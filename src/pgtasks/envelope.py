@@ -140,7 +140,8 @@ def decode(body: str | bytes | Any) -> Envelope:
             f"the message body is a JSON {_json_type(body)}, not an object "
             '{"v": 1, "task": ..., "args": [...], "kwargs": {...}}'
         )
-    if body.get("v") != VERSION:
+    version = body.get("v")
+    if version != VERSION or isinstance(version, bool):  # True == 1 in Python, not in JSON
         raise EnvelopeError(
             f"the message body has envelope version {body.get('v')!r}; this pgtasks reads "
             f'version {VERSION} (a "v": {VERSION} key)'
@@ -267,15 +268,20 @@ def _class_converter(cls: type) -> Converter | None:
     if issubclass(cls, enum.Enum):
         return lambda v: v if isinstance(v, cls) else cls(v)
     if dataclasses.is_dataclass(cls):
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # unresolvable forward references: leave the values as they are
-            hints = {}
-        fields = {f.name: converter_for(hints.get(f.name, Any)) for f in dataclasses.fields(cls)}
+        fields: dict[str, Converter | None] | None = None
 
         def build(value: Any) -> Any:
+            nonlocal fields
             if not isinstance(value, dict):
                 return value
+            if fields is None:  # built on first use: a dataclass may refer to itself
+                try:
+                    hints = typing.get_type_hints(cls)
+                except Exception:  # unresolvable forward references: leave values as they are
+                    hints = {}
+                fields = {
+                    f.name: converter_for(hints.get(f.name, Any)) for f in dataclasses.fields(cls)
+                }
             return cls(**{k: _apply(fields.get(k), v) for k, v in value.items()})
 
         return build

@@ -90,9 +90,10 @@ class CallOptions:
             changes["headers"] = dict(headers)
         if connection is not None:
             changes["connection"] = connection
-        if "eta" in changes and (changes.get("delay") or self.delay):
+        merged = replace(self, **changes)
+        if merged.eta is not None and merged.delay:  # in either order, over chained options()
             raise ValueError("pass either delay (or countdown) or eta, not both")
-        return replace(self, **changes)
+        return merged
 
 
 @dataclass(frozen=True)

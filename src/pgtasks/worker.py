@@ -239,6 +239,9 @@ class Worker:
                 claimed, drained = await fetcher.claim_pass()
                 backoff = 0.1
                 if not drained:
+                    # a backlog: let slots free up for a moment so the next claim is one
+                    # batch rather than many single-message reads
+                    await fetcher.gather_slots(self.concurrency // 2)
                     continue
                 if self.burst and claimed == 0:
                     if not self._running and self._completer.pending == 0:
