@@ -2,7 +2,7 @@
 already run. See https://pgtasks.readthedocs.io (docs/ in the repository)."""
 
 from ._version import __version__
-from .app import App, task
+from .app import App
 from .context import JobContext, JobEvent, current_job
 from .exceptions import (
     ConfigurationError,
@@ -16,6 +16,7 @@ from .exceptions import (
     SerializationError,
     UnknownTask,
 )
+from .registry import task
 from .retry import Fail, Retry, RetryPolicy
 from .task import JobRef, Signature, Task, TaskCall
 from .worker import Worker

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import weakref
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -21,19 +19,19 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import asyncpg
 from typing_extensions import ParamSpec, Self
 
-from . import schema
+from . import registry, schema
 from ._db import queries
 from ._db.connect import (
-    CONNECTION_ERRORS,
     DsnSource,
     create_pool,
     describe,
     materialize,
     resolve_dsn,
 )
+from ._enqueue import Enqueuer
 from .dead_letters import DeadLetters
-from .exceptions import ConfigurationError, DatabaseUnavailable
-from .queues import QUEUE_NAME, check_queue_name
+from .exceptions import ConfigurationError
+from .queues import QUEUE_NAME
 from .task import JobRef, OnSuccess, Signature, Task, TaskConfig
 
 if TYPE_CHECKING:
@@ -44,20 +42,6 @@ R = TypeVar("R")
 T = TypeVar("T")
 
 logger = logging.getLogger("pgtasks")
-
-_BATCH_CHUNK = 5_000
-
-_shared_tasks: dict[str, Task[Any, Any]] = {}
-
-
-class _Sending:
-    """Whether a failed enqueue may have reached the database (see App._on_connection)."""
-
-    ambiguous = False
-
-
-_apps: weakref.WeakSet[App] = weakref.WeakSet()
-_default_app: weakref.ReferenceType[App] | None = None
 
 
 class App:
@@ -115,17 +99,16 @@ class App:
             retry_on=retry_on,
             dont_retry_on=dont_retry_on,
             timeout=timeout,
-            lease=_check_lease(lease),
-            on_success=_check_on_success(on_success),
+            lease=registry.check_lease(lease),
+            on_success=registry.check_on_success(on_success),
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._pool: asyncpg.Pool | None = None
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._pool_lock: asyncio.Lock | None = None
         self._dsn: str | None = None
-        _apps.add(self)
-        if default:
-            self.set_default()
+        self._enqueuer = Enqueuer(self.pool, self._where, max_message_size, pool_max_size)
+        registry.register_app(self, default=default)
 
     def __repr__(self) -> str:
         return f"<pgtasks.App tasks={len(self.tasks)}>"
@@ -179,14 +162,14 @@ class App:
         """
 
         def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
-            task = _make_task(f, self, options)
+            task = registry.make_task(f, self, options)
             self._register(task)
             return task
 
         return register(fn) if fn is not None else register
 
     def _register(self, task: Task[Any, Any]) -> None:
-        existing = self._tasks.get(task.name) or _shared_tasks.get(task.name)
+        existing = self._tasks.get(task.name) or registry.shared_tasks.get(task.name)
         if existing is not None and existing.fn is not task.fn:
             raise ConfigurationError(
                 f"two tasks are named {task.name!r} ({existing.fn!r} and {task.fn!r}); "
@@ -197,7 +180,7 @@ class App:
     @property
     def tasks(self) -> dict[str, Task[Any, Any]]:
         """Every task this app runs: its own and the shared ones, by name."""
-        return {**_shared_tasks, **self._tasks}
+        return {**registry.shared_tasks, **self._tasks}
 
     @property
     def queues(self) -> list[str]:
@@ -206,8 +189,7 @@ class App:
 
     def set_default(self) -> None:
         """Make this the app that shared tasks (``@pgtasks.task``) defer through."""
-        global _default_app
-        _default_app = weakref.ref(self)
+        registry.set_default(self)
 
     # --- connections ----------------------------------------------------------------------
 
@@ -246,6 +228,9 @@ class App:
                     self.dsn_source.origin,
                 )
             return self._pool
+
+    def _where(self) -> str:
+        return describe(self._dsn) if self._dsn else "the database"
 
     async def close(self) -> None:
         """Close the pool (the embedded server, if any, stops when the process exits)."""
@@ -314,18 +299,7 @@ class App:
     # --- enqueue --------------------------------------------------------------------------
 
     async def _defer_one(self, sig: Signature) -> JobRef:
-        body = sig.body(self.max_message_size)
-        headers = sig.headers()
-        opts = sig.options
-
-        async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool]:
-            # with an idempotency key a repeat is deduplicated, so a retry is always safe
-            sending.ambiguous = opts.idempotency_key is None
-            return await queries.message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
-
-        what = f"deferring {sig.task.name!r} to {sig.queue!r}"
-        msg_id, dedup = await self._on_connection(opts.connection, send, what)
-        return JobRef(msg_id, sig.queue, sig.task.name, dedup)
+        return await self._enqueuer.defer_one(sig)
 
     async def defer_many(
         self, signatures: Iterable[Signature], *, connection: asyncpg.Connection | None = None
@@ -334,90 +308,7 @@ class App:
         delay); returns their refs in input order. Built with ``task.s(...)`` or
         ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
         of ``connection`` here."""
-        sigs = list(signatures)
-        bodies = [s.body(self.max_message_size) for s in sigs]  # validate all before sending
-        groups: dict[tuple[str, float, dt.datetime | None], list[int]] = defaultdict(list)
-        for i, s in enumerate(sigs):
-            groups[(s.queue, s.options.delay, s.options.eta)].append(i)
-        refs: list[JobRef | None] = [None] * len(sigs)
-
-        async def send(conn: queries.Connection, sending: _Sending) -> None:
-            async with conn.transaction():
-                await self._send_groups(conn, sigs, bodies, groups, refs)
-                sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
-
-        await self._on_connection(connection, send, f"deferring {len(sigs)} jobs")
-        return [r for r in refs if r is not None]
-
-    async def _on_connection(
-        self,
-        connection: asyncpg.Connection | None,
-        work: Callable[[queries.Connection, _Sending], Awaitable[T]],
-        what: str,
-    ) -> T:
-        """Run ``work`` on the caller's connection, else on a pooled one, turning connection
-        failures into `DatabaseUnavailable`. On a pooled connection (one killed while idle
-        in the pool, say), a failure is retried on a fresh connection when that cannot
-        duplicate jobs: nothing was sent yet, nothing was committed, or the job has an
-        idempotency key. The caller's connection is never retried: its transaction is
-        theirs."""
-        sending = _Sending()
-        if connection is not None:
-            try:
-                return await work(connection, sending)
-            except CONNECTION_ERRORS as exc:
-                raise self._unavailable(what, exc, sending) from exc
-        attempts = self.pool_max_size + 1  # every pooled connection may be a dead one
-        for attempt in range(1, attempts + 1):
-            sending = _Sending()
-            pool = await self.pool()
-            async with pool.acquire() as conn:
-                try:
-                    return await work(conn, sending)
-                except CONNECTION_ERRORS as exc:
-                    unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
-                    if attempt == attempts or not unsent:
-                        raise self._unavailable(what, exc, sending) from exc
-                    conn.terminate()  # so the pool replaces it
-                    logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
-        raise AssertionError("unreachable")
-
-    async def _send_groups(
-        self,
-        conn: queries.Connection,
-        sigs: Sequence[Signature],
-        bodies: Sequence[str],
-        groups: dict[tuple[str, float, dt.datetime | None], list[int]],
-        refs: list[JobRef | None],
-    ) -> None:
-        for (queue, delay, eta), positions in groups.items():
-            for start in range(0, len(positions), _BATCH_CHUNK):
-                chunk = positions[start : start + _BATCH_CHUNK]
-                headers = [sigs[i].headers() for i in chunk]
-                results = await queries.message_send_batch(
-                    conn,
-                    queue,
-                    [bodies[i] for i in chunk],
-                    headers if any(h is not None for h in headers) else None,
-                    delay,
-                    eta,
-                )
-                for i, (msg_id, dedup) in zip(chunk, results, strict=True):
-                    refs[i] = JobRef(msg_id, queue, sigs[i].task.name, dedup)
-
-    def _unavailable(self, what: str, exc: BaseException, sending: _Sending) -> DatabaseUnavailable:
-        if isinstance(exc, DatabaseUnavailable):
-            return exc
-        where = describe(self._dsn) if self._dsn else "the database"
-        unsure = (
-            "; the connection broke while sending, so whether the job(s) were enqueued is "
-            "unknown (idempotency keys make a retry safe)"
-            if sending.ambiguous
-            else "; nothing was enqueued"
-        )
-        return DatabaseUnavailable(
-            f"{what} failed: lost the connection to {where} ({type(exc).__name__}: {exc})" + unsure
-        )
+        return await self._enqueuer.defer_many(signatures, connection)
 
     # --- worker ---------------------------------------------------------------------------
 
@@ -443,105 +334,3 @@ class App:
             listen=listen,
             poll_interval=poll_interval,
         )
-
-
-def _check_lease(lease: float) -> float:
-    if lease < 1:
-        raise ConfigurationError(f"lease must be at least 1 second (got {lease})")
-    return lease
-
-
-def _check_on_success(value: str) -> OnSuccess:
-    if value not in ("archive", "delete"):
-        raise ConfigurationError(f"on_success must be 'archive' or 'delete' (got {value!r})")
-    return value  # type: ignore[return-value]
-
-
-_TASK_OPTIONS = frozenset(
-    {
-        "max_retries",
-        "retry_backoff",
-        "retry_backoff_max",
-        "retry_jitter",
-        "retry_on",
-        "dont_retry_on",
-        "timeout",
-        "lease",
-        "on_success",
-        "transactional",
-    }
-)
-
-
-def _make_task(
-    fn: Callable[P, Awaitable[R]], app: App | None, options: dict[str, Any]
-) -> Task[P, R]:
-    unknown = set(options) - _TASK_OPTIONS - {"name", "queue"}
-    if unknown:
-        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
-    config = {k: v for k, v in options.items() if k in _TASK_OPTIONS}
-    if config.get("lease") is not None:
-        _check_lease(config["lease"])
-    if config.get("on_success") is not None:
-        _check_on_success(config["on_success"])
-    return Task(
-        fn,
-        name=options.get("name"),
-        queue=check_queue_name(options.get("queue", "default")),
-        config=TaskConfig(**config),
-        app=app,
-    )
-
-
-@overload
-def task(fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
-
-
-@overload
-def task(
-    *,
-    name: str | None = None,
-    queue: str = "default",
-    max_retries: int | None = None,
-    retry_backoff: float | None = None,
-    retry_backoff_max: float | None = None,
-    retry_jitter: bool | None = None,
-    retry_on: tuple[type[BaseException], ...] | None = None,
-    dont_retry_on: tuple[type[BaseException], ...] | None = None,
-    timeout: float | None = None,
-    lease: float | None = None,
-    on_success: OnSuccess | None = None,
-    transactional: bool = False,
-) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
-
-
-def task(
-    fn: Callable[P, Awaitable[R]] | None = None, /, **options: Any
-) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
-    """A shared task (Celery's ``shared_task``), for reusable modules: every `App` runs it,
-    and it defers through the default app. Options as for `App.task`."""
-
-    def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
-        t = _make_task(f, None, options)
-        existing = _shared_tasks.get(t.name)
-        if existing is not None and existing.fn is not t.fn:
-            raise ConfigurationError(f"two shared tasks are named {t.name!r}")
-        _shared_tasks[t.name] = t
-        return t
-
-    return register(fn) if fn is not None else register
-
-
-def default_app(*, for_task: str) -> App:
-    """The app shared tasks defer through: the one marked default, else the only one."""
-    if _default_app is not None:
-        app = _default_app()
-        if app is not None:
-            return app
-    apps = list(_apps)
-    if len(apps) == 1:
-        return apps[0]
-    raise ConfigurationError(
-        f"shared task {for_task!r} needs an app to defer through, and there are "
-        f"{len(apps)}: create one App, or mark one with App(default=True) or app.set_default()"
-    )

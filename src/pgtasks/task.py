@@ -242,7 +242,7 @@ class Task(_Deferrer[P, R]):
         """The app this task defers through (for a shared task, the default app)."""
         if self._app is not None:
             return self._app
-        from .app import default_app
+        from .registry import default_app
 
         return default_app(for_task=self.name)
 
