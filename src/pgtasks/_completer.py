@@ -181,8 +181,10 @@ class Completer:
             return await queries.messages_ack(
                 conn, queue, owned, archive=archive, key_retention=self._key_retention
             )
-        if kind in ("retry", "release"):
+        if kind == "retry":
             return await queries.messages_set_vt(conn, queue, owned, [o.delay for o in items])
+        if kind == "release":
+            return await queries.messages_release(conn, queue, owned)
         return await queries.messages_dead_letter(
             conn,
             queue,

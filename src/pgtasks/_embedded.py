@@ -17,6 +17,7 @@ dir world-readable (x and r bits); see docs/configuration.md.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -91,7 +92,10 @@ def start(path: Path | None = None) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _prune_dead_handles(path)
+            # under the backend's own inter-process lock, so that a handle another process
+            # is adding at this moment is not overwritten
+            with getattr(backend.PostgresServer, "_lock", None) or contextlib.nullcontext():
+                _prune_dead_handles(path)
             try:
                 server = backend.get_server(path)
             except Exception as exc:

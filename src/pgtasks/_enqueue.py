@@ -19,6 +19,7 @@ import asyncpg
 
 from ._db import queries
 from ._db.connect import CONNECTION_ERRORS
+from ._db.queries import Connection
 from .exceptions import DatabaseUnavailable
 from .task import JobRef, Signature
 
@@ -62,7 +63,7 @@ class Enqueuer:
         return JobRef(msg_id, sig.queue, sig.task.name, dedup)
 
     async def defer_many(
-        self, signatures: Iterable[Signature], connection: asyncpg.Connection | None
+        self, signatures: Iterable[Signature], connection: Connection | None
     ) -> list[JobRef]:
         """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
         delay); returns their refs in input order. Built with ``task.s(...)`` or
@@ -85,7 +86,7 @@ class Enqueuer:
 
     async def _on_connection(
         self,
-        connection: asyncpg.Connection | None,
+        connection: Connection | None,
         work: Callable[[queries.Connection, _Sending], Awaitable[T]],
         what: str,
     ) -> T:
@@ -105,16 +106,25 @@ class Enqueuer:
         for attempt in range(1, attempts + 1):
             sending = _Sending()
             pool = await self._pool()
-            async with pool.acquire() as conn:
-                try:
-                    return await work(conn, sending)
-                except CONNECTION_ERRORS as exc:
-                    unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
-                    if attempt == attempts or not unsent:
-                        raise self._unavailable(what, exc, sending) from exc
-                    with contextlib.suppress(asyncpg.InterfaceError):  # already detached
-                        conn.terminate()  # so the pool replaces it
-                    logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
+            acquired = False
+            try:
+                async with pool.acquire() as conn:
+                    acquired = True
+                    try:
+                        return await work(conn, sending)
+                    except CONNECTION_ERRORS:
+                        # broken: the pool replaces it, and does not try to reset it on
+                        # release (which would fail and hide this error)
+                        with contextlib.suppress(asyncpg.InterfaceError):  # already detached
+                            conn.terminate()
+                        raise
+            except CONNECTION_ERRORS as exc:
+                # a failed acquire means no connection can be opened now: retrying at once
+                # would not help
+                unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
+                if not acquired or attempt == attempts or not unsent:
+                    raise self._unavailable(what, exc, sending) from exc
+                logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
         raise AssertionError("unreachable")
 
     async def _send_groups(

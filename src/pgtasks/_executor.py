@@ -261,7 +261,7 @@ class Executor:
                 delay = policy.backoff(msg.read_ct)
             logger.warning(
                 "pgtasks: %s (id %d, queue %s) failed on attempt %d after %.3fs: %s; "
-                "retrying in %.1fs",
+                "retrying in %.2fs",
                 task_name,
                 msg.msg_id,
                 job.queue,

@@ -28,6 +28,7 @@ from ._db.connect import (
     materialize,
     resolve_dsn,
 )
+from ._db.queries import Connection
 from ._enqueue import Enqueuer
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
@@ -302,7 +303,7 @@ class App:
         return await self._enqueuer.defer_one(sig)
 
     async def defer_many(
-        self, signatures: Iterable[Signature], *, connection: asyncpg.Connection | None = None
+        self, signatures: Iterable[Signature], *, connection: Connection | None = None
     ) -> list[JobRef]:
         """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
         delay); returns their refs in input order. Built with ``task.s(...)`` or

@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
-import asyncpg
 from typing_extensions import ParamSpec
 
 from . import envelope
+from ._db.queries import Connection
 from .queues import check_queue_name
 from .retry import RetryPolicy
 
@@ -55,7 +55,7 @@ class CallOptions:
     eta: dt.datetime | None = None
     idempotency_key: str | None = None
     headers: Mapping[str, Any] | None = None
-    connection: asyncpg.Connection | None = None
+    connection: Connection | None = None
 
     def merge(
         self,
@@ -65,7 +65,7 @@ class CallOptions:
         eta: dt.datetime | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, Any] | None = None,
-        connection: asyncpg.Connection | None = None,
+        connection: Connection | None = None,
     ) -> CallOptions:
         changes: dict[str, Any] = {}
         if queue is not None:
@@ -147,7 +147,7 @@ class _Deferrer(Generic[P, R]):
         eta: dt.datetime | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, Any] | None = None,
-        connection: asyncpg.Connection | None = None,
+        connection: Connection | None = None,
     ) -> TaskCall[P, R]:
         """Options for the next ``defer`` or ``s``.
 
@@ -256,7 +256,7 @@ class Task(_Deferrer[P, R]):
         queue: str | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, Any] | None = None,
-        connection: asyncpg.Connection | None = None,
+        connection: Connection | None = None,
     ) -> JobRef:
         """Celery's ``apply_async``: arguments as a tuple and a dict (checked at run time
         only; prefer ``options(...).defer(...)`` for typed calls)."""

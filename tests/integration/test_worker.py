@@ -394,10 +394,14 @@ async def test_stop_releases_running_jobs_at_once(
     async with worker:
         events = Events(worker)
         await events.until(lambda: events.counts["started"] == 1)
-    visible = await conn.fetchval(
-        "SELECT vt <= clock_timestamp() FROM pgmq.q_stopping WHERE msg_id = $1", ref.id
+    row = await conn.fetchrow(
+        "SELECT vt <= clock_timestamp() AS visible, read_ct FROM pgmq.q_stopping "
+        "WHERE msg_id = $1",
+        ref.id,
     )
-    assert visible
+    assert row is not None
+    assert row["visible"]
+    assert row["read_ct"] == 0  # a shutdown is not a failed attempt
     assert worker.stats["released"] == 1
 
 

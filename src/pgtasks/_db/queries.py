@@ -141,6 +141,7 @@ WITH done AS (
     SET expires_at = now() + make_interval(secs => $3::float8)
     FROM done
     WHERE k.key = done.headers ->> 'idempotency_key' AND k.msg_id = done.msg_id
+      AND k.queue = $4::text
 )
 SELECT msg_id FROM done
 """
@@ -157,7 +158,7 @@ async def messages_ack(
     """Archive (or delete) the messages still held at these (msg_id, read_ct); mark their
     idempotency keys succeeded, in the same statement. Returns the ids acked."""
     ids, cts = _split(owned)
-    rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention)
+    rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention, queue)
     return {r[0] for r in rows}
 
 
@@ -172,11 +173,32 @@ RETURNING m.msg_id
 """
 
 
+@lru_cache(maxsize=256)
+def _release_sql(queue: str) -> str:
+    return f"""
+UPDATE pgmq.{_table("q", queue)} AS m
+SET vt = clock_timestamp(), read_ct = m.read_ct - 1
+FROM unnest($1::bigint[], $2::integer[]) AS t(id, ct)
+WHERE m.msg_id = t.id AND m.read_ct = t.ct
+RETURNING m.msg_id
+"""
+
+
+async def messages_release(
+    conn: Executor, queue: str, owned: Sequence[tuple[int, int]]
+) -> set[int]:
+    """Hand back messages still held at (msg_id, read_ct), visible at once, and give the
+    attempt back: a run cancelled by a worker shutdown did not fail."""
+    ids, cts = _split(owned)
+    rows = await conn.fetch(_release_sql(queue), ids, cts)
+    return {r[0] for r in rows}
+
+
 async def messages_set_vt(
     conn: Executor, queue: str, owned: Sequence[tuple[int, int]], delays: Sequence[float]
 ) -> set[int]:
     """Make messages still held at (msg_id, read_ct) visible after ``delays`` seconds: a
-    lease extension, a retry after backoff, or a release (0). Returns the ids still held."""
+    lease extension or a retry after backoff. Returns the ids still held."""
     ids, cts = _split(owned)
     rows = await conn.fetch(_set_vt_sql(queue), ids, cts, list(delays))
     return {r[0] for r in rows}
@@ -197,6 +219,7 @@ WITH t AS (
     DELETE FROM pgtasks.idempotency_keys AS k
     USING gone
     WHERE k.key = gone.headers ->> 'idempotency_key' AND k.msg_id = gone.msg_id
+      AND k.queue = $6::text
 )
 INSERT INTO pgtasks.dead_letters
     (queue, msg_id, task, message, headers, read_ct, enqueued_at, reason, error)
