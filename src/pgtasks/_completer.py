@@ -95,7 +95,7 @@ class Completer:
                 backoff = 0.05
             except CONNECTION_ERRORS as exc:
                 logger.warning(
-                    "pgtasks: could not write %d job outcome(s), retrying in %.1fs: %s",
+                    "could not write %d job outcome(s), retrying in %.1fs: %s",
                     len(self._pending),
                     backoff,
                     exc,
@@ -111,11 +111,11 @@ class Completer:
                 try:
                     await self._flush()
                 except CONNECTION_ERRORS as exc:
-                    logger.warning("pgtasks: flushing outcomes at shutdown failed: %s", exc)
+                    logger.warning("flushing outcomes at shutdown failed: %s", exc)
                     await anyio.sleep(0.2)
         if scope.cancelled_caught and self._pending:
             logger.error(
-                "pgtasks: %d job outcome(s) were not written before shutdown; those messages "
+                "%d job outcome(s) were not written before shutdown; those messages "
                 "become visible again when their leases expire",
                 len(self._pending),
             )
@@ -155,7 +155,7 @@ class Completer:
                     self._emit(o.event)
             elif o.kind != "release":
                 logger.warning(
-                    "pgtasks: %s of message %d in queue %s not written: the message is no "
+                    "%s of message %d in queue %s not written: the message is no "
                     "longer held at attempt %d (its lease expired and another worker took it, "
                     "or it was removed)",
                     o.kind,

@@ -124,7 +124,7 @@ class Enqueuer:
                 unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
                 if not acquired or attempt == attempts or not unsent:
                     raise self._unavailable(what, exc, sending) from exc
-                logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
+                logger.info("%s: connection failed (%s); retrying", what, exc)
         raise AssertionError("unreachable")
 
     async def _send_groups(

@@ -141,7 +141,7 @@ class Executor:
         if other is None:
             return False
         logger.info(
-            "pgtasks: %s (id %d) skipped: idempotency key %r already succeeded with job %d",
+            "%s (id %d) skipped: idempotency key %r already succeeded with job %d",
             ctx.task,
             ctx.id,
             ctx.idempotency_key,
@@ -168,7 +168,7 @@ class Executor:
         kwargs: dict[str, Any],
     ) -> None:
         self._emit(JobEvent("started", ctx.queue, ctx.id, ctx.attempt, ctx.task))
-        logger.debug("pgtasks: running %s (id %d, attempt %d)", ctx.task, ctx.id, ctx.attempt)
+        logger.debug("running %s (id %d, attempt %d)", ctx.task, ctx.id, ctx.attempt)
         timeout = task.config.timeout if task.config.timeout is not None else self._defaults.timeout
         started = time.monotonic()
         error: BaseException | None = None
@@ -200,7 +200,7 @@ class Executor:
         duration = time.monotonic() - started
         if job.lost:
             logger.warning(
-                "pgtasks: %s (id %d, attempt %d) lost its lease; this run is not acked%s",
+                "%s (id %d, attempt %d) lost its lease; this run is not acked%s",
                 ctx.task,
                 ctx.id,
                 ctx.attempt,
@@ -208,7 +208,7 @@ class Executor:
             )
             return
         if error is None:
-            logger.debug("pgtasks: %s (id %d) succeeded in %.3fs", ctx.task, ctx.id, duration)
+            logger.debug("%s (id %d) succeeded in %.3fs", ctx.task, ctx.id, duration)
             event = JobEvent("succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, None, duration)
             if acked:
                 self._emit(event)
@@ -260,8 +260,7 @@ class Executor:
             if delay is None:
                 delay = policy.backoff(msg.read_ct)
             logger.warning(
-                "pgtasks: %s (id %d, queue %s) failed on attempt %d after %.3fs: %s; "
-                "retrying in %.2fs",
+                "%s (id %d, queue %s) failed on attempt %d after %.3fs: %s; retrying in %.2fs",
                 task_name,
                 msg.msg_id,
                 job.queue,
@@ -303,7 +302,7 @@ class Executor:
     ) -> None:
         msg = job.message
         logger.error(
-            "pgtasks: message %d in queue %s (task %s, attempt %d) moved to dead letters: %s",
+            "message %d in queue %s (task %s, attempt %d) moved to dead letters: %s",
             msg.msg_id,
             job.queue,
             task_name or "?",

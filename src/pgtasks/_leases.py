@@ -45,7 +45,7 @@ class LeaseKeeper:
             try:
                 await self.extend_due()
             except CONNECTION_ERRORS as exc:
-                logger.warning("pgtasks: could not extend leases, retrying: %s", exc)
+                logger.warning("could not extend leases, retrying: %s", exc)
 
     async def extend_due(self) -> None:
         now = time.monotonic()
@@ -70,7 +70,7 @@ class LeaseKeeper:
         job.scope.cancel()
         msg = job.message
         logger.warning(
-            "pgtasks: lost the lease on message %d in queue %s (attempt %d): another worker "
+            "lost the lease on message %d in queue %s (attempt %d): another worker "
             "may run it now; cancelling this run, which will not be acked",
             msg.msg_id,
             job.queue,

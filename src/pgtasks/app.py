@@ -57,9 +57,17 @@ class App:
         key_retention: how long an idempotency key keeps deduplicating after its job
             succeeded.
         default: make this the app that shared tasks (``@pgtasks.task``) defer through.
-        max_retries, retry_backoff, retry_backoff_max, retry_jitter, retry_on,
-            dont_retry_on, timeout, lease, on_success: defaults for every task; see
-            `App.task`.
+        max_retries: default retries after the first attempt, for every task.
+        retry_backoff: default base of the exponential backoff, in seconds.
+        retry_backoff_max: default cap of the backoff, in seconds.
+        retry_jitter: default full jitter on the backoff.
+        retry_on: default exception types that are retried.
+        dont_retry_on: default exception types that fail at once.
+        timeout: default seconds a run may take (None: no limit).
+        lease: default visibility timeout kept while a job runs, in seconds.
+        on_success: default ``"archive"`` or ``"delete"`` of a succeeded message.
+
+    Each of the last nine can be overridden per task; see `App.task`.
     """
 
     def __init__(
@@ -224,7 +232,7 @@ class App:
                     dsn, min_size=self.pool_min_size, max_size=self.pool_max_size
                 )
                 logger.info(
-                    "pgtasks: using PostgreSQL at %s (from %s)",
+                    "using PostgreSQL at %s (from %s)",
                     describe(dsn),
                     self.dsn_source.origin,
                 )
@@ -260,7 +268,7 @@ class App:
         async with pool.acquire() as conn:
             steps = await schema.migrate(conn, self.queues)
         for step in steps:
-            logger.info("pgtasks: migrate: %s", step.description)
+            logger.info("migrate: %s", step.description)
         return steps
 
     async def migration_plan(self) -> list[schema.Step]:

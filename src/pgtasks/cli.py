@@ -293,7 +293,7 @@ def _run_worker(app: App, args: argparse.Namespace) -> int:
             interrupts += signum == signal.SIGINT
             force = interrupts > 1
             logger.info(
-                "pgtasks: %s received, %s",
+                "%s received, %s",
                 signal.Signals(signum).name,
                 "stopping now" if force else "finishing running jobs (SIGINT again: stop now)",
             )

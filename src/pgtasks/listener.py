@@ -52,9 +52,7 @@ class Listener:
             except Exception as exc:  # a loop that restarts with backoff
                 if not self.ever_connected:
                     raise
-                logger.warning(
-                    "pgtasks: listener connection lost (%s); reconnecting in %.1fs", exc, backoff
-                )
+                logger.warning("listener connection lost (%s); reconnecting in %.1fs", exc, backoff)
             status = None
             if self.connected:  # it had been up: start the backoff afresh
                 backoff = 0.1
@@ -82,7 +80,7 @@ class Listener:
             if task_status is not None:
                 task_status.started()
             else:
-                logger.info("pgtasks: listener reconnected")
+                logger.info("listener reconnected")
             self._on_wake(None)  # catch up on whatever was sent while we were away
             while True:
                 with anyio.move_on_after(self._health_interval):

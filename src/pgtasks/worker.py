@@ -158,7 +158,7 @@ class Worker:
                     self.listener = Listener(self.app.dsn, self._on_notify)
                     await service.start(self.listener.run)
                 logger.info(
-                    "pgtasks: worker started: queues %s, concurrency %d%s",
+                    "worker started: queues %s, concurrency %d%s",
                     ", ".join(self.queues),
                     self.concurrency,
                     "" if self.listen else ", poll-only",
@@ -170,7 +170,7 @@ class Worker:
         finally:
             self._done.set()
             logger.info(
-                "pgtasks: worker stopped: %d succeeded, %d failed attempts, %d retried, "
+                "worker stopped: %d succeeded, %d failed attempts, %d retried, "
                 "%d dead-lettered, %d released",
                 self.stats["succeeded"],
                 self.stats["failed"],
@@ -219,7 +219,7 @@ class Worker:
                     await self._fetcher.wakeup.wait(0.1)
             if self._running:
                 logger.warning(
-                    "pgtasks: %d job(s) still running after %.1fs; cancelling them and "
+                    "%d job(s) still running after %.1fs; cancelling them and "
                     "releasing their messages",
                     len(self._running),
                     self.shutdown_timeout,
@@ -248,7 +248,7 @@ class Worker:
                         await self._completer.wait_idle()
                         claimed, drained = await fetcher.claim_pass()
                         if claimed == 0:
-                            logger.info("pgtasks: burst: the queues are empty, stopping")
+                            logger.info("burst: the queues are empty, stopping")
                             return
                         continue
                     await fetcher.wakeup.wait(0.05)
@@ -256,7 +256,7 @@ class Worker:
                 if claimed == 0:
                     await fetcher.idle_wait()
             except _FETCH_ERRORS as exc:
-                logger.warning("pgtasks: fetching failed (%s); retrying in %.1fs", exc, backoff)
+                logger.warning("fetching failed (%s); retrying in %.1fs", exc, backoff)
                 await anyio.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
 
@@ -303,4 +303,4 @@ class Worker:
             try:
                 callback(event)
             except Exception:
-                logger.exception("pgtasks: an event subscriber failed on %s", event.kind)
+                logger.exception("an event subscriber failed on %s", event.kind)
