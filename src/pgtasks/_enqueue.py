@@ -53,14 +53,14 @@ class Enqueuer:
         headers = sig.headers()
         opts = sig.options
 
-        async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool]:
+        async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool, str]:
             # with an idempotency key a repeat is deduplicated, so a retry is always safe
             sending.ambiguous = opts.idempotency_key is None
             return await queries.message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
-        msg_id, dedup = await self._on_connection(opts.connection, send, what)
-        return JobRef(msg_id, sig.queue, sig.task.name, dedup)
+        msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
+        return JobRef(msg_id, queue, sig.task.name, dedup)
 
     async def defer_many(
         self, signatures: Iterable[Signature], connection: Connection | None
@@ -72,7 +72,15 @@ class Enqueuer:
         sigs = list(signatures)
         bodies = [s.body(self._max_message_size) for s in sigs]  # validate all before sending
         groups: dict[tuple[str, float, dt.datetime | None], list[int]] = defaultdict(list)
+        first_with_key: dict[str, int] = {}
+        repeats: dict[int, int] = {}  # a later item with a key seen earlier -> the first
         for i, s in enumerate(sigs):
+            key = s.options.idempotency_key
+            if key is not None and key in first_with_key:
+                repeats[i] = first_with_key[key]
+                continue
+            if key is not None:
+                first_with_key[key] = i
             groups[(s.queue, s.options.delay, s.options.eta)].append(i)
         refs: list[JobRef | None] = [None] * len(sigs)
 
@@ -82,6 +90,10 @@ class Enqueuer:
                 sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
 
         await self._on_connection(connection, send, f"deferring {len(sigs)} jobs")
+        for i, first in repeats.items():
+            ref = refs[first]
+            assert ref is not None
+            refs[i] = JobRef(ref.id, ref.queue, ref.task, deduplicated=True)
         return [r for r in refs if r is not None]
 
     async def _on_connection(
@@ -106,25 +118,24 @@ class Enqueuer:
         for attempt in range(1, attempts + 1):
             sending = _Sending()
             pool = await self._pool()
-            acquired = False
             try:
-                async with pool.acquire() as conn:
-                    acquired = True
-                    try:
-                        return await work(conn, sending)
-                    except CONNECTION_ERRORS:
-                        # broken: the pool replaces it, and does not try to reset it on
-                        # release (which would fail and hide this error)
-                        with contextlib.suppress(asyncpg.InterfaceError):  # already detached
-                            conn.terminate()
-                        raise
+                conn = await pool.acquire()
+            except CONNECTION_ERRORS as exc:  # no connection can be opened now
+                raise self._unavailable(what, exc, sending) from exc
+            try:
+                return await work(conn, sending)
             except CONNECTION_ERRORS as exc:
-                # a failed acquire means no connection can be opened now: retrying at once
-                # would not help
+                with contextlib.suppress(asyncpg.InterfaceError):  # already detached
+                    conn.terminate()  # so the pool replaces it
                 unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
-                if not acquired or attempt == attempts or not unsent:
+                if attempt == attempts or not unsent:
                     raise self._unavailable(what, exc, sending) from exc
-                logger.info("%s: connection failed (%s); retrying", what, exc)
+                logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
+            finally:
+                # the work is done (or failed above): a connection that breaks while being
+                # reset for the pool is dropped by the pool, and changes nothing here
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await pool.release(conn)
         raise AssertionError("unreachable")
 
     async def _send_groups(
@@ -147,8 +158,8 @@ class Enqueuer:
                     delay,
                     eta,
                 )
-                for i, (msg_id, dedup) in zip(chunk, results, strict=True):
-                    refs[i] = JobRef(msg_id, queue, sigs[i].task.name, dedup)
+                for i, (msg_id, dedup, holder_queue) in zip(chunk, results, strict=True):
+                    refs[i] = JobRef(msg_id, holder_queue, sigs[i].task.name, dedup)
 
     def _unavailable(self, what: str, exc: BaseException, sending: _Sending) -> DatabaseUnavailable:
         if isinstance(exc, DatabaseUnavailable):

@@ -20,6 +20,7 @@ from typing_extensions import ParamSpec
 
 from . import envelope
 from ._db.queries import Connection
+from .exceptions import SerializationError
 from .queues import check_queue_name
 from .retry import RetryPolicy
 
@@ -116,7 +117,14 @@ class Signature:
         headers = dict(self.options.headers or {})
         if self.options.idempotency_key is not None:
             headers[envelope.HEADER_IDEMPOTENCY_KEY] = self.options.idempotency_key
-        return envelope.dumps(headers).decode() if headers else None
+        if not headers:
+            return None
+        try:
+            return envelope.dumps(headers).decode()
+        except TypeError as exc:
+            raise SerializationError(
+                f"cannot encode the headers of a {self.task.name!r} job: {exc}"
+            ) from None
 
 
 class _Deferrer(Generic[P, R]):

@@ -132,7 +132,8 @@ async def test_sigterm_finishes_short_jobs_and_releases_the_rest(
         "ORDER BY msg_id"
     )
     assert [(r["msg_id"], r["read_ct"], r["visible"]) for r in rows] == [
-        (ref.id, 0, True) for ref in long_refs  # visible now, the attempt given back
+        (ref.id, 0, True)
+        for ref in long_refs  # visible now, the attempt given back
     ]
     archived = await conn.fetchval("SELECT array_agg(msg_id) FROM pgmq.a_cli_slow")
     assert archived == [short_ref.id]

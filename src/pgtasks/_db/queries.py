@@ -34,12 +34,12 @@ NOTIFY_CHANNEL = "pgtasks"
 # --- enqueue --------------------------------------------------------------------------------
 
 MESSAGE_SEND = """
-SELECT msg_id, deduplicated
+SELECT msg_id, deduplicated, queue
 FROM pgtasks.send($1::text, $2::text::jsonb, $3::text::jsonb, $4::float8, $5::timestamptz)
 """
 
 MESSAGE_SEND_BATCH = """
-SELECT msg_id, deduplicated
+SELECT msg_id, deduplicated, queue
 FROM pgtasks.send_batch($1::text, $2::text[]::jsonb[], $3::text[]::jsonb[], $4::float8,
                         $5::timestamptz)
 """
@@ -52,10 +52,12 @@ async def message_send(
     headers: str | None,
     delay: float,
     eta: dt.datetime | None,
-) -> tuple[int, bool]:
+) -> tuple[int, bool, str]:
+    """(msg_id, deduplicated, queue): a deduplicated job is the key holder, maybe in
+    another queue."""
     row = await conn.fetchrow(MESSAGE_SEND, queue, body, headers, delay, eta)
     assert row is not None
-    return row[0], row[1]
+    return row[0], row[1], row[2]
 
 
 async def message_send_batch(
@@ -65,9 +67,9 @@ async def message_send_batch(
     headers: Sequence[str | None] | None,
     delay: float,
     eta: dt.datetime | None,
-) -> list[tuple[int, bool]]:
+) -> list[tuple[int, bool, str]]:
     rows = await conn.fetch(MESSAGE_SEND_BATCH, queue, bodies, headers, delay, eta)
-    return [(r[0], r[1]) for r in rows]
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 # --- claim ----------------------------------------------------------------------------------

@@ -114,21 +114,22 @@ END $$;
 
 -- Send a batch of messages to one queue, all visible at one time (p_eta, else now + p_delay
 -- seconds on the database clock). Returns one row per input message, in input order: the
--- msg_id sent, or, for a message whose idempotency key is taken, the holder's msg_id with
--- deduplicated = true. Keys are read from headers->>'idempotency_key'.
+-- msg_id sent, or, for a message whose idempotency key is taken, the holder's msg_id and
+-- queue with deduplicated = true. Keys are read from headers->>'idempotency_key'.
 CREATE FUNCTION pgtasks.send_batch(
     p_queue     text,
     p_messages  jsonb[],
     p_headers   jsonb[] DEFAULT NULL,
     p_delay     double precision DEFAULT 0,
     p_eta       timestamptz DEFAULT NULL
-) RETURNS TABLE (msg_id bigint, deduplicated boolean)
+) RETURNS TABLE (msg_id bigint, deduplicated boolean, queue text)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_n       integer := coalesce(array_length(p_messages, 1), 0);
     v_vt      timestamptz;
     v_ids     bigint[] := array_fill(NULL::bigint, ARRAY[v_n]);
     v_dup     boolean[] := array_fill(false, ARRAY[v_n]);
+    v_queues  text[] := array_fill(p_queue, ARRAY[v_n]);
     v_keys    text[] := array_fill(NULL::text, ARRAY[v_n]);
     v_pos     integer[] := '{}';
     v_msgs    jsonb[] := '{}';
@@ -152,7 +153,7 @@ BEGIN
     ) THEN
         -- The common case: no keys, one INSERT. Identity values grow in input order.
         RETURN QUERY
-            SELECT s.id, false
+            SELECT s.id, false, p_queue
             FROM pgmq.send_batch(p_queue, p_messages, p_headers, v_vt) AS s(id)
             ORDER BY s.id;
     ELSE
@@ -174,6 +175,10 @@ BEGIN
             ELSE
                 v_ids[i] := v_holder;
                 v_dup[i] := true;
+                IF v_holder > 0 THEN
+                    v_queues[i] := (SELECT k.queue FROM pgtasks.idempotency_keys AS k
+                                    WHERE k.key = v_key);
+                END IF;
             END IF;
         END LOOP;
         IF array_length(v_pos, 1) > 0 THEN
@@ -192,7 +197,8 @@ BEGIN
                 v_ids[i] := v_ids[-v_ids[i]];
             END IF;
         END LOOP;
-        RETURN QUERY SELECT t.id, t.dup FROM unnest(v_ids, v_dup) WITH ORDINALITY AS t(id, dup, i)
+        RETURN QUERY SELECT t.id, t.dup, t.q
+            FROM unnest(v_ids, v_dup, v_queues) WITH ORDINALITY AS t(id, dup, q, i)
             ORDER BY t.i;
     END IF;
     PERFORM pg_notify('pgtasks', p_queue);
@@ -205,7 +211,7 @@ CREATE FUNCTION pgtasks.send(
     p_headers  jsonb DEFAULT NULL,
     p_delay    double precision DEFAULT 0,
     p_eta      timestamptz DEFAULT NULL
-) RETURNS TABLE (msg_id bigint, deduplicated boolean)
+) RETURNS TABLE (msg_id bigint, deduplicated boolean, queue text)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_key     text := p_headers ->> 'idempotency_key';
@@ -216,7 +222,8 @@ BEGIN
     IF v_key IS NOT NULL THEN
         v_holder := pgtasks.claim_key(v_key, p_queue);
         IF v_holder IS NOT NULL THEN
-            RETURN QUERY SELECT v_holder, true;
+            RETURN QUERY SELECT v_holder, true,
+                (SELECT k.queue FROM pgtasks.idempotency_keys AS k WHERE k.key = v_key);
             RETURN;
         END IF;
     END IF;
@@ -228,7 +235,7 @@ BEGIN
         UPDATE pgtasks.idempotency_keys SET msg_id = v_id WHERE key = v_key;
     END IF;
     PERFORM pg_notify('pgtasks', p_queue);
-    RETURN QUERY SELECT v_id, false;
+    RETURN QUERY SELECT v_id, false, p_queue;
 END $$;
 
 -- Enqueue a pgtasks job from SQL (a trigger, the outbox case, another language):

@@ -1,0 +1,235 @@
+"""The embedded server end to end, with no DSN anywhere: processes with the same data dir share
+one server, and the last one to exit stops it, even after a process died without cleaning up.
+
+These run real processes (initdb, pg_ctl), so they take a few seconds each; they do not need
+the test server and run the same with or without PGTASKS_TEST_DSN.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgtasks import _embedded
+
+SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+    from pathlib import Path
+
+    import pgtasks
+    from pgtasks import _embedded
+
+    app = pgtasks.App()
+
+    @app.task(name="embedded.job", queue="embedded")
+    async def job(n: int) -> None: ...
+
+    async def main(mode: str) -> None:
+        await app.migrate()
+        sent = (await job.defer(41)).id if mode != "peek" else None
+        pool = await app.pool()
+        ids = [r[0] for r in await pool.fetch("SELECT msg_id FROM pgmq.q_embedded ORDER BY 1")]
+        pid_file = _embedded.data_dir() / "postmaster.pid"
+        print(json.dumps({
+            "origin": app.dsn_source.origin,
+            "sent": sent,
+            "ids": ids,
+            "postmaster": int(pid_file.read_text().split()[0]),
+        }), flush=True)
+        await app.close()
+
+    asyncio.run(main(sys.argv[1]))
+    if sys.argv[1] == "hold":
+        sys.stdin.readline()  # keep this process (and its server handle) until told to go
+    """
+)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "pgdata"
+    try:
+        yield path
+    finally:
+        stop_leftover_server(path)
+
+
+@pytest.fixture
+def env(data_dir: Path) -> dict[str, str]:
+    drop = ("PGTASKS_DSN", "DATABASE_URL", "PGTASKS_TEST_DSN", "PGTASKS_APP")
+    environment = {k: v for k, v in os.environ.items() if k not in drop}
+    environment["PGTASKS_DATA_DIR"] = str(data_dir)
+    return environment
+
+
+def running(pid: int) -> bool:
+    """Whether a process exists and is not a zombie (nothing may reap an orphaned server)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    try:
+        return int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def stop_leftover_server(data_dir: Path) -> None:
+    """If a test failed and left this data dir's server running, stop it by its pid."""
+    pid = postmaster_pid(data_dir)
+    if pid is not None and running(pid):
+        os.kill(pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+        wait_until(lambda: not running(pid), 30)
+
+
+def wait_until(check: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def start(env: dict[str, str], mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, mode],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"no output within {timeout}s; stderr:\n{err}")
+    line = proc.stdout.readline()
+    if not line:
+        _, err = proc.communicate()
+        pytest.fail(f"the process exited with {proc.returncode}; stderr:\n{err}")
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def run(env: dict[str, str], mode: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.mark.slow
+def test_processes_share_one_embedded_server_and_the_last_one_stops_it(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    holder = start(env, "hold")
+    try:
+        first = first_line(holder, 90)
+        assert first["origin"] == "embedded"
+        assert first["ids"] == [first["sent"]]
+        assert (data_dir / "PG_VERSION").is_file()  # initdb ran in PGTASKS_DATA_DIR
+        server = first["postmaster"]
+        assert running(server)
+
+        second = run(env, "peek")  # while the first process still holds the server
+        assert second["postmaster"] == server  # the same server, not a second one
+        assert second["ids"] == [first["sent"]]  # sees the first process's job
+        assert running(server), "the second process stopped a server still in use"
+        assert json.loads((data_dir / ".handle_pids.json").read_text()) == [holder.pid]
+
+        _, err = holder.communicate("\n", timeout=60)
+        assert holder.returncode == 0, err
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    # pg_ctl stop -w returned before the process exited: the server is already gone
+    assert not running(server)
+    assert postmaster_pid(data_dir) is None
+    assert json.loads((data_dir / ".handle_pids.json").read_text()) == []
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.slow
+def test_a_stale_handle_of_a_dead_process_does_not_keep_the_server_running(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    first = run(env, "defer")  # initdb, start, enqueue, stop
+    assert not running(first["postmaster"])
+    # a process that was SIGKILLed while holding the server left its pid behind
+    stale = dead_pid()
+    (data_dir / ".handle_pids.json").write_text(json.dumps([stale]))
+
+    second = run(env, "defer")
+    assert second["ids"] == [first["sent"], second["sent"]]  # the data survived the restart
+    assert not running(second["postmaster"]), "the stale handle kept the server running"
+    assert postmaster_pid(data_dir) is None
+    assert json.loads((data_dir / ".handle_pids.json").read_text()) == []
+
+
+def test_prune_dead_handles_keeps_only_live_pids(tmp_path: Path) -> None:
+    handles = tmp_path / ".handle_pids.json"
+    stale = dead_pid()
+    handles.write_text(json.dumps([stale, os.getpid(), "junk"]))
+    _embedded._prune_dead_handles(tmp_path)
+    assert json.loads(handles.read_text()) == [os.getpid()]
+
+
+def test_prune_dead_handles_leaves_missing_or_unreadable_files_alone(tmp_path: Path) -> None:
+    _embedded._prune_dead_handles(tmp_path)
+    assert not (tmp_path / ".handle_pids.json").exists()
+    (tmp_path / ".handle_pids.json").write_text("not json")
+    _embedded._prune_dead_handles(tmp_path)
+    assert (tmp_path / ".handle_pids.json").read_text() == "not json"
+
+
+def test_data_dir_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PGTASKS_DATA_DIR", str(tmp_path / "x" / ".." / "db"))
+    assert _embedded.data_dir() == tmp_path / "db"
+    monkeypatch.delenv("PGTASKS_DATA_DIR")
+    monkeypatch.chdir(tmp_path)
+    assert _embedded.data_dir() == tmp_path / ".pgtasks" / "pgdata"

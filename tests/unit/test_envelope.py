@@ -1,0 +1,397 @@
+"""The message format: encoding a call, decoding and validating a body, and restoring argument
+types from the task's hints (the table in the `pgtasks.envelope` docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from decimal import Decimal
+from typing import Annotated, Any, Optional, Union
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pgtasks import EnvelopeError, MessageTooLarge, SerializationError, Task, envelope
+
+MiB = 1024 * 1024
+# Text JSON and jsonb can hold: no NUL (jsonb refuses it), no lone surrogates (not UTF-8).
+CHARS = st.characters(codec="utf-8", exclude_characters="\x00")
+TEXT = st.text(CHARS, max_size=30)
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+    HIGH = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Address:
+    street: str
+    since: dt.date
+
+
+@dataclasses.dataclass(frozen=True)
+class User:
+    id: uuid.UUID
+    name: str
+    joined: dt.datetime
+    balance: Decimal
+    color: Color
+    home: Address
+    previous: list[Address] = dataclasses.field(default_factory=list)
+    nickname: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """Refers to itself: the converter must not recurse forever while it is built."""
+
+    label: str
+    at: dt.date
+    child: Node | None = None
+
+
+def roundtrip(fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Encode a call of ``fn`` as a producer does, decode it as a worker does, and return
+    the arguments the function would receive."""
+    task = Task(fn, name="tests.roundtrip")
+    body = task.s(*args, **kwargs).body(MiB)
+    decoded = envelope.decode(body)
+    assert decoded.task == "tests.roundtrip"
+    return dict(task.bind_message(decoded.args, decoded.kwargs).arguments)
+
+
+# --- round trips, one hint at a time ------------------------------------------------------
+
+UTC = dt.timezone.utc
+IST = dt.timezone(dt.timedelta(hours=5, minutes=30))
+AN_ID = uuid.UUID("12345678-1234-5678-1234-567812345678")
+
+
+async def takes_datetime(value: dt.datetime) -> None: ...
+async def takes_date(value: dt.date) -> None: ...
+async def takes_time(value: dt.time) -> None: ...
+async def takes_uuid(value: uuid.UUID) -> None: ...
+async def takes_decimal(value: Decimal) -> None: ...
+async def takes_color(value: Color) -> None: ...
+async def takes_level(value: Level) -> None: ...
+async def takes_user(value: User) -> None: ...
+async def takes_node(value: Node) -> None: ...
+async def takes_optional(value: Optional[dt.datetime]) -> None: ...  # noqa: UP045
+async def takes_pep604(value: dt.date | None) -> None: ...
+async def takes_union(value: Union[int, uuid.UUID]) -> None: ...  # noqa: UP007
+async def takes_list(value: list[dt.datetime]) -> None: ...
+async def takes_nested_list(value: list[list[dt.date]]) -> None: ...
+async def takes_sequence(value: Sequence[uuid.UUID]) -> None: ...
+async def takes_dict(value: dict[str, uuid.UUID]) -> None: ...
+async def takes_mapping(value: Mapping[str, list[Decimal]]) -> None: ...
+async def takes_tuple(value: tuple[int, dt.datetime, Color]) -> None: ...
+async def takes_var_tuple(value: tuple[uuid.UUID, ...]) -> None: ...
+async def takes_int_tuple(value: tuple[int, ...]) -> None: ...
+async def takes_set(value: set[int]) -> None: ...
+async def takes_frozenset(value: frozenset[uuid.UUID]) -> None: ...
+async def takes_annotated(value: Annotated[dt.datetime, "when"]) -> None: ...
+async def takes_optional_users(value: list[User] | None) -> None: ...
+
+
+ALICE = User(
+    id=AN_ID,
+    name="alice",
+    joined=dt.datetime(2024, 2, 29, 23, 59, 59, 999_999, tzinfo=IST),
+    balance=Decimal("12345678901234567890.000000001"),
+    color=Color.GREEN,
+    home=Address("1 Main St", dt.date(2020, 1, 1)),
+    previous=[Address("2 Old Rd", dt.date(2010, 6, 30))],
+)
+
+ROUND_TRIPS: list[tuple[Callable[..., Awaitable[Any]], Any]] = [
+    (takes_datetime, dt.datetime(2024, 5, 17, 8, 30, 1, 123_456, tzinfo=IST)),
+    (takes_datetime, dt.datetime(2024, 5, 17, 8, 30, tzinfo=UTC)),
+    (takes_datetime, dt.datetime(1999, 12, 31, 23, 59, 59)),  # naive stays naive
+    (takes_date, dt.date(2024, 2, 29)),
+    (takes_time, dt.time(23, 59, 58, 7)),
+    (takes_uuid, AN_ID),
+    (takes_decimal, Decimal("12345678901234567890.000000000000000001")),
+    (takes_decimal, Decimal("-0.10")),
+    (takes_color, Color.RED),
+    (takes_level, Level.HIGH),
+    (takes_user, ALICE),
+    (takes_node, Node("a", dt.date(2020, 1, 1), Node("b", dt.date(2021, 2, 2)))),
+    (takes_optional, None),
+    (takes_optional, dt.datetime(2024, 1, 1, tzinfo=UTC)),
+    (takes_pep604, dt.date(2024, 1, 2)),
+    (takes_pep604, None),
+    (takes_union, 7),
+    (takes_union, AN_ID),
+    (takes_list, [dt.datetime(2024, 1, 1, tzinfo=UTC), dt.datetime(2025, 1, 1, tzinfo=IST)]),
+    (takes_nested_list, [[dt.date(2024, 1, 1)], [], [dt.date(2024, 1, 2), dt.date(2024, 1, 3)]]),
+    (takes_sequence, [AN_ID, uuid.UUID(int=1)]),
+    (takes_dict, {"a": AN_ID, "b": uuid.UUID(int=2)}),
+    (takes_mapping, {"prices": [Decimal("1.10"), Decimal("2.25")]}),
+    (takes_tuple, (1, dt.datetime(2024, 1, 1, tzinfo=UTC), Color.GREEN)),
+    (takes_var_tuple, (AN_ID, uuid.UUID(int=3))),
+    (takes_int_tuple, (1, 2, 3)),
+    (takes_set, {1, 2, 3}),
+    (takes_frozenset, frozenset({AN_ID})),
+    (takes_annotated, dt.datetime(2024, 1, 1, 12, tzinfo=UTC)),
+    (takes_optional_users, [ALICE]),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "value"),
+    ROUND_TRIPS,
+    ids=[f"{fn.__name__}-{type(value).__name__}" for fn, value in ROUND_TRIPS],
+)
+def test_argument_types_are_restored_from_hints(
+    fn: Callable[..., Awaitable[Any]], value: Any
+) -> None:
+    restored = roundtrip(fn, value=value)["value"]
+    assert restored == value
+    assert type(restored) is type(value)
+
+
+def test_decimal_keeps_every_digit_and_its_exponent() -> None:
+    restored = roundtrip(takes_decimal, Decimal("0.100"))["value"]
+    assert str(restored) == "0.100"  # a float would have made this 0.1
+
+
+def test_aware_datetime_keeps_its_offset() -> None:
+    when = dt.datetime(2024, 5, 17, 8, 30, tzinfo=IST)
+    restored = roundtrip(takes_datetime, when)["value"]
+    assert restored.utcoffset() == dt.timedelta(hours=5, minutes=30)
+
+
+def test_nested_dataclasses_are_rebuilt_all_the_way_down() -> None:
+    restored = roundtrip(takes_user, ALICE)["value"]
+    assert isinstance(restored.home, Address)
+    assert isinstance(restored.home.since, dt.date)
+    assert isinstance(restored.previous[0], Address)
+    assert isinstance(restored.balance, Decimal)
+    assert restored.color is Color.GREEN
+
+
+async def takes_varargs(*ids: uuid.UUID, **dates: dt.date) -> None: ...
+
+
+def test_var_positional_and_var_keyword_items_are_converted() -> None:
+    out = roundtrip(takes_varargs, AN_ID, uuid.UUID(int=5), start=dt.date(2024, 1, 1))
+    assert out == {"ids": (AN_ID, uuid.UUID(int=5)), "dates": {"start": dt.date(2024, 1, 1)}}
+
+
+async def takes_natives(
+    a: int, b: str, c: float, d: bool, e: None, f: Any, g: list[int]
+) -> None: ...
+
+
+async def takes_unannotated(value, other: dict) -> None:  # type: ignore[no-untyped-def,type-arg]
+    ...
+
+
+def test_json_natives_and_unannotated_parameters_pass_through() -> None:
+    natives = {"a": -(2**63), "b": "ü ☃ \U0001f600", "c": 1.5, "d": True, "e": None}
+    natives |= {"f": {"x": [1, None]}, "g": [1, 2]}
+    assert roundtrip(takes_natives, **natives) == natives
+    when = "2024-01-01T00:00:00+00:00"
+    assert roundtrip(takes_unannotated, when, {"k": when}) == {
+        "value": when,  # no hint: the JSON string stays a string
+        "other": {"k": when},
+    }
+
+
+# --- the body -----------------------------------------------------------------------------
+
+
+async def keyword_only(user_id: int, *, lang: str = "en") -> None: ...
+async def positional_only(a: int, /, b: int) -> None: ...
+
+
+def test_body_is_a_versioned_envelope_with_arguments_by_name() -> None:
+    task = Task(keyword_only, name="emails.send")
+    body = orjson.loads(task.s(42, lang="fr").body(MiB))
+    assert body == {"v": 1, "task": "emails.send", "kwargs": {"user_id": 42, "lang": "fr"}}
+
+
+def test_positional_only_arguments_stay_positional() -> None:
+    task = Task(positional_only, name="p.only")
+    body = orjson.loads(task.s(1, 2).body(MiB))
+    assert body == {"v": 1, "task": "p.only", "args": [1], "kwargs": {"b": 2}}
+    decoded = envelope.decode(orjson.dumps(body))
+    assert task.bind_message(decoded.args, decoded.kwargs).args == (1, 2)
+
+
+def test_encode_omits_empty_args_and_kwargs() -> None:
+    assert orjson.loads(envelope.encode("t", (), {}, max_size=MiB)) == {"v": 1, "task": "t"}
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    kwargs=st.dictionaries(
+        st.text(CHARS, min_size=1, max_size=20),
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | TEXT,
+            lambda inner: st.lists(inner, max_size=5) | st.dictionaries(TEXT, inner, max_size=5),
+            max_leaves=10,
+        ),
+        max_size=5,
+    )
+)
+def test_json_native_kwargs_round_trip_exactly(kwargs: dict[str, Any]) -> None:
+    body = envelope.encode("prop.task", (), kwargs, max_size=16 * MiB)
+    decoded = envelope.decode(body)
+    assert decoded == envelope.Envelope("prop.task", [], kwargs)
+    assert envelope.decode(body.encode()) == decoded  # bytes decode the same as text
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    when=st.datetimes(timezones=st.just(UTC) | st.none()),
+    day=st.dates(),
+    ident=st.uuids(),
+    amount=st.decimals(allow_nan=False, allow_infinity=False),
+    colors=st.lists(st.sampled_from(Color), max_size=5),
+)
+def test_typed_arguments_round_trip(
+    when: dt.datetime, day: dt.date, ident: uuid.UUID, amount: Decimal, colors: list[Color]
+) -> None:
+    async def typed(
+        when: dt.datetime, day: dt.date, ident: uuid.UUID, amount: Decimal, colors: list[Color]
+    ) -> None: ...
+
+    out = roundtrip(typed, when=when, day=day, ident=ident, amount=amount, colors=colors)
+    assert out == {"when": when, "day": day, "ident": ident, "amount": amount, "colors": colors}
+    assert str(out["amount"]) == str(amount)
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("{not json", "the message body is not JSON"),
+        (b"\xff\xfe", "the message body is not JSON"),
+        ("[1, 2]", "the message body is a JSON array, not an object"),
+        ('"hello"', "the message body is a JSON string, not an object"),
+        ("42", "the message body is a JSON number, not an object"),
+        ("null", "the message body is a JSON null, not an object"),
+        ('{"task": "t"}', "envelope version None; this pgtasks reads version 1"),
+        ('{"v": 2, "task": "t"}', "envelope version 2; this pgtasks reads version 1"),
+        ('{"v": "1", "task": "t"}', "envelope version '1'"),
+        ('{"v": true, "task": "t"}', "envelope version True"),
+        ('{"v": 1}', 'has no task name ("task": None)'),
+        ('{"v": 1, "task": ""}', "has no task name (\"task\": '')"),
+        ('{"v": 1, "task": 5}', 'has no task name ("task": 5)'),
+        ('{"v": 1, "task": "t", "args": {"a": 1}}', "\"args\" of task 't' is a JSON object"),
+        ('{"v": 1, "task": "t", "args": "x"}', "\"args\" of task 't' is a JSON string"),
+        ('{"v": 1, "task": "t", "kwargs": [1]}', "\"kwargs\" of task 't' is a JSON array"),
+        ('{"v": 1, "task": "t", "kwargs": 3}', "\"kwargs\" of task 't' is a JSON number"),
+    ],
+)
+def test_decode_says_what_is_wrong(body: str | bytes, expected: str) -> None:
+    with pytest.raises(EnvelopeError) as info:
+        envelope.decode(body)
+    assert expected in str(info.value)
+
+
+def test_decode_accepts_null_arguments_and_ignores_unknown_keys() -> None:
+    body = '{"v": 1, "task": "t", "args": null, "kwargs": null, "future": {"x": 1}}'
+    assert envelope.decode(body) == envelope.Envelope("t", [], {})
+
+
+def test_decode_accepts_an_already_parsed_object() -> None:
+    assert envelope.decode({"v": 1, "task": "t", "args": [1]}) == envelope.Envelope("t", [1], {})
+
+
+class Opaque:
+    pass
+
+
+def test_unencodable_keyword_argument_is_named() -> None:
+    with pytest.raises(SerializationError) as info:
+        envelope.encode("emails.send", (), {"user_id": 1, "attachment": Opaque()}, max_size=MiB)
+    message = str(info.value)
+    assert "task 'emails.send'" in message
+    assert "argument 'attachment' (Opaque)" in message
+    assert "user_id" not in message
+
+
+def test_unencodable_positional_argument_is_named() -> None:
+    with pytest.raises(SerializationError, match=r"positional argument 1 \(Opaque\)"):
+        envelope.encode("t", (1, Opaque()), {}, max_size=MiB)
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        (2**64, "64-bit"),
+        ({1: "non-string key"}, "str"),
+        (dt.time(1, tzinfo=UTC), "tzinfo"),
+        ("lone \ud800 surrogate", "UTF-8"),
+    ],
+    ids=["huge-int", "int-key", "aware-time", "surrogate"],
+)
+def test_values_json_cannot_hold_raise_serialization_error(value: Any, why: str) -> None:
+    with pytest.raises(SerializationError) as info:
+        envelope.encode("t", (), {"x": value}, max_size=MiB)
+    assert "argument 'x'" in str(info.value)
+    assert why in str(info.value)
+
+
+def test_nul_characters_are_refused_with_the_argument_named() -> None:
+    with pytest.raises(SerializationError, match=r"argument 'note' contains a NUL"):
+        envelope.encode("t", (), {"ok": "fine", "note": ["a\x00b"]}, max_size=MiB)
+
+
+def test_serialization_error_from_a_task_call_names_the_task() -> None:
+    async def upload(blob: object) -> None: ...
+
+    task = Task(upload, name="files.upload")
+    with pytest.raises(SerializationError, match=r"task 'files.upload'.*argument 'blob'"):
+        task.s(Opaque()).body(MiB)
+
+
+def test_message_too_large_states_the_size_and_the_limit() -> None:
+    kwargs = {"data": "x" * 2000}
+    size = len(envelope.encode("big.task", (), kwargs, max_size=MiB).encode())
+    with pytest.raises(MessageTooLarge) as info:
+        envelope.encode("big.task", (), kwargs, max_size=size - 1)
+    message = str(info.value)
+    assert f"is {size:,} bytes" in message
+    assert f"limit of {size - 1:,} bytes" in message
+    assert "'big.task'" in message
+    assert isinstance(info.value, SerializationError)
+    # exactly at the limit is fine
+    assert envelope.encode("big.task", (), kwargs, max_size=size)
+
+
+def test_message_size_counts_bytes_not_characters() -> None:
+    kwargs = {"s": "☃" * 100}  # 3 bytes each in UTF-8
+    body = envelope.encode("t", (), kwargs, max_size=MiB)
+    assert len(body.encode()) > len(body)
+    with pytest.raises(MessageTooLarge):
+        envelope.encode("t", (), kwargs, max_size=len(body))
+
+
+def test_sets_and_models_are_encoded_as_json() -> None:
+    class Model:
+        def model_dump(self, mode: str) -> dict[str, Any]:
+            assert mode == "json"
+            return {"a": 1}
+
+    body = orjson.loads(envelope.encode("t", (), {"s": {3}, "m": Model()}, max_size=MiB))
+    assert body["kwargs"] == {"s": [3], "m": {"a": 1}}

@@ -1,0 +1,493 @@
+"""Declaring tasks and building calls: the decorator, names, queues, call options, argument
+binding, shared tasks and the default app. Nothing here touches a database."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import re
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+import pgtasks
+from pgtasks import App, ConfigurationError, QueueNameError, Signature, Task, TaskCall, registry
+
+# An address nothing listens on: a test that reaches the network here fails loudly.
+NOWHERE = "postgresql://root@127.0.0.1:1/nowhere"
+
+UTC = dt.timezone.utc
+
+
+@pytest.fixture(autouse=True)
+def isolated_registry() -> Iterator[None]:
+    """Shared tasks, live apps and the default app are process-wide: start each test with
+    none of them and put back what was there afterwards."""
+    shared = dict(registry.shared_tasks)
+    apps = list(registry._apps)
+    default = registry._default_app
+    registry.shared_tasks.clear()
+    for a in apps:
+        registry._apps.discard(a)
+    registry._default_app = None
+    try:
+        yield
+    finally:
+        registry.shared_tasks.clear()
+        registry.shared_tasks.update(shared)
+        for a in list(registry._apps):
+            registry._apps.discard(a)
+        for a in apps:
+            registry._apps.add(a)
+        registry._default_app = default
+
+
+@pytest.fixture
+def app() -> App:
+    """An app whose database is unreachable: these tests never open its pool."""
+    return App(NOWHERE)
+
+
+# --- the decorator ------------------------------------------------------------------------
+
+
+def test_bare_decorator_registers_a_task_with_defaults(app: App) -> None:
+    @app.task
+    async def send_email(user_id: int) -> str:
+        """Send it."""
+        return f"sent {user_id}"
+
+    assert isinstance(send_email, Task)
+    assert send_email.name == f"{__name__}.{send_email.fn.__qualname__}"
+    assert send_email.name.endswith(
+        "test_bare_decorator_registers_a_task_with_defaults.<locals>.send_email"
+    )
+    assert send_email.queue == "default"
+    assert app.tasks == {send_email.name: send_email}
+    assert app.queues == ["default"]
+    assert send_email.__doc__ == "Send it."
+    assert send_email.__wrapped__ is send_email.fn
+    assert repr(send_email) == f"<Task {send_email.name} queue=default>"
+
+
+def test_decorator_with_options(app: App) -> None:
+    @app.task(name="emails.welcome", queue="emails", max_retries=5, timeout=3.0, lease=10)
+    async def welcome(user_id: int) -> None: ...
+
+    assert welcome.name == "emails.welcome"
+    assert welcome.queue == "emails"
+    assert welcome.config.max_retries == 5
+    assert welcome.config.timeout == 3.0
+    assert welcome.config.lease == 10
+    assert welcome.config.retry_backoff is None  # unset: the app's default applies
+    assert app.tasks["emails.welcome"] is welcome
+    policy = welcome.retry_policy(app.defaults)
+    assert policy.max_retries == 5
+    assert policy.retry_backoff == app.defaults.retry_backoff
+
+
+def test_app_queues_are_sorted_and_unique(app: App) -> None:
+    @app.task(queue="zeta")
+    async def a() -> None: ...
+
+    @app.task(queue="alpha")
+    async def b() -> None: ...
+
+    @app.task(queue="zeta")
+    async def c() -> None: ...
+
+    assert app.queues == ["alpha", "zeta"]
+
+
+async def test_calling_a_task_runs_the_function_directly(app: App) -> None:
+    calls: list[int] = []
+
+    @app.task
+    async def double(x: int) -> int:
+        calls.append(x)
+        return 2 * x
+
+    assert await double(21) == 42
+    assert calls == [21]
+
+
+def sync_function(x: int) -> int:
+    return x
+
+
+async def async_generator() -> AsyncIterator[int]:
+    yield 1
+
+
+@pytest.mark.parametrize(
+    ("fn", "name"),
+    [
+        (sync_function, "sync_function"),
+        (async_generator, "async_generator"),
+        (lambda: None, "<lambda>"),
+    ],
+)
+def test_non_async_functions_are_rejected_with_a_clear_type_error(
+    app: App, fn: Any, name: str
+) -> None:
+    with pytest.raises(TypeError) as info:
+        app.task(fn)
+    assert f"@task needs an async function, and {name} is not one" in str(info.value)
+    assert "async def" in str(info.value)
+    assert app.tasks == {}
+
+
+def test_non_async_shared_task_is_rejected() -> None:
+    with pytest.raises(TypeError, match="needs an async function"):
+        pgtasks.task(sync_function)  # type: ignore[arg-type]
+    assert registry.shared_tasks == {}
+
+
+def test_unknown_decorator_option_is_rejected(app: App) -> None:
+    async def f() -> None: ...
+
+    with pytest.raises(TypeError, match=r"unknown task option\(s\): retries"):
+        app.task(retries=3)(f)  # type: ignore[call-overload]
+    assert app.tasks == {}
+
+
+def test_bad_task_settings_are_rejected(app: App) -> None:
+    with pytest.raises(ConfigurationError, match="lease must be at least 1 second"):
+
+        @app.task(lease=0.5)
+        async def f() -> None: ...
+
+    async def g() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="on_success must be 'archive' or 'delete'"):
+        app.task(on_success="keep")(g)  # type: ignore[call-overload]
+
+    assert app.tasks == {}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"lease": 0.1}, {"on_success": "drop"}, {"pool_min_size": 5, "pool_max_size": 2}],
+)
+def test_bad_app_settings_are_rejected(options: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        App(NOWHERE, **options)
+
+
+# --- names --------------------------------------------------------------------------------
+
+
+def test_duplicate_names_are_rejected(app: App) -> None:
+    @app.task(name="jobs.same")
+    async def first() -> None: ...
+
+    with pytest.raises(ConfigurationError) as info:
+
+        @app.task(name="jobs.same")
+        async def second() -> None: ...
+
+    message = str(info.value)
+    assert "two tasks are named 'jobs.same'" in message
+    assert "another name" in message
+    assert app.tasks["jobs.same"] is first
+
+
+def test_registering_the_same_function_twice_is_allowed(app: App) -> None:
+    async def job() -> None: ...
+
+    first = app.task(name="jobs.again")(job)
+    second = app.task(name="jobs.again")(job)
+    assert app.tasks["jobs.again"] is second
+    assert first.fn is second.fn
+
+
+def test_the_same_name_in_two_apps_is_fine() -> None:
+    one, two = App(NOWHERE), App(NOWHERE)
+
+    @one.task(name="jobs.x")
+    async def a() -> None: ...
+
+    @two.task(name="jobs.x")
+    async def b() -> None: ...
+
+    assert one.tasks["jobs.x"] is a
+    assert two.tasks["jobs.x"] is b
+
+
+def test_an_app_task_may_not_take_a_shared_tasks_name(app: App) -> None:
+    @pgtasks.task(name="lib.cleanup")
+    async def shared() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"'lib\.cleanup'"):
+
+        @app.task(name="lib.cleanup")
+        async def mine() -> None: ...
+
+
+def test_two_shared_tasks_may_not_share_a_name() -> None:
+    @pgtasks.task(name="lib.x")
+    async def a() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"two shared tasks are named 'lib\.x'"):
+
+        @pgtasks.task(name="lib.x")
+        async def b() -> None: ...
+
+
+# --- queue names --------------------------------------------------------------------------
+
+BAD_QUEUES = ["", "Emails", "1st", "_private", "with-dash", "with space", "é", "a" * 41, "q;drop"]
+
+
+@pytest.mark.parametrize("queue", BAD_QUEUES)
+def test_bad_queue_names_are_rejected_at_decoration(app: App, queue: str) -> None:
+    with pytest.raises(QueueNameError) as info:
+
+        @app.task(queue=queue)
+        async def f() -> None: ...
+
+    assert repr(queue) in str(info.value)
+    assert "1 to 40 characters of a-z, 0-9 and _" in str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert app.tasks == {}
+
+
+@pytest.mark.parametrize("queue", BAD_QUEUES)
+def test_bad_queue_names_are_rejected_in_options(app: App, queue: str) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    with pytest.raises(QueueNameError, match="invalid queue name"):
+        f.options(queue=queue)
+
+
+@pytest.mark.parametrize("queue", ["a", "a" * 40, "emails_2", "q0"])
+def test_good_queue_names_are_accepted(app: App, queue: str) -> None:
+    @app.task(queue=queue)
+    async def f() -> None: ...
+
+    assert f.queue == queue
+    assert f.options(queue=queue).s().queue == queue
+
+
+# --- call options -------------------------------------------------------------------------
+
+
+def test_options_build_a_task_call_with_those_options(app: App) -> None:
+    @app.task(queue="emails")
+    async def send(user_id: int) -> None: ...
+
+    eta = dt.datetime(2030, 1, 1, tzinfo=UTC)
+    call = send.options(queue="urgent", eta=eta, idempotency_key="k1", headers={"trace": "t"})
+    assert isinstance(call, TaskCall)
+    sig = call.s(7)
+    assert sig.queue == "urgent"
+    assert sig.options.eta == eta
+    assert sig.options.idempotency_key == "k1"
+    assert orjson.loads(sig.headers() or "null") == {"trace": "t", "idempotency_key": "k1"}
+    assert send.s(7).queue == "emails"  # the task itself is unchanged
+    assert send.s(7).headers() is None
+
+
+def test_chained_options_accumulate(app: App) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    sig = f.options(queue="a").options(delay=dt.timedelta(minutes=2)).options(headers={"x": 1}).s()
+    assert (sig.queue, sig.options.delay, sig.options.headers) == ("a", 120.0, {"x": 1})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"eta": dt.datetime(2030, 1, 1)}, "eta must be a timezone-aware datetime"),
+        ({"eta": dt.date(2030, 1, 1)}, "eta must be a timezone-aware datetime"),
+        ({"delay": -1}, "delay must not be negative"),
+        ({"delay": dt.timedelta(seconds=-0.5)}, "delay must not be negative"),
+        (
+            {"delay": 5, "eta": dt.datetime(2030, 1, 1, tzinfo=UTC)},
+            "either delay (or countdown) or eta, not both",
+        ),
+        ({"idempotency_key": ""}, "idempotency_key must be a non-empty string"),
+    ],
+    ids=["naive-eta", "date-eta", "negative-delay", "negative-timedelta", "both", "empty-key"],
+)
+def test_bad_options_are_rejected(app: App, options: dict[str, Any], message: str) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        f.options(**options)
+
+
+def test_delay_and_eta_are_rejected_in_either_order_across_chained_options(app: App) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    eta = dt.datetime(2030, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="not both"):
+        f.options(delay=5).options(eta=eta)
+    with pytest.raises(ValueError, match="not both"):
+        f.options(eta=eta).options(delay=5)
+    assert f.options(delay=0, eta=eta).s().options.eta == eta  # no delay is no conflict
+
+
+async def test_apply_async_rejects_countdown_with_eta_before_connecting(app: App) -> None:
+    @app.task
+    async def f(x: int) -> None: ...
+
+    with pytest.raises(ValueError, match="not both"):
+        await f.apply_async((1,), countdown=3, eta=dt.datetime(2030, 1, 1, tzinfo=UTC))
+
+
+# --- arguments ----------------------------------------------------------------------------
+
+
+def test_messages_keep_arguments_by_name(app: App) -> None:
+    @app.task(name="emails.send")
+    async def send(user_id: int, template: str, *, lang: str = "en") -> None: ...
+
+    sig = send.s(42, "welcome", lang="fr")
+    assert isinstance(sig, Signature)
+    assert sig.args == ()
+    assert sig.kwargs == {"user_id": 42, "template": "welcome", "lang": "fr"}
+    body = orjson.loads(sig.body(app.max_message_size))
+    assert body == {
+        "v": 1,
+        "task": "emails.send",
+        "kwargs": {"user_id": 42, "template": "welcome", "lang": "fr"},
+    }
+
+
+def test_defaults_are_not_frozen_into_the_message(app: App) -> None:
+    @app.task
+    async def send(user_id: int, lang: str = "en") -> None: ...
+
+    assert send.s(1).kwargs == {"user_id": 1}
+
+
+def test_positional_only_and_variadic_parameters_keep_their_shape(app: App) -> None:
+    @app.task
+    async def pos_only(a: int, /, b: int, **extra: int) -> None: ...
+
+    @app.task
+    async def variadic(a: int, *rest: int) -> None: ...
+
+    sig = pos_only.s(1, 2, c=3)
+    assert (sig.args, sig.kwargs) == ((1,), {"b": 2, "c": 3})
+    sig = variadic.s(1, 2, 3)
+    assert (sig.args, sig.kwargs) == ((1, 2, 3), {})
+    sig = variadic.s(1)
+    assert (sig.args, sig.kwargs) == ((), {"a": 1})
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "why"),
+    [
+        ((), {}, "missing a required argument: 'user_id'"),
+        ((1, 2, 3), {}, "too many positional arguments"),
+        ((1,), {"nope": 1}, "got an unexpected keyword argument 'nope'"),
+        ((1,), {"user_id": 1}, "multiple values for argument 'user_id'"),
+    ],
+)
+def test_binding_errors_name_the_task(
+    app: App, args: tuple[Any, ...], kwargs: dict[str, Any], why: str
+) -> None:
+    @app.task(name="emails.send")
+    async def send(user_id: int, lang: str = "en") -> None: ...
+
+    with pytest.raises(TypeError) as info:
+        send.s(*args, **kwargs)
+    assert str(info.value) == f"task 'emails.send': {why}"
+
+
+async def test_defer_checks_arguments_before_touching_the_database(app: App) -> None:
+    @app.task(name="emails.send")
+    async def send(user_id: int) -> None: ...
+
+    # the app's DSN points nowhere: reaching the network would raise DatabaseUnavailable
+    with pytest.raises(TypeError, match=r"task 'emails\.send': missing a required argument"):
+        await send.defer()  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"task 'emails\.send': got an unexpected keyword"):
+        await send.options(delay=1).defer(1, extra=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"task 'emails\.send'"):
+        await send.apply_async((1, 2))
+    with pytest.raises(TypeError, match=r"task 'emails\.send'"):
+        await send.delay(user="x")  # type: ignore[call-arg]
+    with pytest.raises(pgtasks.SerializationError, match="argument 'user_id'"):
+        await send.defer(object())  # type: ignore[arg-type]
+    assert app._pool is None  # never connected
+
+
+# --- shared tasks and the default app ------------------------------------------------------
+
+
+def test_shared_tasks_belong_to_every_app() -> None:
+    before = App(NOWHERE)
+
+    @pgtasks.task(queue="maintenance")
+    async def cleanup() -> None: ...
+
+    after = App(NOWHERE)
+    assert before.tasks[cleanup.name] is cleanup
+    assert after.tasks[cleanup.name] is cleanup
+    assert "maintenance" in after.queues
+
+
+def test_shared_task_defers_through_the_only_app() -> None:
+    @pgtasks.task
+    async def cleanup() -> None: ...
+
+    only = App(NOWHERE)
+    assert cleanup.app is only
+
+
+def test_shared_task_with_no_app_or_several_apps_says_what_to_do() -> None:
+    @pgtasks.task(name="lib.cleanup")
+    async def cleanup() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="and there are 0: create one App"):
+        _ = cleanup.app
+    one, two = App(NOWHERE), App(NOWHERE)
+    with pytest.raises(ConfigurationError) as info:
+        _ = cleanup.app
+    assert "shared task 'lib.cleanup' needs an app to defer through, and there are 2" in str(
+        info.value
+    )
+    assert "App(default=True)" in str(info.value)
+    assert one is not two  # and both are alive until here
+
+
+def test_default_app_wins_over_other_apps() -> None:
+    @pgtasks.task
+    async def cleanup() -> None: ...
+
+    App(NOWHERE)
+    chosen = App(NOWHERE, default=True)
+    App(NOWHERE)
+    assert cleanup.app is chosen
+    other = App(NOWHERE)
+    other.set_default()
+    assert cleanup.app is other
+
+
+def test_a_default_app_that_is_gone_falls_back_to_the_only_live_one() -> None:
+    @pgtasks.task
+    async def cleanup() -> None: ...
+
+    App(NOWHERE, default=True)  # not kept: garbage once collected
+    gc.collect()
+    survivor = App(NOWHERE)
+    assert cleanup.app is survivor
+
+
+def test_an_app_task_always_defers_through_its_own_app() -> None:
+    mine = App(NOWHERE)
+    App(NOWHERE, default=True)
+
+    @mine.task
+    async def job() -> None: ...
+
+    assert job.app is mine
