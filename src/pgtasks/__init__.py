@@ -18,7 +18,7 @@ from .exceptions import (
 )
 from .registry import task
 from .retry import Fail, Retry, RetryPolicy
-from .task import JobRef, Signature, Task, TaskCall
+from .tasks import JobRef, Signature, Task, TaskCall
 from .worker import Worker
 
 __all__ = [

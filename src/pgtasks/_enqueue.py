@@ -21,7 +21,7 @@ from ._db import queries
 from ._db.connect import CONNECTION_ERRORS
 from ._db.queries import Connection
 from .exceptions import DatabaseUnavailable
-from .task import JobRef, Signature
+from .tasks import JobRef, Signature
 
 T = TypeVar("T")
 logger = logging.getLogger("pgtasks")

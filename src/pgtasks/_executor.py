@@ -33,7 +33,7 @@ from ._db.queries import Message
 from .context import JobContext, JobEvent, _current
 from .exceptions import EnvelopeError, UnknownTask
 from .retry import Fail, Retry, RetryPolicy
-from .task import Task, TaskConfig
+from .tasks import Task, TaskConfig
 
 logger = logging.getLogger("pgtasks")
 

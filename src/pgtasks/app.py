@@ -33,7 +33,7 @@ from ._enqueue import Enqueuer
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
 from .queues import QUEUE_NAME
-from .task import JobRef, OnSuccess, Signature, Task, TaskConfig
+from .tasks import JobRef, OnSuccess, Signature, Task, TaskConfig
 
 if TYPE_CHECKING:
     from .worker import Worker

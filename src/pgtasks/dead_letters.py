@@ -21,7 +21,7 @@ import orjson
 
 from ._db import queries
 from .exceptions import JobNotFound
-from .task import JobRef
+from .tasks import JobRef
 
 if TYPE_CHECKING:
     from .app import App

@@ -16,7 +16,7 @@ from typing_extensions import ParamSpec
 
 from .exceptions import ConfigurationError
 from .queues import check_queue_name
-from .task import OnSuccess, Task, TaskConfig
+from .tasks import OnSuccess, Task, TaskConfig
 
 if TYPE_CHECKING:
     from .app import App

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pgtasks import Fail, Retry, RetryPolicy
-from pgtasks.task import TaskConfig
+from pgtasks.tasks import TaskConfig
 
 # --- should_retry -------------------------------------------------------------------------
 
