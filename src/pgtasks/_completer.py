@@ -22,7 +22,7 @@ import anyio
 import asyncpg
 
 from ._db import queries
-from ._db.connect import CONNECTION_ERRORS
+from ._db.connect import CONNECTION_ERRORS, acquire_clean
 from .context import JobEvent
 
 logger = logging.getLogger("pgtasks")
@@ -65,6 +65,7 @@ class Completer:
         self._batch_size = batch_size
         self._interval = interval
         self._pending: list[Outcome] = []
+        self._flushing = anyio.Lock()  # the run loop's flush and drain's never overlap
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -91,7 +92,8 @@ class Completer:
             if len(self._pending) < self._batch_size:
                 await anyio.sleep(self._interval)
             try:
-                await self._flush()
+                async with self._flushing:
+                    await self._flush()
                 backoff = 0.05
             except CONNECTION_ERRORS as exc:
                 logger.warning(
@@ -107,12 +109,15 @@ class Completer:
     async def drain(self, timeout: float) -> None:  # noqa: ASYNC109
         """Write what is left (at shutdown), shielded from cancellation, within timeout."""
         with anyio.move_on_after(timeout, shield=True) as scope:
-            while self._pending:
-                try:
-                    await self._flush()
-                except CONNECTION_ERRORS as exc:
-                    logger.warning("flushing outcomes at shutdown failed: %s", exc)
-                    await anyio.sleep(0.2)
+            # a flush in progress has taken its batch out of _pending: let it finish first,
+            # or the run loop's cancellation would drop that batch
+            async with self._flushing:
+                while self._pending:
+                    try:
+                        await self._flush()
+                    except CONNECTION_ERRORS as exc:
+                        logger.warning("flushing outcomes at shutdown failed: %s", exc)
+                        await anyio.sleep(0.2)
         if scope.cancelled_caught and self._pending:
             logger.error(
                 "%d job outcome(s) were not written before shutdown; those messages "
@@ -133,7 +138,7 @@ class Completer:
             # one statement (the common case: a batch of acks) needs no transaction of its own
             single = len(groups) == 1 and all(o.attempt_error is None for o in batch)
             async with (
-                self._pool.acquire() as conn,
+                acquire_clean(self._pool) as conn,
                 conn.transaction() if not single else nullcontext(),
             ):
                 for (kind, queue, archive), items in groups.items():

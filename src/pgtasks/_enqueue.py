@@ -18,7 +18,7 @@ from typing import TypeVar
 import asyncpg
 
 from ._db import queries
-from ._db.connect import CONNECTION_ERRORS
+from ._db.connect import CONNECTION_ERRORS, mark_session_clean
 from ._db.queries import Connection
 from .exceptions import DatabaseUnavailable
 from .tasks import JobRef, Signature
@@ -123,7 +123,9 @@ class Enqueuer:
             except CONNECTION_ERRORS as exc:  # no connection can be opened now
                 raise self._unavailable(what, exc, sending) from exc
             try:
-                return await work(conn, sending)
+                result = await work(conn, sending)
+                mark_session_clean(conn)  # only our statements ran: no session reset
+                return result
             except CONNECTION_ERRORS as exc:
                 with contextlib.suppress(asyncpg.InterfaceError):  # already detached
                     conn.terminate()  # so the pool replaces it

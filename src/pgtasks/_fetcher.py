@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 
 from ._db import queries
-from ._db.connect import CONNECTION_ERRORS
+from ._db.connect import CONNECTION_ERRORS, acquire_clean
 
 logger = logging.getLogger("pgtasks")
 
@@ -77,7 +77,8 @@ class Fetcher:
             if free <= 0:
                 return total, False
             share = min(self._max_batch, max(1, math.ceil(free / (n - i))))
-            messages = await queries.message_read(self._pool, queue, self._read_vt[queue], share)
+            async with acquire_clean(self._pool) as conn:
+                messages = await queries.message_read(conn, queue, self._read_vt[queue], share)
             if messages:
                 total += len(messages)
                 self._claimed(queue, messages)
@@ -88,7 +89,8 @@ class Fetcher:
     async def idle_wait(self) -> None:
         """Sleep until a wake-up, the next visible message, or the safety poll."""
         try:
-            next_visible = await queries.queues_next_visible(self._pool, self._queues)
+            async with acquire_clean(self._pool) as conn:
+                next_visible = await queries.queues_next_visible(conn, self._queues)
         except CONNECTION_ERRORS:
             next_visible = None
         timeout = self._poll_interval

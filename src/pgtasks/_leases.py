@@ -18,7 +18,7 @@ import anyio
 import asyncpg
 
 from ._db import queries
-from ._db.connect import CONNECTION_ERRORS
+from ._db.connect import CONNECTION_ERRORS, acquire_clean
 from ._executor import Job
 from .context import JobEvent
 
@@ -55,7 +55,7 @@ class LeaseKeeper:
                 due[job.queue].append(job)
         if not due:
             return
-        async with self._pool.acquire() as conn:
+        async with acquire_clean(self._pool) as conn:
             for queue, jobs in due.items():
                 owned = [(j.message.msg_id, j.message.read_ct) for j in jobs]
                 held = await queries.messages_set_vt(conn, queue, owned, [j.lease for j in jobs])

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import anyio
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .. import _embedded
 from ..exceptions import ConfigurationError, DatabaseUnavailable
@@ -123,6 +126,52 @@ async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
 APPLICATION_NAME = "pgtasks"
 
 
+class PooledConnection(asyncpg.Connection):
+    """A connection of the app's pool that knows whether its session may have changed.
+
+    On release, asyncpg rolls back an open transaction and drops listeners (client side),
+    then by default resets the session on the server (``SELECT pg_advisory_unlock_all();
+    CLOSE ALL; UNLISTEN *; RESET ALL``): a second round trip for every checkout. pgtasks' own
+    statements change no session state, so a checkout that ran only those (marked with
+    `mark_session_clean`) skips it. Every other checkout (user code on ``app.pool()``,
+    transactional tasks) is reset as before.
+    """
+
+    __slots__ = ("_pgtasks_clean",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pgtasks_clean = False
+
+    def mark_session_clean(self) -> None:
+        """Only pgtasks' own statements ran in this checkout: skip the session reset."""
+        self._pgtasks_clean = True
+
+
+def mark_session_clean(conn: Any) -> None:
+    """Before releasing a pooled connection on which only pgtasks' own statements ran."""
+    mark = getattr(conn, "mark_session_clean", None)  # through the pool's proxy
+    if mark is not None:
+        mark()
+
+
+@asynccontextmanager
+async def acquire_clean(pool: asyncpg.Pool) -> AsyncIterator[PoolConnectionProxy]:
+    """A pooled connection for pgtasks' own statements, released without the session reset
+    when the block ends normally (after an error, the reset runs as usual)."""
+    async with pool.acquire() as conn:
+        yield conn
+        mark_session_clean(conn)
+
+
+async def _reset_session(conn: asyncpg.Connection) -> None:
+    """The pool's release hook, after asyncpg's client-side cleanup."""
+    if isinstance(conn, PooledConnection) and conn._pgtasks_clean:
+        conn._pgtasks_clean = False
+        return
+    await conn.execute(conn.get_reset_query())
+
+
 async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
     """The app's pool. Statements are cached per connection; no codecs are registered (the SQL
     layer passes and returns JSON as text, so callers' own connections work the same way)."""
@@ -131,6 +180,8 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
             dsn,
             min_size=min_size,
             max_size=max_size,
+            connection_class=PooledConnection,
+            reset=_reset_session,
             timeout=10,
             server_settings={"application_name": APPLICATION_NAME},
         )
