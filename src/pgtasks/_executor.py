@@ -115,9 +115,10 @@ class Executor:
             return
         try:
             bound = task.bind_message(env.args, env.kwargs)
-        except (TypeError, ValueError, KeyError) as exc:
+        except Exception as exc:  # the job boundary: type hints' converters raise anything
+            reason = exc if isinstance(exc, TypeError | ValueError) else _describe(exc)
             self._dead(
-                job, env.task, f"arguments do not fit the signature of {env.task!r}: {exc}", exc
+                job, env.task, f"arguments do not fit the signature of {env.task!r}: {reason}", exc
             )
             return
         key = headers.get(envelope.HEADER_IDEMPOTENCY_KEY)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 
 from ._db import queries
@@ -63,6 +64,7 @@ class Fetcher:
         self._poll_interval = poll_interval
         self._max_batch = max_batch
         self._offset = 0
+        self._claim_scope: anyio.CancelScope | None = None
         self.wakeup = Wakeup()
 
     async def claim_pass(self) -> tuple[int, bool]:
@@ -77,14 +79,27 @@ class Fetcher:
             if free <= 0:
                 return total, False
             share = min(self._max_batch, max(1, math.ceil(free / (n - i))))
-            async with acquire_clean(self._pool) as conn:
-                messages = await queries.message_read(conn, queue, self._read_vt[queue], share)
-            if messages:
-                total += len(messages)
-                self._claimed(queue, messages)
+            # Once the server has claimed messages they must reach jobs (which run, or are
+            # released at shutdown): a soft stop must not abandon a read in flight, or its
+            # messages would wait out their leases. A forced stop may (`cancel_claim`).
+            await anyio.lowlevel.checkpoint_if_cancelled()  # no new claim once stopped
+            with anyio.CancelScope(shield=True) as self._claim_scope:
+                async with acquire_clean(self._pool) as conn:
+                    messages = await queries.message_read(conn, queue, self._read_vt[queue], share)
+                if messages:
+                    total += len(messages)
+                    self._claimed(queue, messages)
+            interrupted, self._claim_scope = self._claim_scope.cancelled_caught, None
+            if interrupted:
+                return total, False
             if len(messages) >= share:
                 drained = False
         return total, drained
+
+    def cancel_claim(self) -> None:
+        """Interrupt a claim in flight (a forced stop)."""
+        if self._claim_scope is not None:
+            self._claim_scope.cancel()
 
     async def idle_wait(self) -> None:
         """Sleep until a wake-up, the next visible message, or the safety poll."""

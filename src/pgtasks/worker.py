@@ -113,6 +113,8 @@ class Worker:
             self._force = True
             if self._work_scope is not None:
                 self._work_scope.cancel()
+            if self._fetcher is not None:
+                self._fetcher.cancel_claim()
         if self._fetcher is not None:
             self._fetcher.wakeup.set()
 

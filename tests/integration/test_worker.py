@@ -395,8 +395,7 @@ async def test_stop_releases_running_jobs_at_once(
         events = Events(worker)
         await events.until(lambda: events.counts["started"] == 1)
     row = await conn.fetchrow(
-        "SELECT vt <= clock_timestamp() AS visible, read_ct FROM pgmq.q_stopping "
-        "WHERE msg_id = $1",
+        "SELECT vt <= clock_timestamp() AS visible, read_ct FROM pgmq.q_stopping WHERE msg_id = $1",
         ref.id,
     )
     assert row is not None
