@@ -66,10 +66,10 @@ async def _stub(n: int, ms: int, hang: bool) -> None:
 async def test_sigterm_under_load_releases_at_once(
     tmp_path: Path, db_dsn: str, conn: asyncpg.Connection, chaos_full: bool
 ) -> None:
-    jobs, terms, workers, concurrency = (3000, 5, 2, 10) if chaos_full else (300, 1, 2, 10)
+    # jobs that hang on their first run: each SIGTERM catches one or more of them
+    jobs, hanging, workers, concurrency = (3000, 10, 2, 10) if chaos_full else (300, 2, 2, 10)
     grace = 2.0
     rng = random.Random()
-    hanging = terms * 2
     write_module(tmp_path, "chaostasks", TASKS)
     await conn.execute(SCHEMA)
     app = pgtasks.App(db_dsn)
@@ -87,7 +87,7 @@ async def test_sigterm_under_load_releases_at_once(
     released = 0
     try:
         current = [fleet.start(*args) for _ in range(workers)]
-        while await _hanging_left(conn, hang_at):  # about `terms` to 2 x `terms` rounds
+        while await _hanging_left(conn, hang_at):
             victim, held = await _busiest(conn, current, fleet)
             signalled_at = await conn.fetchval("SELECT clock_timestamp()")
             sent = time.monotonic()
