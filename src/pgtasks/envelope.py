@@ -219,6 +219,10 @@ _ABSTRACT_MAPPINGS = {typing.get_origin(typing.Mapping[str, int])}
 
 
 def _union(convs: list[tuple[Any, Converter | None]]) -> Converter:
+    # A member whose JSON form needs no conversion (str, int, list[int], ...) may take the
+    # value as it is; when every member needs one and none accepts it, the value is wrong.
+    lenient = any(conv is None for _, conv in convs)
+
     def convert(value: Any) -> Any:
         if value is None:
             return None
@@ -228,9 +232,12 @@ def _union(convs: list[tuple[Any, Converter | None]]) -> Converter:
             if conv is not None:
                 try:
                     return conv(value)
-                except (TypeError, ValueError, KeyError):
+                except (TypeError, ValueError, KeyError, ArithmeticError):
                     continue
-        return value
+        if lenient:
+            return value
+        names = " | ".join(getattr(m, "__name__", repr(m)) for m, _ in convs)
+        raise ValueError(f"{value!r} is not a valid {names}")
 
     return convert
 

@@ -395,3 +395,20 @@ def test_sets_and_models_are_encoded_as_json() -> None:
 
     body = orjson.loads(envelope.encode("t", (), {"s": {3}, "m": Model()}, max_size=MiB))
     assert body["kwargs"] == {"s": [3], "m": {"a": 1}}
+
+
+def test_an_optional_specific_type_refuses_a_value_it_cannot_take() -> None:
+    convert = envelope.converter_for(dt.datetime | None)
+    assert convert is not None
+    assert convert(None) is None
+    assert convert("2026-01-02T03:04:05+00:00") == dt.datetime(
+        2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc
+    )
+    with pytest.raises(ValueError, match="'yesterday' is not a valid datetime"):
+        convert("yesterday")
+
+
+def test_a_union_with_a_json_native_member_keeps_other_values() -> None:
+    convert = envelope.converter_for(dt.datetime | str)
+    assert convert is not None
+    assert convert("not a date") == "not a date"
