@@ -81,8 +81,9 @@ async def run_worker_until_done(refs: list[pgtasks.JobRef]) -> None:
             if not left:
                 done.set()
 
-    async with app.worker(concurrency=4) as worker:
-        worker.subscribe(on_event)
+    worker = app.worker(concurrency=4)
+    worker.subscribe(on_event)  # before it starts, so no event can be missed
+    async with worker:
         await asyncio.wait_for(done.wait(), timeout=30)
 
 

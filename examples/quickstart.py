@@ -34,8 +34,10 @@ async def main() -> None:
 
         print("running a worker until all 5 are done:")
         done = asyncio.Event()
-        async with app.worker(concurrency=4) as worker:
-            worker.subscribe(lambda e: done.set() if worker.stats["succeeded"] >= 5 else None)
+        worker = app.worker(concurrency=4)
+        # subscribe before it starts, so no event can be missed
+        worker.subscribe(lambda e: done.set() if worker.stats["succeeded"] >= 5 else None)
+        async with worker:
             await asyncio.wait_for(done.wait(), timeout=30)
         print(
             f"done: {worker.stats['succeeded']} succeeded, "
