@@ -13,10 +13,12 @@ import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import asyncpg
 
+from . import envelope
 from ._db import queries
 from ._db.connect import CONNECTION_ERRORS, mark_session_clean
 from ._db.queries import Connection
@@ -30,9 +32,14 @@ BATCH_CHUNK = 5_000  # messages per send_batch call
 
 
 class _Sending:
-    """Whether a failed enqueue may have reached the database (see `_on_connection`)."""
+    """One attempt at an enqueue: on a pooled connection (else the caller's), and whether a
+    failure may have reached the database (see `_on_connection`)."""
 
-    ambiguous = False
+    __slots__ = ("ambiguous", "pooled")
+
+    def __init__(self, pooled: bool) -> None:
+        self.pooled = pooled
+        self.ambiguous = False
 
 
 class Enqueuer:
@@ -56,6 +63,18 @@ class Enqueuer:
         async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool, str]:
             # with an idempotency key a repeat is deduplicated, so a retry is always safe
             sending.ambiguous = opts.idempotency_key is None
+            if sending.pooled and opts.idempotency_key is None:
+                # The common case, a third cheaper than pgtasks.send: a prepared INSERT into
+                # the queue's table. A queue that does not exist yet fails the statement
+                # (nothing sent) and pgtasks.send below creates it. Not on the caller's
+                # connection, where that failure would abort their transaction.
+                try:
+                    msg_id = await queries.message_insert(
+                        conn, sig.queue, body, headers, opts.delay, opts.eta
+                    )
+                    return msg_id, False, sig.queue
+                except asyncpg.UndefinedTableError:
+                    pass
             return await queries.message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
@@ -69,32 +88,62 @@ class Enqueuer:
         delay); returns their refs in input order. Built with ``task.s(...)`` or
         ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
         of ``connection`` here."""
-        sigs = list(signatures)
-        bodies = [s.body(self._max_message_size) for s in sigs]  # validate all before sending
+        # One pass that keeps what is sent, not the signatures: a generator's items are
+        # freed as they go, which spares the garbage collector thousands of live objects.
+        calls: list[envelope.Call] = []
+        headers: list[str | None] = []
         groups: dict[tuple[str, float, dt.datetime | None], list[int]] = defaultdict(list)
         first_with_key: dict[str, int] = {}
         repeats: dict[int, int] = {}  # a later item with a key seen earlier -> the first
-        for i, s in enumerate(sigs):
-            key = s.options.idempotency_key
-            if key is not None and key in first_with_key:
-                repeats[i] = first_with_key[key]
-                continue
+        for i, s in enumerate(signatures):
+            task, opts = s.task, s.options
+            calls.append((task.name, s.args, s.kwargs))
+            headers.append(s.headers())
+            key = opts.idempotency_key
             if key is not None:
+                if key in first_with_key:
+                    repeats[i] = first_with_key[key]
+                    continue
                 first_with_key[key] = i
-            groups[(s.queue, s.options.delay, s.options.eta)].append(i)
-        refs: list[JobRef | None] = [None] * len(sigs)
+            groups[(opts.queue or task.queue, opts.delay, opts.eta)].append(i)
+        # every batch is encoded (and so validated) before anything is sent
+        batches = [
+            _Batch.encode(
+                queue,
+                delay,
+                eta,
+                positions[start : start + BATCH_CHUNK],
+                calls,
+                headers,
+                self._max_message_size,
+            )
+            for (queue, delay, eta), positions in groups.items()
+            for start in range(0, len(positions), BATCH_CHUNK)
+        ]
+        n = len(calls)
+        refs: list[JobRef | None] = [None] * n
+        # as in defer_one: a repeat of a batch whose jobs all have keys sends nothing new
+        all_keyed = len(first_with_key) + len(repeats) == n
 
         async def send(conn: queries.Connection, sending: _Sending) -> None:
-            async with conn.transaction():
-                await self._send_groups(conn, sigs, bodies, groups, refs)
+            if len(batches) == 1:  # one statement is atomic on its own
+                sending.ambiguous = not all_keyed
+                # on a pooled connection, a lone statement may take the prepared INSERT (see
+                # defer_one); in a transaction, its failure would abort the transaction
+                await batches[0].send(conn, refs, direct=sending.pooled and not first_with_key)
+                return
+            async with conn.transaction():  # two more round trips, so only when needed
+                for batch in batches:
+                    await batch.send(conn, refs, direct=False)
                 sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
 
-        await self._on_connection(connection, send, f"deferring {len(sigs)} jobs")
+        if n:
+            await self._on_connection(connection, send, f"deferring {n} jobs")
         for i, first in repeats.items():
             ref = refs[first]
             assert ref is not None
             refs[i] = JobRef(ref.id, ref.queue, ref.task, deduplicated=True)
-        return [r for r in refs if r is not None]
+        return cast("list[JobRef]", refs)  # every position is set by now
 
     async def _on_connection(
         self,
@@ -108,15 +157,15 @@ class Enqueuer:
         duplicate jobs: nothing was sent yet, nothing was committed, or the job has an
         idempotency key. The caller's connection is never retried: its transaction is
         theirs."""
-        sending = _Sending()
         if connection is not None:
+            sending = _Sending(pooled=False)
             try:
                 return await work(connection, sending)
             except CONNECTION_ERRORS as exc:
                 raise self._unavailable(what, exc, sending) from exc
         attempts = self._pool_max_size + 1  # every pooled connection may be a dead one
         for attempt in range(1, attempts + 1):
-            sending = _Sending()
+            sending = _Sending(pooled=True)
             pool = await self._pool()
             try:
                 conn = await pool.acquire()
@@ -140,29 +189,6 @@ class Enqueuer:
                     await pool.release(conn)
         raise AssertionError("unreachable")
 
-    async def _send_groups(
-        self,
-        conn: queries.Connection,
-        sigs: Sequence[Signature],
-        bodies: Sequence[str],
-        groups: dict[tuple[str, float, dt.datetime | None], list[int]],
-        refs: list[JobRef | None],
-    ) -> None:
-        for (queue, delay, eta), positions in groups.items():
-            for start in range(0, len(positions), BATCH_CHUNK):
-                chunk = positions[start : start + BATCH_CHUNK]
-                headers = [sigs[i].headers() for i in chunk]
-                results = await queries.message_send_batch(
-                    conn,
-                    queue,
-                    [bodies[i] for i in chunk],
-                    headers if any(h is not None for h in headers) else None,
-                    delay,
-                    eta,
-                )
-                for i, (msg_id, dedup, holder_queue) in zip(chunk, results, strict=True):
-                    refs[i] = JobRef(msg_id, holder_queue, sigs[i].task.name, dedup)
-
     def _unavailable(self, what: str, exc: BaseException, sending: _Sending) -> DatabaseUnavailable:
         if isinstance(exc, DatabaseUnavailable):
             return exc
@@ -176,3 +202,59 @@ class Enqueuer:
         return DatabaseUnavailable(
             f"{what} failed: lost the connection to {where} ({type(exc).__name__}: {exc})" + unsure
         )
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Jobs sent by one statement: same queue, same visibility time, at most BATCH_CHUNK."""
+
+    queue: str
+    delay: float
+    eta: dt.datetime | None
+    positions: list[int]  # in the input of defer_many
+    names: list[str]
+    bodies: str  # a JSON array of envelopes
+    headers: list[str | None] | None
+
+    @classmethod
+    def encode(
+        cls,
+        queue: str,
+        delay: float,
+        eta: dt.datetime | None,
+        positions: list[int],
+        calls: Sequence[envelope.Call],
+        headers: Sequence[str | None],
+        max_size: int,
+    ) -> _Batch:
+        mine = [calls[i] for i in positions]
+        hs = [headers[i] for i in positions]
+        return cls(
+            queue,
+            delay,
+            eta,
+            positions,
+            [name for name, _, _ in mine],
+            envelope.encode_many(mine, max_size=max_size),
+            hs if any(h is not None for h in hs) else None,
+        )
+
+    async def send(self, conn: queries.Connection, refs: list[JobRef | None], direct: bool) -> None:
+        """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
+        key, and a failure aborts no transaction)."""
+        if direct:
+            try:
+                ids = await queries.message_insert_batch(
+                    conn, self.queue, self.bodies, self.headers, self.delay, self.eta
+                )
+            except asyncpg.UndefinedTableError:
+                pass  # the queue does not exist yet: pgtasks.send_batch creates it
+            else:
+                for i, name, msg_id in zip(self.positions, self.names, ids, strict=True):
+                    refs[i] = JobRef(msg_id, self.queue, name)
+                return
+        rows = await queries.message_send_batch(
+            conn, self.queue, self.bodies, self.headers, self.delay, self.eta
+        )
+        for i, name, (msg_id, dedup, queue) in zip(self.positions, self.names, rows, strict=True):
+            refs[i] = JobRef(msg_id, queue, name, dedup)

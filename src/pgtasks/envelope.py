@@ -24,7 +24,7 @@ import inspect
 import types
 import typing
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -52,6 +52,19 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, default=_default)
 
 
+# One call of a task: its name, positional and named arguments.
+Call = tuple[str, tuple[Any, ...], Mapping[str, Any]]
+
+
+def _envelope(task: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"v": VERSION, "task": task}
+    if args:
+        body["args"] = args  # orjson writes a tuple as an array
+    if kwargs:
+        body["kwargs"] = kwargs if type(kwargs) is dict else dict(kwargs)
+    return body
+
+
 def encode(
     task: str,
     args: tuple[Any, ...],
@@ -61,13 +74,9 @@ def encode(
 ) -> str:
     """The envelope of one call, as JSON text. Raises `SerializationError` naming the argument
     that cannot be encoded, or `MessageTooLarge` over ``max_size`` bytes."""
-    body: dict[str, Any] = {"v": VERSION, "task": task}
-    if args:
-        body["args"] = list(args)
-    if kwargs:
-        body["kwargs"] = dict(kwargs)
+    body = _envelope(task, args, kwargs)
     try:
-        data = dumps(body)
+        data = orjson.dumps(body, default=_default)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise SerializationError(
             f"cannot encode the arguments of task {task!r}: {_culprit(args, kwargs)}: {exc}"
@@ -83,6 +92,26 @@ def encode(
             f"{max_size:,} bytes (App(max_message_size=...)); pass a reference to the data "
             "(an id, a URL) instead of the data itself"
         )
+    return data.decode()
+
+
+def encode_many(calls: Sequence[Call], *, max_size: int) -> str:
+    """The envelopes of many calls as one JSON array (text), each element exactly what
+    `encode` makes of its call, with the same checks. One orjson call for the lot: a batch
+    costs a fraction of encoding its calls one by one. When the whole array may break a
+    rule (an argument orjson refuses, a NUL, more than ``max_size`` bytes in all), each
+    call is checked with `encode`, which raises for the first one that breaks it."""
+    try:
+        data: bytes | None = orjson.dumps(
+            [_envelope(task, args, kwargs) for task, args, kwargs in calls], default=_default
+        )
+    except (TypeError, orjson.JSONEncodeError):
+        data = None
+    if data is None or len(data) > max_size or b"\\u0000" in data:
+        for task, args, kwargs in calls:
+            encode(task, args, kwargs, max_size=max_size)
+    if data is None:  # every call encodes alone, so the batch should have: say so
+        raise SerializationError(f"cannot encode a batch of {len(calls)} jobs as one array")
     return data.decode()
 
 

@@ -14,7 +14,7 @@ import datetime as dt
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
 
 from typing_extensions import ParamSpec
 
@@ -33,12 +33,12 @@ R = TypeVar("R")
 OnSuccess = Literal["archive", "delete"]
 
 
-@dataclass(frozen=True)
-class JobRef:
+class JobRef(NamedTuple):
     """A job that was deferred: its pgmq message id and queue.
 
     ``deduplicated`` is true when the idempotency key was already held, so nothing was sent
-    and ``id`` is the message of the job that holds the key.
+    and ``id`` is the message of the job that holds the key. Immutable and hashable (a named
+    tuple: ``defer_many`` makes one per job, and a tuple is the cheapest such object).
     """
 
     id: int
@@ -97,9 +97,11 @@ class CallOptions:
         return merged
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Signature:
-    """One call of a task, not yet sent: arguments bound and options fixed."""
+    """One call of a task, not yet sent: arguments bound and options fixed. Treat it as
+    immutable (it is not frozen only because ``defer_many`` builds one per job, and a frozen
+    dataclass costs four times as much to create)."""
 
     task: Task[Any, Any]
     args: tuple[Any, ...]
@@ -114,9 +116,12 @@ class Signature:
         return envelope.encode(self.task.name, self.args, self.kwargs, max_size=max_size)
 
     def headers(self) -> str | None:
-        headers = dict(self.options.headers or {})
-        if self.options.idempotency_key is not None:
-            headers[envelope.HEADER_IDEMPOTENCY_KEY] = self.options.idempotency_key
+        options = self.options
+        if options.headers is None and options.idempotency_key is None:
+            return None
+        headers = dict(options.headers or {})
+        if options.idempotency_key is not None:
+            headers[envelope.HEADER_IDEMPOTENCY_KEY] = options.idempotency_key
         if not headers:
             return None
         try:
@@ -135,8 +140,9 @@ class _Deferrer(Generic[P, R]):
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature:
         """A signature of this call for ``app.defer_many``; arguments are checked now."""
-        bound_args, bound_kwargs = self._task._bind(args, kwargs)
-        return Signature(self._task, bound_args, bound_kwargs, self._options)
+        task = self._task
+        bound_args, bound_kwargs = task._bind(args, kwargs)
+        return Signature(task, bound_args, bound_kwargs, self._options)
 
     async def defer(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
         """Enqueue one job. Returns once the message is in the queue (or, with
@@ -321,7 +327,7 @@ class Task(_Deferrer[P, R]):
             # Signature.bind at a fraction of the cost. Anything else (a missing, unknown or
             # doubled argument) falls through to bind() and its error message.
             if not args:
-                if kwargs.keys() <= plain.accepted and plain.required <= kwargs.keys():
+                if kwargs.keys() <= plain.accepted and plain.required.issubset(kwargs):
                     return (), kwargs
             elif len(args) <= plain.positional:
                 given = dict(zip(plain.names, args, strict=False))

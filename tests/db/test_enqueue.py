@@ -220,6 +220,61 @@ async def test_queue_is_created_on_first_defer(app: pgtasks.App, conn: asyncpg.C
     assert not await queue_exists(conn, "declared")  # only the queue actually used
 
 
+async def test_the_prepared_send_and_the_sql_function_write_the_same_message(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # A pooled defer without a key goes through a prepared INSERT once the queue exists, and
+    # through pgtasks.send before that (which creates the queue): same message, same delays.
+    app = pgtasks.App(db_dsn, pool_min_size=1, pool_max_size=1)  # one connection, reused
+    try:
+
+        @app.task(name="paths.job", queue="paths")
+        async def job(i: int) -> None: ...
+
+        eta = dt.datetime.now(UTC).replace(microsecond=0) + dt.timedelta(hours=1)
+        refs = []
+        for _ in range(2):  # the first round creates the queue, the second finds it
+            refs.append(await job.defer(1))
+            refs.append(await job.options(delay=60, headers={"trace": "t"}).defer(2))
+            refs.append(await job.options(eta=eta).defer(3))
+        msgs = {m["msg_id"]: m for m in await messages(conn, "paths")}
+        assert [r.id for r in refs] == sorted(msgs)
+        for first, second in ((refs[0], refs[3]), (refs[1], refs[4]), (refs[2], refs[5])):
+            a, b = msgs[first.id], msgs[second.id]
+            assert a["message"] == b["message"]
+            assert a["headers"] == b["headers"]
+            assert a["read_ct"] == b["read_ct"] == 0
+            assert abs((a["vt"] - a["enqueued_at"]) - (b["vt"] - b["enqueued_at"])) < dt.timedelta(
+                seconds=0.5
+            )
+        assert msgs[refs[1].id]["headers"] == {"trace": "t"}
+        assert msgs[refs[5].id]["vt"] == eta
+    finally:
+        await app.close()
+
+
+async def test_a_queue_dropped_after_a_defer_is_created_again_by_the_next(
+    db_dsn: str, conn: asyncpg.Connection, notifications: Notifications
+) -> None:
+    app = pgtasks.App(db_dsn, pool_min_size=1, pool_max_size=1)
+    try:
+
+        @app.task(queue="phoenix")
+        async def job(i: int) -> None: ...
+
+        await job.defer(1)
+        await job.defer(2)  # the prepared INSERT, now cached on the pooled connection
+        assert await conn.fetchval("SELECT pgmq.drop_queue('phoenix')")
+        ref = await job.defer(3)
+        assert await queue_exists(conn, "phoenix")
+        assert [m["msg_id"] for m in await messages(conn, "phoenix")] == [ref.id]
+        again = await job.defer(4)  # the prepared INSERT finds the new table
+        assert [m["msg_id"] for m in await messages(conn, "phoenix")] == [ref.id, again.id]
+        assert await notifications.until_now(conn) == ["phoenix"] * 4
+    finally:
+        await app.close()
+
+
 # --- transactional enqueue ----------------------------------------------------------------
 
 
@@ -332,6 +387,33 @@ async def test_defer_many_ten_thousand_mixed_jobs_keeps_input_order(
 
 async def test_defer_many_of_nothing_sends_nothing(app: pgtasks.App) -> None:
     assert await app.defer_many([]) == []
+    assert await app.defer_many(iter(())) == []
+
+
+async def test_defer_many_through_both_send_paths_writes_the_same_messages(
+    app: pgtasks.App, conn: asyncpg.Connection, notifications: Notifications
+) -> None:
+    # Without keys, one pooled statement: the first call creates the queue through
+    # pgtasks.send_batch, the second takes the prepared INSERT. Same rows, same order.
+    @app.task(queue="hdrs")
+    async def job(i: int) -> None: ...
+
+    def batch(base: int) -> list[pgtasks.Signature]:
+        return [job.s(base), job.options(headers={"n": base + 1}).s(base + 1), job.s(base + 2)]
+
+    first = await app.defer_many(batch(0))
+    second = await app.defer_many(iter(batch(3)))  # any iterable
+    delayed = await app.defer_many([job.options(delay=60).s(6), job.options(delay=60).s(7)])
+    msgs = await messages(conn, "hdrs")
+    assert [m["msg_id"] for m in msgs] == [r.id for r in first + second + delayed]
+    assert all(r.queue == "hdrs" and not r.deduplicated for r in first + second + delayed)
+    assert [m["headers"] for m in msgs] == [None, {"n": 1}, None, None, {"n": 4}, None, None, None]
+    assert [m["message"]["kwargs"]["i"] for m in msgs] == list(range(8))
+    assert [(m["vt"] - m["enqueued_at"]).total_seconds() > 50 for m in msgs] == [False] * 6 + [
+        True
+    ] * 2
+    assert msgs[6]["vt"] == msgs[7]["vt"]  # one visibility time per batch, as pgmq's
+    assert await notifications.until_now(conn) == ["hdrs"] * 3
 
 
 async def test_defer_many_deduplicates_per_item(app: pgtasks.App, conn: asyncpg.Connection) -> None:

@@ -22,6 +22,7 @@ MiB = 1024 * 1024
 # Text JSON and jsonb can hold: no NUL (jsonb refuses it), no lone surrogates (not UTF-8).
 CHARS = st.characters(codec="utf-8", exclude_characters="\x00")
 TEXT = st.text(CHARS, max_size=30)
+INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
 class Color(enum.Enum):
@@ -412,3 +413,50 @@ def test_a_union_with_a_json_native_member_keeps_other_values() -> None:
     convert = envelope.converter_for(dt.datetime | str)
     assert convert is not None
     assert convert("not a date") == "not a date"
+
+
+# --- batches (defer_many) ------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None, database=None)
+@given(
+    calls=st.lists(
+        st.tuples(
+            st.text(CHARS, min_size=1, max_size=10),
+            st.lists(INT64 | TEXT | st.none(), max_size=3).map(tuple),
+            st.dictionaries(TEXT, INT64 | TEXT | st.booleans(), max_size=3),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_a_batch_is_the_array_of_what_encode_makes_of_each_call(
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
+) -> None:
+    batch = orjson.loads(envelope.encode_many(calls, max_size=MiB))
+    assert batch == [orjson.loads(envelope.encode(t, a, k, max_size=MiB)) for t, a, k in calls]
+
+
+def test_a_bad_call_in_a_batch_is_named_and_nothing_is_returned() -> None:
+    calls: list[envelope.Call] = [("t.ok", (), {"i": 1}), ("t.bad", (), {"blob": Opaque()})]
+    with pytest.raises(SerializationError, match=r"task 't.bad'.*argument 'blob' \(Opaque\)"):
+        envelope.encode_many(calls, max_size=MiB)
+    with pytest.raises(SerializationError, match=r"argument 'note' contains a NUL"):
+        envelope.encode_many([("t", (), {"i": 1}), ("t", (), {"note": "a\x00"})], max_size=MiB)
+
+
+def test_the_size_limit_holds_per_message_in_a_batch() -> None:
+    one = ("t", (), {"data": "x" * 100})
+    size = len(envelope.encode(*one, max_size=MiB).encode())
+    # ten messages at the limit: the array is far over it, and that is fine
+    assert len(orjson.loads(envelope.encode_many([one] * 10, max_size=size))) == 10
+    big = ("t.big", (), {"data": "x" * 101})
+    with pytest.raises(MessageTooLarge, match=r"'t.big' is .* over the limit"):
+        envelope.encode_many([one, big, one], max_size=size)
+
+
+def test_text_that_looks_like_an_escaped_nul_is_not_a_nul_in_a_batch() -> None:
+    calls: list[envelope.Call] = [("t", (), {"s": "\\u0000"})]  # a backslash, then 'u0000'
+    assert orjson.loads(envelope.encode_many(calls, max_size=MiB)) == [
+        {"v": 1, "task": "t", "kwargs": {"s": "\\u0000"}}
+    ]
