@@ -122,20 +122,25 @@ class Enqueuer:
         ]
         n = len(calls)
         refs: list[JobRef | None] = [None] * n
-        # as in defer_one: a repeat of a batch whose jobs all have keys sends nothing new
-        all_keyed = len(first_with_key) + len(repeats) == n
 
         async def send(conn: queries.Connection, sending: _Sending) -> None:
-            if len(batches) == 1:  # one statement is atomic on its own
-                sending.ambiguous = not all_keyed
-                # on a pooled connection, a lone statement may take the prepared INSERT (see
-                # defer_one); in a transaction, its failure would abort the transaction
-                await batches[0].send(conn, refs, direct=sending.pooled and not first_with_key)
+            if not sending.pooled and len(batches) == 1:
+                # one statement in the caller's transaction (or autocommit): atomic as it is
+                sending.ambiguous = True
+                await batches[0].send(conn, refs, direct=False)
                 return
-            async with conn.transaction():  # two more round trips, so only when needed
-                for batch in batches:
-                    await batch.send(conn, refs, direct=False)
-                sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
+            # Otherwise in a transaction, also for one statement on a pooled connection: a
+            # connection that breaks before COMMIT (one killed while idle in the pool, say)
+            # then certainly sent nothing, and the batch is retried on a fresh one.
+            direct = sending.pooled and not first_with_key and len(batches) == 1
+            try:
+                await self._send_in_transaction(conn, batches, refs, direct, sending)
+            except asyncpg.UndefinedTableError:
+                if not direct:
+                    raise
+                # the queue does not exist yet (the prepared INSERT failed, the transaction
+                # rolled back): again through pgtasks.send_batch, which creates it
+                await self._send_in_transaction(conn, batches, refs, False, sending)
 
         if n:
             await self._on_connection(connection, send, f"deferring {n} jobs")
@@ -144,6 +149,19 @@ class Enqueuer:
             assert ref is not None
             refs[i] = JobRef(ref.id, ref.queue, ref.task, deduplicated=True)
         return cast("list[JobRef]", refs)  # every position is set by now
+
+    async def _send_in_transaction(
+        self,
+        conn: queries.Connection,
+        batches: Sequence[_Batch],
+        refs: list[JobRef | None],
+        direct: bool,
+        sending: _Sending,
+    ) -> None:
+        async with conn.transaction():
+            for batch in batches:
+                await batch.send(conn, refs, direct)
+            sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
 
     async def _on_connection(
         self,
@@ -241,18 +259,14 @@ class _Batch:
 
     async def send(self, conn: queries.Connection, refs: list[JobRef | None], direct: bool) -> None:
         """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
-        key, and a failure aborts no transaction)."""
+        key), which raises `asyncpg.UndefinedTableError` when the queue does not exist."""
         if direct:
-            try:
-                ids = await queries.message_insert_batch(
-                    conn, self.queue, self.bodies, self.headers, self.delay, self.eta
-                )
-            except asyncpg.UndefinedTableError:
-                pass  # the queue does not exist yet: pgtasks.send_batch creates it
-            else:
-                for i, name, msg_id in zip(self.positions, self.names, ids, strict=True):
-                    refs[i] = JobRef(msg_id, self.queue, name)
-                return
+            ids = await queries.message_insert_batch(
+                conn, self.queue, self.bodies, self.headers, self.delay, self.eta
+            )
+            for i, name, msg_id in zip(self.positions, self.names, ids, strict=True):
+                refs[i] = JobRef(msg_id, self.queue, name)
+            return
         rows = await queries.message_send_batch(
             conn, self.queue, self.bodies, self.headers, self.delay, self.eta
         )
