@@ -1,12 +1,13 @@
 """The fetcher: claims messages, never more than there are free slots.
 
 Each pass visits the worker's queues round-robin from a rotating start and claims with one
-``pgmq.read(queue, vt, qty)`` per queue, ``qty`` being that queue's share of the free slots,
-so a claimed message never waits for a slot while its lease runs and no queue starves
-another. A queue that returned fewer than asked is drained. When every queue is drained the
-fetcher sleeps until the first of: a wake-up (a notification, a freed slot, a stop), the next
-message becoming visible (min(vt) of its queues: delayed jobs, retries and expired leases do
-not notify), or the safety poll interval.
+statement per queue (pgmq.read's claim, prepared, in vt order: `queries.message_read`) for
+that queue's share of the free slots, so a claimed message never waits for a slot while its
+lease runs and no queue starves another. A queue that returned fewer than asked is drained.
+When every queue is drained the fetcher sleeps until the first of: a wake-up (a
+notification, enough freed slots, a stop), the next message becoming visible (min(vt) of
+its queues: delayed jobs, retries and expired leases do not notify), or the safety poll
+interval.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class Fetcher:
         self._offset = 0
         self._claim_scope: anyio.CancelScope | None = None
         self.wakeup = Wakeup()
+        # free slots worth waking for: a finished job sets `wakeup` only once this many
+        # slots are free (or nothing runs), so a backlog is claimed in batches
+        self.wanted = 1
 
     async def claim_pass(self) -> tuple[int, bool]:
         """One round over the queues: (messages claimed, whether every queue is drained)."""
@@ -118,11 +122,15 @@ class Fetcher:
     async def gather_slots(self, enough: int, window: float = 0.002) -> None:
         """Wait until ``enough`` slots are free, for ``window`` seconds at most."""
         deadline = anyio.current_time() + window
-        while self._free_slots() < enough:
-            left = deadline - anyio.current_time()
-            if left <= 0:
-                return
-            await self.wakeup.wait(left)
+        self.wanted = enough
+        try:
+            while self._free_slots() < enough:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    return
+                await self.wakeup.wait(left)
+        finally:
+            self.wanted = 1
 
     async def wait_for_slot(self) -> None:
         await self.wakeup.wait(self._poll_interval)

@@ -66,8 +66,7 @@ class LeaseKeeper:
                         self._lose(job)
 
     def _lose(self, job: Job) -> None:
-        job.lost = True
-        job.scope.cancel()
+        job.lose()
         msg = job.message
         logger.warning(
             "lost the lease on message %d in queue %s (attempt %d): another worker "

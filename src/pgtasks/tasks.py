@@ -356,13 +356,28 @@ class Task(_Deferrer[P, R]):
                 named[name] = value
         return tuple(positional), named
 
-    def bind_message(self, args: list[Any], kwargs: dict[str, Any]) -> inspect.BoundArguments:
-        """Bind a decoded message's arguments, restoring types from the hints. Raises
-        TypeError when they do not fit the signature."""
-        bound = self._signature.bind(*args, **kwargs)
+    def bind_message(
+        self, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The positional and named arguments to call the function with, from a decoded
+        message, with types restored from the hints. Raises TypeError when they do not fit
+        the signature."""
         if self._converters is None:
             self._converters = envelope.signature_converters(self.fn)
-        for name, convert in self._converters.items():
+        converters = self._converters
+        plain = self._plain_params
+        if (
+            not args
+            and plain is not None
+            and kwargs.keys() <= plain.accepted
+            and plain.required.issubset(kwargs)
+        ):  # what producers send for ordinary parameters: no bind() needed (see _bind)
+            for name, convert in converters.items():
+                if name in kwargs:
+                    kwargs[name] = convert(kwargs[name])
+            return (), kwargs
+        bound = self._signature.bind(*args, **kwargs)
+        for name, convert in converters.items():
             if name in bound.arguments:
                 bound.arguments[name] = convert(bound.arguments[name])
-        return bound
+        return bound.args, bound.kwargs

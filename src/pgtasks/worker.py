@@ -14,6 +14,7 @@ The library never installs signal handlers; the CLI does. Embedded use::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -86,11 +87,9 @@ class Worker:
         self._running: dict[tuple[str, int], Job] = {}
         self._stopping = anyio.Event()
         self._fetch_scope: anyio.CancelScope | None = None
-        self._work_scope: anyio.CancelScope | None = None
         self._force = False
         self._fetcher: Fetcher | None = None
         self._completer: Completer | None = None
-        self._work_tg: TaskGroup | None = None
         self._tasks = app.tasks
         self._background: TaskGroup | None = None
         self._done = anyio.Event()
@@ -111,8 +110,7 @@ class Worker:
             self._fetch_scope.cancel()
         if force:
             self._force = True
-            if self._work_scope is not None:
-                self._work_scope.cancel()
+            self._cancel_jobs()
             if self._fetcher is not None:
                 self._fetcher.cancel_claim()
         if self._fetcher is not None:
@@ -166,8 +164,10 @@ class Worker:
                     "" if self.listen else ", poll-only",
                 )
                 task_status.started()
-                await self._work()
-                await self._completer.drain(timeout=10.0)
+                try:
+                    await self._work()
+                finally:  # also when cancelled from outside: releases must be written
+                    await self._completer.drain(timeout=10.0)
                 service.cancel_scope.cancel()
         finally:
             self._done.set()
@@ -204,29 +204,36 @@ class Worker:
 
     async def _work(self) -> None:
         assert self._fetcher is not None
-        assert self._completer is not None
-        async with anyio.create_task_group() as work:
-            self._work_scope = work.cancel_scope
-            self._work_tg = work
-            if self._force:
-                work.cancel_scope.cancel()
+        try:
             with anyio.CancelScope() as fetch_scope:
                 self._fetch_scope = fetch_scope
                 if self._stopping.is_set():
                     fetch_scope.cancel()
                 await self._fetch_loop()
             self._stopping.set()
-            with anyio.move_on_after(self.shutdown_timeout):
-                while self._running:
-                    await self._fetcher.wakeup.wait(0.1)
+            if not self._force:
+                with anyio.move_on_after(self.shutdown_timeout):
+                    while self._running:
+                        await self._fetcher.wakeup.wait(0.1)
             if self._running:
                 logger.warning(
                     "%d job(s) still running after %.1fs; cancelling them and "
                     "releasing their messages",
                     len(self._running),
-                    self.shutdown_timeout,
+                    0.0 if self._force else self.shutdown_timeout,
                 )
-            work.cancel_scope.cancel()
+        finally:
+            # cancelled jobs queue the release of their messages on the way out
+            tasks = self._cancel_jobs()
+            if tasks:
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait(tasks)
+
+    def _cancel_jobs(self) -> list[asyncio.Task[None]]:
+        tasks = [job.task for job in self._running.values() if job.task is not None]
+        for task in tasks:
+            task.cancel()
+        return tasks
 
     async def _fetch_loop(self) -> None:
         assert self._fetcher is not None
@@ -240,6 +247,8 @@ class Worker:
                     continue
                 claimed, drained = await fetcher.claim_pass()
                 backoff = 0.1
+                if claimed:
+                    await asyncio.sleep(0)  # the new jobs start before the next query goes out
                 if not drained:
                     # a backlog: let slots free up for a moment so the next claim is one
                     # batch rather than many single-message reads
@@ -255,8 +264,9 @@ class Worker:
                         continue
                     await fetcher.wakeup.wait(0.05)
                     continue
-                if claimed == 0:
-                    await fetcher.idle_wait()
+                # drained: the claim got fewer than it asked for, so reading again now would
+                # find nothing; a notification, a freed slot or the next vt wakes the loop
+                await fetcher.idle_wait()
             except _FETCH_ERRORS as exc:
                 logger.warning("fetching failed (%s); retrying in %.1fs", exc, backoff)
                 await anyio.sleep(backoff)
@@ -265,19 +275,29 @@ class Worker:
     def _start_jobs(
         self, executor: Executor, queue: str, messages: list[queries.Message], read_vt: int
     ) -> None:
-        assert self._work_tg is not None
+        loop = asyncio.get_running_loop()
         for msg in messages:
             job = Job(queue, msg, lease=float(read_vt))
             self._running[job.key] = job
-            self._work_tg.start_soon(self._run_job, executor, job)
+            job.task = loop.create_task(self._run_job(executor, job))
 
     async def _run_job(self, executor: Executor, job: Job) -> None:
         try:
             await executor.run(job)
+        except Exception:  # the executor handles every job error; this would be a bug
+            logger.exception(
+                "pgtasks failed to process message %d in queue %s; it becomes visible "
+                "again when its lease expires",
+                job.message.msg_id,
+                job.queue,
+            )
         finally:
             self._running.pop(job.key, None)
-            if self._fetcher is not None:
-                self._fetcher.wakeup.set()
+            fetcher = self._fetcher
+            if fetcher is not None and (
+                not self._running or self.concurrency - len(self._running) >= fetcher.wanted
+            ):
+                fetcher.wakeup.set()
 
     def _read_vt(self, executor: Executor, queue: str) -> int:
         leases = [executor.lease_for(t.name) for t in self._tasks.values() if t.queue == queue]

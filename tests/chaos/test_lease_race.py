@@ -122,7 +122,7 @@ async def test_lease_race_first_ack_is_refused(
             log = a.log()
             return all(
                 f"ack of message {i} in queue race not written" in log  # the completer
-                or f"(id {i}, attempt 1) lost its lease; this run is not acked" in log  # the tx
+                or f"(id {i}, attempt 1, queue race) lost its lease; this run is not acked" in log
                 or f"lost the lease on message {i} in queue race" in log  # the keeper
                 for i in plain_ids | pay_ids
             )

@@ -441,3 +441,115 @@ async def test_worker_survives_killed_pool_connections(
         )
         await app.defer_many([work.s() for _ in range(10)])
         await events.until(lambda: events.counts["succeeded"] == 11, timeout=15)
+
+
+async def _held(conn: asyncpg.Connection, queue: str, msg_id: int) -> asyncpg.Record:
+    row = await conn.fetchrow(
+        f"SELECT vt <= clock_timestamp() AS visible, read_ct FROM pgmq.q_{queue} WHERE msg_id = $1",
+        msg_id,
+    )
+    assert row is not None
+    return row
+
+
+async def test_a_worker_cancelled_from_outside_releases_its_jobs(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # not stop(): the task running worker.run() is cancelled, as an embedding app's task
+    # group would on its way out; the releases are still written
+    @app.task(queue="outside")
+    async def forever() -> None:
+        await anyio.sleep(3600)
+
+    refs = [await forever.defer() for _ in range(3)]
+    worker = app.worker(poll_interval=30)
+    events = Events(worker)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await events.until(lambda: events.counts["started"] == 3)
+        tg.cancel_scope.cancel()
+    for ref in refs:
+        row = await _held(conn, "outside", ref.id)
+        assert row["visible"]
+        assert row["read_ct"] == 0
+    assert worker.stats["released"] == 3
+
+
+async def test_a_forced_stop_during_the_key_check_releases_the_message(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # a keyed job checks, before it runs, whether its key already succeeded elsewhere; a
+    # forced stop that lands in that check must hand the message back, not strand it
+    @app.task(queue="keycheck")
+    async def job() -> None: ...
+
+    ref = await job.options(idempotency_key="k-1").defer()
+    blocker = await asyncpg.connect(db_dsn)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE pgtasks.idempotency_keys IN ACCESS EXCLUSIVE MODE")
+        worker = app.worker(poll_interval=30, shutdown_timeout=30)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(10):  # claimed, and now waiting on the lock
+                while (await _held(conn, "keycheck", ref.id))["read_ct"] == 0:
+                    await anyio.sleep(0.02)
+            assert worker.running == 1
+            worker.stop(force=True)
+        await tx.rollback()
+    finally:
+        await blocker.close()
+    row = await _held(conn, "keycheck", ref.id)
+    assert row["visible"]
+    assert row["read_ct"] == 0
+    assert worker.stats["released"] == 1
+
+
+async def test_claims_follow_visibility_time_not_message_id(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # the claim walks the vt index: of two visible jobs, the one due first runs first,
+    # whatever their ids (pgmq.read would take the lower id)
+    order: list[int] = []
+
+    @app.task(queue="due")
+    async def job(n: int) -> None:
+        order.append(n)
+
+    first = await job.defer(1)
+    second = await job.defer(2)
+    await conn.execute(
+        "UPDATE pgmq.q_due SET vt = clock_timestamp() - interval '1 minute' WHERE msg_id = $1",
+        second.id,
+    )
+    await conn.execute(
+        "UPDATE pgmq.q_due SET vt = clock_timestamp() - interval '1 second' WHERE msg_id = $1",
+        first.id,
+    )
+    await app.worker(concurrency=1, burst=True).run()
+    assert order == [2, 1]
+
+
+async def test_a_released_job_keeps_its_place_in_line(app: pgtasks.App) -> None:
+    # claims go in vt order; a job handed back at a stop must not queue behind the jobs
+    # that became due while it ran
+    order: list[str] = []
+    block = True
+
+    @app.task(queue="line")
+    async def job(name: str) -> None:
+        if block and name == "first":
+            await anyio.sleep(3600)
+        order.append(name)
+
+    await job.defer("first")
+    worker = app.worker(concurrency=1, shutdown_timeout=0, poll_interval=30)
+    async with worker:
+        events = Events(worker)
+        await events.until(lambda: events.counts["started"] == 1)
+        await job.defer("second")  # due while "first" runs
+    assert worker.stats["released"] == 1
+    block = False
+    await app.worker(concurrency=1, burst=True).run()
+    assert order == ["first", "second"]

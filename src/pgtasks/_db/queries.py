@@ -157,7 +157,7 @@ async def message_send_batch(
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A claimed message, as ``pgmq.read`` returns it."""
+    """A claimed message (the columns ``pgmq.read`` returns)."""
 
     msg_id: int
     read_ct: int
@@ -167,14 +167,35 @@ class Message:
     headers: str | None
 
 
-MESSAGE_READ = """
-SELECT msg_id, read_ct, enqueued_at, vt, message::text, headers::text
-FROM pgmq.read($1::text, $2::integer, $3::integer)
+@lru_cache(maxsize=256)
+def _read_sql(queue: str) -> str:
+    # pgmq.read's claim (lock what is visible, skip what another worker is locking, bump
+    # read_ct and push vt out by the lease), prepared once per connection instead of planned
+    # per call, and ordered by vt rather than msg_id: the vt index stops the scan after qty
+    # visible rows, where msg_id order walks every invisible (delayed, leased) row ahead of
+    # them. Jobs are claimed in the order they became due.
+    q = _table("q", queue)
+    return f"""
+WITH due AS (
+    SELECT msg_id FROM pgmq.{q}
+    WHERE vt <= clock_timestamp()
+    ORDER BY vt
+    LIMIT $2::integer
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgmq.{q} AS m
+SET last_read_at = clock_timestamp(),
+    vt = clock_timestamp() + make_interval(secs => $1::integer),
+    read_ct = m.read_ct + 1
+FROM due
+WHERE m.msg_id = due.msg_id
+RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message::text, m.headers::text
 """
 
 
 async def message_read(conn: Executor, queue: str, vt: int, qty: int) -> list[Message]:
-    rows = await conn.fetch(MESSAGE_READ, queue, vt, qty)
+    """Claim up to ``qty`` visible messages for ``vt`` seconds, as ``pgmq.read`` does."""
+    rows = await conn.fetch(_read_sql(queue), vt, qty)
     return sorted((Message(*r) for r in rows), key=lambda m: m.msg_id)
 
 
@@ -255,7 +276,7 @@ RETURNING m.msg_id
 def _release_sql(queue: str) -> str:
     return f"""
 UPDATE pgmq.{_table("q", queue)} AS m
-SET vt = clock_timestamp(), read_ct = m.read_ct - 1
+SET vt = least(m.enqueued_at, clock_timestamp()), read_ct = m.read_ct - 1
 FROM unnest($1::bigint[], $2::integer[]) AS t(id, ct)
 WHERE m.msg_id = t.id AND m.read_ct = t.ct
 RETURNING m.msg_id
@@ -266,7 +287,9 @@ async def messages_release(
     conn: Executor, queue: str, owned: Sequence[tuple[int, int]]
 ) -> set[int]:
     """Hand back messages still held at (msg_id, read_ct), visible at once, and give the
-    attempt back: a run cancelled by a worker shutdown did not fail."""
+    attempt back: a run cancelled by a worker shutdown did not fail. The vt goes back to the
+    time the job was enqueued, so, claims being in vt order, it keeps its place in line
+    instead of queueing behind every job that became due while it ran."""
     ids, cts = _split(owned)
     rows = await conn.fetch(_release_sql(queue), ids, cts)
     return {r[0] for r in rows}
