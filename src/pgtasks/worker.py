@@ -149,7 +149,15 @@ class Worker:
             claimed=lambda q, msgs: self._start_jobs(executor, q, msgs, read_vt[q]),
             poll_interval=self.poll_interval,
         )
-        leases = LeaseKeeper(pool, lambda: list(self._running.values()), self._emit)
+        # a lease is extended once a third of it has passed: tick often enough that even
+        # the shortest lease of these queues is extended well before it runs out
+        shortest = min(
+            [executor.lease_for(t.name) for t in self._tasks.values() if t.queue in self.queues],
+            default=executor.lease_for(None),
+        )
+        leases = LeaseKeeper(
+            pool, lambda: list(self._running.values()), self._emit, tick=min(1.0, shortest / 4)
+        )
         try:
             async with anyio.create_task_group() as service:
                 service.start_soon(self._completer.run)

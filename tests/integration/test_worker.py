@@ -553,3 +553,31 @@ async def test_a_released_job_keeps_its_place_in_line(app: pgtasks.App) -> None:
     block = False
     await app.worker(concurrency=1, burst=True).run()
     assert order == ["first", "second"]
+
+
+async def test_a_one_second_lease_never_lapses_while_the_job_runs(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # the lease keeper must tick faster than the shortest lease it keeps
+    release = anyio.Event()
+
+    @app.task(queue="short", lease=1)
+    async def job() -> None:
+        await release.wait()
+
+    ref = await job.defer()
+    async with app.worker(poll_interval=30) as worker:
+        events = Events(worker)
+        await events.until(lambda: events.counts["started"] == 1)
+        lapses = 0
+        deadline = anyio.current_time() + 4
+        while anyio.current_time() < deadline:
+            lapses += await conn.fetchval(
+                "SELECT count(*) FROM pgmq.q_short WHERE msg_id = $1 AND vt <= clock_timestamp()",
+                ref.id,
+            )
+            await anyio.sleep(0.05)
+        release.set()
+        await events.until(lambda: events.counts["succeeded"] == 1)
+    assert lapses == 0
+    assert events.counts["lost"] == 0
