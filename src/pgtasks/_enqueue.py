@@ -95,17 +95,32 @@ class Enqueuer:
         groups: dict[tuple[str, float, dt.datetime | None], list[int]] = defaultdict(list)
         first_with_key: dict[str, int] = {}
         repeats: dict[int, int] = {}  # a later item with a key seen earlier -> the first
+        # the usual batch repeats one task and one options object (`task.s(...)` in a loop):
+        # those items share the previous item's headers and group
+        last_task: object = None
+        last_opts: object = None
+        last_headers: str | None = None
+        last_group: list[int] = []
         for i, s in enumerate(signatures):
             task, opts = s.task, s.options
             calls.append((task.name, s.args, s.kwargs))
-            headers.append(s.headers())
+            if opts is last_opts and task is last_task:
+                headers.append(last_headers)
+                last_group.append(i)
+                continue
             key = opts.idempotency_key
+            last_headers = s.headers()
+            headers.append(last_headers)
             if key is not None:
+                last_task = last_opts = None  # a key is one item's own
                 if key in first_with_key:
                     repeats[i] = first_with_key[key]
                     continue
                 first_with_key[key] = i
-            groups[(opts.queue or task.queue, opts.delay, opts.eta)].append(i)
+            else:
+                last_task, last_opts = task, opts
+            last_group = groups[(opts.queue or task.queue, opts.delay, opts.eta)]
+            last_group.append(i)
         # every batch is encoded (and so validated) before anything is sent
         batches = [
             _Batch.encode(
