@@ -20,7 +20,7 @@ import asyncpg
 
 from . import envelope
 from ._db import queries
-from ._db.connect import CONNECTION_ERRORS, mark_session_clean
+from ._db.connect import CONNECTION_ERRORS, acquire, connection_cause, mark_session_clean
 from ._db.queries import Connection
 from .exceptions import DatabaseUnavailable
 from .tasks import JobRef, Signature
@@ -201,9 +201,13 @@ class Enqueuer:
             sending = _Sending(pooled=True)
             pool = await self._pool()
             try:
-                conn = await pool.acquire()
-            except CONNECTION_ERRORS as exc:  # no connection can be opened now
-                raise self._unavailable(what, exc, sending) from exc
+                conn = await acquire(pool)
+            except DatabaseUnavailable as exc:  # no connection can be opened now
+                cause = exc.__cause__ or exc
+                raise DatabaseUnavailable(
+                    f"{what} failed: cannot connect to {self._where()} "
+                    f"({connection_cause(cause)}); nothing was enqueued"
+                ) from cause
             try:
                 result = await work(conn, sending)
                 mark_session_clean(conn)  # only our statements ran: no session reset

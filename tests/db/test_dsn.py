@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import anyio
+import asyncpg
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -200,3 +202,36 @@ async def test_defer_on_an_unreachable_database_raises_database_unavailable() ->
     with pytest.raises(DatabaseUnavailable, match="connection refused"):
         await app.defer_many([job.s(1), job.s(2)])
     await app.close()
+
+
+async def test_defer_when_the_server_stops_accepting_connections_says_cannot_connect(
+    server_dsn: str, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # the pool exists, its connections die, and no new one can be opened: the error says
+    # "cannot connect" with the cause, and that nothing was enqueued
+    app = pgtasks.App(db_dsn, pool_min_size=1, pool_max_size=1)
+
+    @app.task(queue="gone")
+    async def job(x: int) -> None: ...
+
+    database = urlsplit(db_dsn).path.lstrip("/")
+    admin = await asyncpg.connect(server_dsn)  # not on the database it closes
+    try:
+        await job.defer(1)
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'pgtasks' AND datname = current_database()"
+        )
+        await anyio.sleep(0.5)  # the pool sees its connection closed
+        with pytest.raises(DatabaseUnavailable) as info:
+            await job.defer(2)
+        message = str(info.value)
+        assert message.startswith(f"deferring {job.name!r} to 'gone' failed: cannot connect to ")
+        assert "nothing was enqueued" in message
+        assert "lost the connection" not in message
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+        await app.close()
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.q_gone") == 1

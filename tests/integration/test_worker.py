@@ -581,3 +581,39 @@ async def test_a_one_second_lease_never_lapses_while_the_job_runs(
         await events.until(lambda: events.counts["succeeded"] == 1)
     assert lapses == 0
     assert events.counts["lost"] == 0
+
+
+async def test_a_worker_rides_out_a_database_that_refuses_connections(
+    app: pgtasks.App, server_dsn: str, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # "too many clients", a database closed for maintenance: the pool cannot open a
+    # connection. A job finishing meanwhile has its ack retried, not the worker crashed.
+    from urllib.parse import urlsplit
+
+    release = anyio.Event()
+
+    @app.task(queue="outage")
+    async def job() -> None:
+        await release.wait()
+
+    ref = await job.defer()
+    database = urlsplit(db_dsn).path.lstrip("/")
+    admin = await asyncpg.connect(server_dsn)
+    try:
+        async with app.worker(poll_interval=0.2) as worker:
+            events = Events(worker)
+            await events.until(lambda: events.counts["started"] == 1)
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+            await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name LIKE 'pgtasks%' AND datname = current_database()"
+            )
+            release.set()  # the job ends while no connection can be opened
+            await anyio.sleep(1.5)
+            assert events.counts["succeeded"] == 0
+            await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+            await events.until(lambda: events.counts["succeeded"] == 1, timeout=20)
+    finally:
+        await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+        await admin.close()
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.q_outage WHERE msg_id = $1", ref.id) == 0

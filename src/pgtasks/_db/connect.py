@@ -77,7 +77,8 @@ def describe(dsn: str) -> str:
     return f"{user + '@' if user else ''}{where}/{database or '<default database>'}"
 
 
-def _cause(exc: BaseException) -> str:
+def connection_cause(exc: BaseException) -> str:
+    """Why a connection attempt failed, in words."""
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return f"the database does not exist ({exc})"
     if isinstance(
@@ -94,7 +95,9 @@ def _cause(exc: BaseException) -> str:
 
 
 def _error(dsn: str, exc: BaseException) -> DatabaseUnavailable:
-    return DatabaseUnavailable(f"cannot connect to PostgreSQL at {describe(dsn)}: {_cause(exc)}")
+    return DatabaseUnavailable(
+        f"cannot connect to PostgreSQL at {describe(dsn)}: {connection_cause(exc)}"
+    )
 
 
 # Errors that mean "the connection is gone or unusable", not "the statement was wrong".
@@ -155,13 +158,30 @@ def mark_session_clean(conn: Any) -> None:
         mark()
 
 
+async def acquire(pool: asyncpg.Pool) -> PoolConnectionProxy:
+    """``pool.acquire()``, with every failure to open a connection (refused, too many
+    clients, a database closed to connections, a role removed...) as `DatabaseUnavailable`,
+    which the worker's loops retry with backoff and producers report."""
+    try:
+        conn: PoolConnectionProxy = await pool.acquire()
+    except DatabaseUnavailable:
+        raise
+    except _CONNECT_ERRORS as exc:
+        raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {connection_cause(exc)}") from exc
+    return conn
+
+
 @asynccontextmanager
 async def acquire_clean(pool: asyncpg.Pool) -> AsyncIterator[PoolConnectionProxy]:
-    """A pooled connection for pgtasks' own statements, released without the session reset
-    when the block ends normally (after an error, the reset runs as usual)."""
-    async with pool.acquire() as conn:
+    """A pooled connection for pgtasks' own statements (see `acquire`), released without
+    the session reset when the block ends normally (after an error, the reset runs as
+    usual)."""
+    conn = await acquire(pool)
+    try:
         yield conn
         mark_session_clean(conn)
+    finally:
+        await pool.release(conn)
 
 
 async def _reset_session(conn: asyncpg.Connection) -> None:
