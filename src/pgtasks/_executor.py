@@ -20,7 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -39,7 +39,7 @@ from .tasks import Task, TaskConfig
 logger = logging.getLogger("pgtasks")
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Job:
     """A claimed message while this worker holds it.
 
@@ -258,7 +258,7 @@ class Executor:
     ) -> None:
         """The task's writes, its ack and its key commit together, or not at all."""
         async with self._pool.acquire() as conn, conn.transaction():
-            token = _current.set(replace(ctx, connection=conn))
+            token = _current.set(ctx._replace(connection=conn))
             try:
                 await task.fn(*args, **kwargs)
             finally:

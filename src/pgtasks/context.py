@@ -9,9 +9,10 @@ instead of sleeping, and metrics can count them.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -19,9 +20,8 @@ from asyncpg.pool import PoolConnectionProxy
 EventKind = Literal["started", "succeeded", "failed", "retried", "dead", "lost"]
 
 
-@dataclass(frozen=True)
-class JobContext:
-    """The job being run.
+class JobContext(NamedTuple):
+    """The job being run (immutable: a named tuple, as the worker makes one per job).
 
     Attributes:
         id: the pgmq message id.
@@ -42,7 +42,7 @@ class JobContext:
     attempt: int
     enqueued_at: dt.datetime
     idempotency_key: str | None = None
-    headers: dict[str, Any] = field(default_factory=dict)
+    headers: Mapping[str, Any] = MappingProxyType({})
     connection: asyncpg.Connection | PoolConnectionProxy | None = None
 
 
@@ -59,14 +59,13 @@ def current_job() -> JobContext:
         ) from None
 
 
-@dataclass(frozen=True)
-class JobEvent:
+class JobEvent(NamedTuple):
     """Something that happened to a job in a worker.
 
     Kinds: ``started``; ``succeeded`` (acked); ``failed`` (an attempt raised; followed by
     ``retried`` or ``dead``); ``retried`` (visible again after ``retry_in`` seconds);
     ``dead`` (moved to the dead letters); ``lost`` (the lease was lost; another worker may
-    hold the message, and this one will not ack it).
+    hold the message, and this one will not ack it). Immutable (a named tuple).
     """
 
     kind: EventKind

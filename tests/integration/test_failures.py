@@ -209,7 +209,8 @@ JSON = st.recursive(
     st.none()
     | st.booleans()
     | st.integers(-(2**53), 2**53)
-    | st.text(st.characters(blacklist_characters="\x00"), max_size=8),  # jsonb refuses NUL
+    # what JSON text and jsonb can hold: no NUL (jsonb refuses it), no lone surrogates
+    | st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=8),
     lambda children: (
         st.lists(children, max_size=3)
         | st.dictionaries(
