@@ -81,19 +81,8 @@ async def deliver_webhook(delivery_id: str, url: str, payload: dict[str, Any]) -
 
 async def run_worker_until_done(refs: list[pgtasks.JobRef]) -> None:
     """Run a worker until these jobs have succeeded or moved to the dead letters."""
-    left = {ref.id for ref in refs}
-    done = asyncio.Event()
-
-    def on_event(event: pgtasks.JobEvent) -> None:
-        if event.kind in ("succeeded", "dead"):
-            left.discard(event.msg_id)
-            if not left:
-                done.set()
-
-    worker = app.worker(concurrency=4)
-    worker.subscribe(on_event)  # before it starts, so no event can be missed
-    async with worker:
-        await asyncio.wait_for(done.wait(), timeout=30)
+    async with app.worker(concurrency=4):
+        await asyncio.wait_for(app.wait_for(refs), timeout=30)
 
 
 async def main() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+import anyio
 import asyncpg
 from typing_extensions import ParamSpec, Self
 
@@ -23,6 +24,7 @@ from . import registry, schema
 from ._db import queries
 from ._db.connect import (
     DsnSource,
+    acquire_clean,
     create_pool,
     describe,
     materialize,
@@ -304,6 +306,26 @@ class App:
                     continue
                 counts["archived"] += await queries.archive_prune(pool, queue, archive_older_than)
         return counts
+
+    async def wait_for(self, refs: Iterable[JobRef], *, poll: float = 0.05) -> None:
+        """Wait until every one of these jobs has left its queue: acked after success, or
+        moved to the dead letters, by any worker. Checks the queues every ``poll`` seconds;
+        bound it with ``anyio.fail_after`` or ``asyncio.timeout``. Meant for scripts, tests
+        and examples: a request handler should not wait on the jobs it defers."""
+        waiting: dict[str, set[int]] = {}
+        for ref in refs:
+            waiting.setdefault(ref.queue, set()).add(ref.id)
+        pool = await self.pool()
+        while waiting:
+            async with acquire_clean(pool) as conn:
+                for queue, ids in list(waiting.items()):
+                    left = await queries.messages_waiting(conn, queue, sorted(ids))
+                    if left:
+                        waiting[queue] = left
+                    else:
+                        del waiting[queue]
+            if waiting:
+                await anyio.sleep(poll)
 
     # --- enqueue --------------------------------------------------------------------------
 

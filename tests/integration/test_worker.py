@@ -617,3 +617,24 @@ async def test_a_worker_rides_out_a_database_that_refuses_connections(
         await admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
         await admin.close()
     assert await conn.fetchval("SELECT count(*) FROM pgmq.q_outage WHERE msg_id = $1", ref.id) == 0
+
+
+async def test_wait_for_returns_once_the_jobs_left_their_queues(app: pgtasks.App) -> None:
+    @app.task(queue="waited", max_retries=0)
+    async def job(ok: bool) -> None:
+        if not ok:
+            raise ValueError("no")
+
+    @app.task(queue="waited_too")
+    async def other() -> None: ...
+
+    refs = [await job.defer(True), await job.defer(False), await other.defer()]
+    with pytest.raises(TimeoutError), anyio.fail_after(0.3):  # nothing runs them yet
+        await app.wait_for(refs)
+    async with app.worker(poll_interval=30) as worker:
+        with anyio.fail_after(20):
+            await app.wait_for(refs)
+    assert worker.stats["succeeded"] == 2
+    assert worker.stats["dead"] == 1
+    with anyio.fail_after(1):
+        await app.wait_for([])  # nothing to wait for

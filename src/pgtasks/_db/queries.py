@@ -353,6 +353,22 @@ def _split(owned: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
 
 # --- queues and maintenance -----------------------------------------------------------------
 
+
+@lru_cache(maxsize=256)
+def _waiting_sql(queue: str) -> str:
+    return f"SELECT msg_id FROM pgmq.{_table('q', queue)} WHERE msg_id = ANY($1::bigint[])"
+
+
+async def messages_waiting(conn: Executor, queue: str, ids: Sequence[int]) -> set[int]:
+    """Which of these messages are still in the queue (waiting, delayed or running); none
+    when the queue does not exist."""
+    try:
+        rows = await conn.fetch(_waiting_sql(queue), ids)
+    except asyncpg.UndefinedTableError:
+        return set()
+    return {r[0] for r in rows}
+
+
 QUEUE_LIST = "SELECT queue_name::text FROM pgmq.meta ORDER BY queue_name"
 
 
