@@ -55,6 +55,9 @@ class App:
             the embedded server.
         pool_min_size: connections the pool keeps open.
         pool_max_size: connections the pool opens at most.
+        statement_cache_size: prepared statements asyncpg keeps per connection; 0 for
+            PgBouncer in transaction mode before 1.21 (every statement is then planned
+            per call, which costs some speed).
         max_message_size: largest encoded message body, in bytes.
         key_retention: how long an idempotency key keeps deduplicating after its job
             succeeded.
@@ -78,6 +81,7 @@ class App:
         *,
         pool_min_size: int = 1,
         pool_max_size: int = 10,
+        statement_cache_size: int = 100,
         max_message_size: int = 1024 * 1024,
         key_retention: dt.timedelta = dt.timedelta(days=7),
         default: bool = False,
@@ -98,8 +102,13 @@ class App:
                 f"pool sizes must satisfy 0 <= pool_min_size <= pool_max_size >= 1 "
                 f"(got {pool_min_size} and {pool_max_size})"
             )
+        if statement_cache_size < 0:
+            raise ConfigurationError(
+                f"statement_cache_size must not be negative (got {statement_cache_size})"
+            )
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
+        self.statement_cache_size = statement_cache_size
         self.max_message_size = max_message_size
         self.key_retention = key_retention
         self.defaults = TaskConfig(
@@ -231,7 +240,10 @@ class App:
             if self._pool is None:
                 dsn = await self.dsn()
                 self._pool = await create_pool(
-                    dsn, min_size=self.pool_min_size, max_size=self.pool_max_size
+                    dsn,
+                    min_size=self.pool_min_size,
+                    max_size=self.pool_max_size,
+                    statement_cache_size=self.statement_cache_size,
                 )
                 logger.info(
                     "using PostgreSQL at %s (from %s)",

@@ -719,3 +719,31 @@ async def test_an_oversize_message_sends_nothing(db_dsn: str, conn: asyncpg.Conn
     finally:
         await app.close()
     assert [m["msg_id"] for m in await messages(conn, "val_big")] == [ref.id]
+
+
+@pytest.mark.parametrize("cache", [100, 0])
+async def test_statement_cache_size_zero_prepares_nothing_on_the_server(
+    db_dsn: str, conn: asyncpg.Connection, cache: int
+) -> None:
+    # 0 is for PgBouncer in transaction mode before 1.21: no named prepared statements
+    app = pgtasks.App(db_dsn, pool_min_size=1, pool_max_size=1, statement_cache_size=cache)
+    try:
+
+        @app.task(queue="bouncer")
+        async def job(i: int) -> None: ...
+
+        refs = [await job.defer(i) for i in range(3)]  # the function, then the prepared INSERT
+        refs += await app.defer_many([job.s(i) for i in range(3, 6)])
+        async with app.worker(poll_interval=30):
+            with anyio.fail_after(20):
+                await app.wait_for(refs)
+        pool = await app.pool()
+        async with pool.acquire() as pooled:  # the one connection that did all of it
+            prepared = await pooled.fetchval("SELECT count(*) FROM pg_prepared_statements")
+    finally:
+        await app.close()
+    assert await count(conn, "bouncer") == 0
+    if cache:
+        assert prepared > 1  # pgtasks' statements, besides this query itself
+    else:
+        assert prepared == 0

@@ -192,7 +192,9 @@ async def _reset_session(conn: asyncpg.Connection) -> None:
     await conn.execute(conn.get_reset_query())
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int, max_size: int, statement_cache_size: int
+) -> asyncpg.Pool:
     """The app's pool. Statements are cached per connection; no codecs are registered (the SQL
     layer passes and returns JSON as text, so callers' own connections work the same way)."""
     try:
@@ -201,6 +203,7 @@ async def create_pool(dsn: str, *, min_size: int, max_size: int) -> asyncpg.Pool
             min_size=min_size,
             max_size=max_size,
             connection_class=PooledConnection,
+            statement_cache_size=statement_cache_size,
             reset=_reset_session,
             timeout=10,
             server_settings={"application_name": APPLICATION_NAME},
