@@ -239,6 +239,10 @@ class _PlainParams:
             required=frozenset(p.name for p in params if p.default is inspect.Parameter.empty),
         )
 
+    def fits_named(self, kwargs: dict[str, Any]) -> bool:
+        """Whether these arguments, all passed by name, bind: none unknown, none missing."""
+        return kwargs.keys() <= self.accepted and self.required.issubset(kwargs)
+
 
 class Task(_Deferrer[P, R]):
     """A registered task. Calling it runs the function directly."""
@@ -327,7 +331,7 @@ class Task(_Deferrer[P, R]):
             # Signature.bind at a fraction of the cost. Anything else (a missing, unknown or
             # doubled argument) falls through to bind() and its error message.
             if not args:
-                if kwargs.keys() <= plain.accepted and plain.required.issubset(kwargs):
+                if plain.fits_named(kwargs):
                     return (), kwargs
             elif len(args) <= plain.positional:
                 given = dict(zip(plain.names, args, strict=False))
@@ -366,12 +370,8 @@ class Task(_Deferrer[P, R]):
             self._converters = envelope.signature_converters(self.fn)
         converters = self._converters
         plain = self._plain_params
-        if (
-            not args
-            and plain is not None
-            and kwargs.keys() <= plain.accepted
-            and plain.required.issubset(kwargs)
-        ):  # what producers send for ordinary parameters: no bind() needed (see _bind)
+        if not args and plain is not None and plain.fits_named(kwargs):
+            # what producers send for ordinary parameters: no bind() needed (see _bind)
             for name, convert in converters.items():
                 if name in kwargs:
                     kwargs[name] = convert(kwargs[name])

@@ -151,10 +151,7 @@ class Worker:
         )
         # a lease is extended once a third of it has passed: tick often enough that even
         # the shortest lease of these queues is extended well before it runs out
-        shortest = min(
-            [executor.lease_for(t.name) for t in self._tasks.values() if t.queue in self.queues],
-            default=executor.lease_for(None),
-        )
+        shortest = min(min(self._leases(executor, q)) for q in self.queues)
         leases = LeaseKeeper(
             pool, lambda: list(self._running.values()), self._emit, tick=min(1.0, shortest / 4)
         )
@@ -307,9 +304,13 @@ class Worker:
             ):
                 fetcher.wakeup.set()
 
-    def _read_vt(self, executor: Executor, queue: str) -> int:
+    def _leases(self, executor: Executor, queue: str) -> list[float]:
+        """The leases of this queue's tasks (the app's default for a queue of none)."""
         leases = [executor.lease_for(t.name) for t in self._tasks.values() if t.queue == queue]
-        return math.ceil(max(leases, default=executor.lease_for(None)))
+        return leases or [executor.lease_for(None)]
+
+    def _read_vt(self, executor: Executor, queue: str) -> int:
+        return math.ceil(max(self._leases(executor, queue)))
 
     async def _ensure_queues(self, pool: asyncpg.Pool) -> None:
         existing = set(await queries.queue_list(pool))
