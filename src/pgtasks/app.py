@@ -21,7 +21,7 @@ import asyncpg
 from typing_extensions import ParamSpec, Self
 
 from . import registry, schema
-from ._db import queries
+from ._db import admin
 from ._db.connect import (
     DsnSource,
     acquire_clean,
@@ -308,15 +308,15 @@ class App:
         that. Returns how many rows of each kind were deleted."""
         pool = await self.pool()
         counts = {
-            "keys": await queries.keys_prune(pool),
-            "errors": await queries.errors_prune(pool, errors_older_than),
+            "keys": await admin.keys_prune(pool),
+            "errors": await admin.errors_prune(pool, errors_older_than),
             "archived": 0,
         }
         if archive_older_than is not None:
-            for queue in await queries.queue_list(pool):
+            for queue in await admin.queue_list(pool):
                 if not QUEUE_NAME.fullmatch(queue):  # not one of ours
                     continue
-                counts["archived"] += await queries.archive_prune(pool, queue, archive_older_than)
+                counts["archived"] += await admin.archive_prune(pool, queue, archive_older_than)
         return counts
 
     async def wait_for(self, refs: Iterable[JobRef], *, poll: float = 0.05) -> None:
@@ -331,7 +331,7 @@ class App:
         while waiting:
             async with acquire_clean(pool) as conn:
                 for queue, ids in list(waiting.items()):
-                    left = await queries.messages_waiting(conn, queue, sorted(ids))
+                    left = await admin.messages_waiting(conn, queue, sorted(ids))
                     if left:
                         waiting[queue] = left
                     else:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
-from ._db import queries
+from ._db import admin
 from .exceptions import JobNotFound
 from .tasks import JobRef
 
@@ -86,12 +86,12 @@ class DeadLetters:
         self, *, queue: str | None = None, task: str | None = None, limit: int = 100
     ) -> Sequence[DeadLetter]:
         """The newest dead letters, optionally of one queue or task."""
-        rows = await queries.dead_list(await self._app.pool(), queue, task, limit)
+        rows = await admin.dead_list(await self._app.pool(), queue, task, limit)
         return [_summary(r) for r in rows]
 
     async def get(self, dead_id: int) -> DeadLetter:
         """One dead letter with its payload and the error of every attempt."""
-        row, history = await queries.dead_get(await self._app.pool(), dead_id)
+        row, history = await admin.dead_get(await self._app.pool(), dead_id)
         if row is None:
             raise JobNotFound(f"no dead letter with id {dead_id}")
         return _summary(
@@ -122,7 +122,7 @@ class DeadLetters:
         return await self._retry(None, queue)
 
     async def _retry(self, ids: Sequence[int] | None, queue: str | None) -> Sequence[JobRef]:
-        rows = await queries.dead_retry(await self._app.pool(), ids, queue)
+        rows = await admin.dead_retry(await self._app.pool(), ids, queue)
         return [JobRef(r["msg_id"], r["queue"], r["task"] or "", r["deduplicated"]) for r in rows]
 
     async def purge(
@@ -130,4 +130,4 @@ class DeadLetters:
     ) -> int:
         """Delete dead letters (failed before ``older_than`` ago, of ``queue``); returns how
         many."""
-        return await queries.dead_purge(await self._app.pool(), older_than, queue)
+        return await admin.dead_purge(await self._app.pool(), older_than, queue)

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
 from ._completer import Completer, Outcome
-from ._db import queries
+from ._db import admin, queries
 from ._db.connect import CONNECTION_ERRORS
 from ._executor import Executor, Job
 from ._fetcher import Fetcher
@@ -313,10 +313,10 @@ class Worker:
         return math.ceil(max(self._leases(executor, queue)))
 
     async def _ensure_queues(self, pool: asyncpg.Pool) -> None:
-        existing = set(await queries.queue_list(pool))
+        existing = set(await admin.queue_list(pool))
         for queue in self.queues:
             if queue not in existing:
-                await queries.queue_ensure(pool, queue)
+                await admin.queue_ensure(pool, queue)
 
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:

@@ -1,4 +1,5 @@
-"""Every SQL statement pgtasks runs against pgmq and its own schema.
+"""The SQL of a job's life: enqueue, claim, and the outcomes of a run (admin.py holds the
+statements for queues, dead letters and pruning).
 
 Each statement is a named constant (or, where it names a queue's table, a cached builder)
 beside one small typed function taking a connection or pool. No business logic here.
@@ -17,7 +18,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -32,7 +33,8 @@ Executor: TypeAlias = "asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool"
 NOTIFY_CHANNEL = "pgtasks"
 
 
-def _table(prefix: str, queue: str) -> str:
+def table(prefix: str, queue: str) -> str:
+    """The quoted name of a queue's table in schema pgmq: ``q`` (queue) or ``a`` (archive)."""
     return '"' + prefix + "_" + check_queue_name(queue) + '"'
 
 
@@ -76,7 +78,7 @@ def _insert_sql(queue: str) -> str:
     # call through EXECUTE), with the wake-up NOTIFY in the same statement
     return f"""
 WITH m AS (
-    INSERT INTO pgmq.{_table("q", queue)} (vt, message, headers)
+    INSERT INTO pgmq.{table("q", queue)} (vt, message, headers)
     VALUES (coalesce($4::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)),
             $1::text::jsonb, $2::text::jsonb)
     RETURNING msg_id
@@ -109,7 +111,7 @@ def _insert_batch_sql(queue: str) -> str:
     # are drawn in insert order), with one NOTIFY.
     return f"""
 WITH m AS (
-    INSERT INTO pgmq.{_table("q", queue)} (vt, message, headers)
+    INSERT INTO pgmq.{table("q", queue)} (vt, message, headers)
     SELECT (SELECT coalesce($4::timestamptz,
                             clock_timestamp() + make_interval(secs => $3::float8))),
            t.body, t.headers::jsonb
@@ -174,7 +176,7 @@ def _read_sql(queue: str) -> str:
     # per call, and ordered by vt rather than msg_id: the vt index stops the scan after qty
     # visible rows, where msg_id order walks every invisible (delayed, leased) row ahead of
     # them. Jobs are claimed in the order they became due.
-    q = _table("q", queue)
+    q = table("q", queue)
     return f"""
 WITH due AS (
     SELECT msg_id FROM pgmq.{q}
@@ -201,7 +203,7 @@ async def message_read(conn: Executor, queue: str, vt: int, qty: int) -> list[Me
 
 @lru_cache(maxsize=256)
 def _next_visible_sql(queues: tuple[str, ...]) -> str:
-    parts = [f"SELECT min(vt) AS vt FROM pgmq.{_table('q', q)}" for q in queues]
+    parts = [f"SELECT min(vt) AS vt FROM pgmq.{table('q', q)}" for q in queues]
     return (
         "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 "
         f"FROM ({' UNION ALL '.join(parts)}) AS t"
@@ -220,7 +222,7 @@ async def queues_next_visible(conn: Executor, queues: Sequence[str]) -> float | 
 
 @lru_cache(maxsize=256)
 def _ack_sql(queue: str, archive: bool) -> str:
-    q, a = _table("q", queue), _table("a", queue)
+    q, a = table("q", queue), table("a", queue)
     archived = (
         f""", archived AS (
     INSERT INTO pgmq.{a} (msg_id, read_ct, enqueued_at, last_read_at, vt, message, headers)
@@ -264,7 +266,7 @@ async def messages_ack(
 @lru_cache(maxsize=256)
 def _set_vt_sql(queue: str) -> str:
     return f"""
-UPDATE pgmq.{_table("q", queue)} AS m
+UPDATE pgmq.{table("q", queue)} AS m
 SET vt = clock_timestamp() + make_interval(secs => t.delay)
 FROM unnest($1::bigint[], $2::integer[], $3::float8[]) AS t(id, ct, delay)
 WHERE m.msg_id = t.id AND m.read_ct = t.ct
@@ -275,7 +277,7 @@ RETURNING m.msg_id
 @lru_cache(maxsize=256)
 def _release_sql(queue: str) -> str:
     return f"""
-UPDATE pgmq.{_table("q", queue)} AS m
+UPDATE pgmq.{table("q", queue)} AS m
 SET vt = least(m.enqueued_at, clock_timestamp()), read_ct = m.read_ct - 1
 FROM unnest($1::bigint[], $2::integer[]) AS t(id, ct)
 WHERE m.msg_id = t.id AND m.read_ct = t.ct
@@ -312,7 +314,7 @@ WITH t AS (
     SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::text[]::jsonb[])
         AS t(id, ct, task, reason, error)
 ), gone AS (
-    DELETE FROM pgmq.{_table("q", queue)} AS m
+    DELETE FROM pgmq.{table("q", queue)} AS m
     USING t
     WHERE m.msg_id = t.id AND m.read_ct = t.ct
     RETURNING m.*, t.task, t.reason, t.error
@@ -349,62 +351,6 @@ async def messages_dead_letter(
 
 def _split(owned: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
     return [i for i, _ in owned], [c for _, c in owned]
-
-
-# --- queues and maintenance -----------------------------------------------------------------
-
-
-@lru_cache(maxsize=256)
-def _waiting_sql(queue: str) -> str:
-    return f"SELECT msg_id FROM pgmq.{_table('q', queue)} WHERE msg_id = ANY($1::bigint[])"
-
-
-async def messages_waiting(conn: Executor, queue: str, ids: Sequence[int]) -> set[int]:
-    """Which of these messages are still in the queue (waiting, delayed or running); none
-    when the queue does not exist."""
-    try:
-        rows = await conn.fetch(_waiting_sql(queue), ids)
-    except asyncpg.UndefinedTableError:
-        return set()
-    return {r[0] for r in rows}
-
-
-QUEUE_LIST = "SELECT queue_name::text FROM pgmq.meta ORDER BY queue_name"
-
-
-async def queue_list(conn: Executor) -> list[str]:
-    return [r[0] for r in await conn.fetch(QUEUE_LIST)]
-
-
-QUEUE_ENSURE = "SELECT pgtasks.ensure_queue($1::text)"
-
-
-async def queue_ensure(conn: Executor, queue: str) -> None:
-    """Create the queue unless it exists (validating its name)."""
-    await conn.execute(QUEUE_ENSURE, queue)
-
-
-KEYS_PRUNE = """
-WITH gone AS (
-    DELETE FROM pgtasks.idempotency_keys WHERE expires_at < now() RETURNING 1
-) SELECT count(*) FROM gone
-"""
-
-
-async def keys_prune(conn: Executor) -> int:
-    """Delete idempotency keys whose retention after success has passed."""
-    count: int = await conn.fetchval(KEYS_PRUNE)
-    return count
-
-
-KEY_GET = """
-SELECT key, queue, msg_id, created_at, expires_at FROM pgtasks.idempotency_keys WHERE key = $1
-"""
-
-
-async def key_get(conn: Executor, key: str) -> asyncpg.Record | None:
-    row: Any = await conn.fetchrow(KEY_GET, key)
-    return row  # type: ignore[no-any-return]
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -456,107 +402,3 @@ async def key_succeeded_elsewhere(conn: Executor, key: str, msg_id: int) -> int 
     """The msg_id of another job that already succeeded with this key, if any."""
     other: int | None = await conn.fetchval(KEY_SUCCEEDED_ELSEWHERE, key, msg_id)
     return other
-
-
-DEAD_LIST = """
-SELECT id, queue, msg_id, task, read_ct, enqueued_at, failed_at, reason
-FROM pgtasks.dead_letters
-WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2)
-ORDER BY id DESC
-LIMIT $3
-"""
-
-
-async def dead_list(
-    conn: Executor, queue: str | None, task: str | None, limit: int
-) -> list[asyncpg.Record]:
-    return list(await conn.fetch(DEAD_LIST, queue, task, limit))
-
-
-DEAD_GET = """
-SELECT id, queue, msg_id, task, message::text AS message, headers::text AS headers, read_ct,
-       enqueued_at, failed_at, reason, error::text AS error
-FROM pgtasks.dead_letters WHERE id = $1
-"""
-
-ATTEMPT_ERRORS_OF = """
-SELECT msg_id, task, attempt, error_type, message, traceback, worker, failed_at
-FROM pgtasks.attempt_errors WHERE queue = $1 AND msg_id = $2 ORDER BY attempt, id
-"""
-
-
-async def dead_get(
-    conn: Executor, dead_id: int
-) -> tuple[asyncpg.Record | None, list[asyncpg.Record]]:
-    """A dead letter and the errors of every attempt of its message."""
-    row = await conn.fetchrow(DEAD_GET, dead_id)
-    if row is None:
-        return None, []
-    history = await conn.fetch(ATTEMPT_ERRORS_OF, row["queue"], row["msg_id"])
-    return row, list(history)
-
-
-DEAD_RETRY = """
-WITH picked AS (
-    DELETE FROM pgtasks.dead_letters
-    WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR queue = $2)
-    RETURNING id, queue, task, message, headers
-)
-SELECT p.id, p.queue, p.task, s.msg_id, s.deduplicated
-FROM picked AS p, LATERAL pgtasks.send(p.queue, p.message, p.headers) AS s
-ORDER BY p.id
-"""
-
-
-async def dead_retry(
-    conn: Executor, ids: Sequence[int] | None, queue: str | None
-) -> list[asyncpg.Record]:
-    """Re-enqueue dead letters (as new messages with fresh attempts) and remove them, in one
-    statement; ``ids=None`` takes every dead letter (of ``queue``, if given)."""
-    return list(await conn.fetch(DEAD_RETRY, None if ids is None else list(ids), queue))
-
-
-DEAD_PURGE = """
-WITH gone AS (
-    DELETE FROM pgtasks.dead_letters
-    WHERE ($1::interval IS NULL OR failed_at < now() - $1) AND ($2::text IS NULL OR queue = $2)
-    RETURNING 1
-) SELECT count(*) FROM gone
-"""
-
-
-async def dead_purge(conn: Executor, older_than: dt.timedelta | None, queue: str | None) -> int:
-    count: int = await conn.fetchval(DEAD_PURGE, older_than, queue)
-    return count
-
-
-ERRORS_PRUNE = """
-WITH gone AS (
-    DELETE FROM pgtasks.attempt_errors AS e
-    WHERE e.failed_at < now() - $1::interval
-      AND NOT EXISTS (SELECT 1 FROM pgtasks.dead_letters AS d
-                      WHERE d.queue = e.queue AND d.msg_id = e.msg_id)
-    RETURNING 1
-) SELECT count(*) FROM gone
-"""
-
-
-async def errors_prune(conn: Executor, older_than: dt.timedelta) -> int:
-    """Delete the error history of attempts older than this, except for dead letters."""
-    count: int = await conn.fetchval(ERRORS_PRUNE, older_than)
-    return count
-
-
-@lru_cache(maxsize=256)
-def _archive_prune_sql(queue: str) -> str:
-    return f"""
-WITH gone AS (
-    DELETE FROM pgmq.{_table("a", queue)} WHERE archived_at < now() - $1::interval RETURNING 1
-) SELECT count(*) FROM gone
-"""
-
-
-async def archive_prune(conn: Executor, queue: str, older_than: dt.timedelta) -> int:
-    """Delete archived (succeeded) messages older than this from one queue's archive."""
-    count: int = await conn.fetchval(_archive_prune_sql(queue), older_than)
-    return count
