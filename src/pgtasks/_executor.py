@@ -30,6 +30,7 @@ import orjson
 from . import envelope
 from ._completer import Outcome
 from ._db import queries
+from ._db.connect import CONNECTION_ERRORS, acquire_clean
 from ._db.queries import Message
 from .context import JobContext, JobEvent, _current
 from .exceptions import EnvelopeError, UnknownTask
@@ -176,9 +177,22 @@ class Executor:
         await self._execute(job, task, policy, ctx, args, kwargs)
 
     async def _already_done(self, job: Job, ctx: JobContext, task: Task[Any, Any]) -> bool:
-        """A job whose key another job already completed is acked without running."""
+        """A job whose key another job already completed is acked without running. True
+        when the job is dealt with here (also: handed back, as the check could not run)."""
         assert ctx.idempotency_key is not None
-        other = await queries.key_succeeded_elsewhere(self._pool, ctx.idempotency_key, ctx.id)
+        try:
+            async with acquire_clean(self._pool) as conn:
+                other = await queries.key_succeeded_elsewhere(conn, ctx.idempotency_key, ctx.id)
+        except CONNECTION_ERRORS as exc:
+            # the job has not run: hand it back now rather than let it wait out its lease
+            logger.warning(
+                "%s (id %d): could not check its idempotency key (%s); handing it back",
+                ctx.task,
+                ctx.id,
+                exc,
+            )
+            self._submit(Outcome("release", job.queue, ctx.id, ctx.attempt))
+            return True
         if other is None:
             return False
         logger.info(

@@ -638,3 +638,40 @@ async def test_wait_for_returns_once_the_jobs_left_their_queues(app: pgtasks.App
     assert worker.stats["dead"] == 1
     with anyio.fail_after(1):
         await app.wait_for([])  # nothing to wait for
+
+
+async def test_a_key_check_that_loses_its_connection_hands_the_job_back(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # the check "did this key already succeed elsewhere?" runs before the job; if its
+    # connection dies, the job is handed back at once (not left to wait out its lease)
+    ran = anyio.Event()
+
+    @app.task(queue="keyconn")
+    async def job() -> None:
+        ran.set()
+
+    ref = await job.options(idempotency_key="kc-1").defer()
+    blocker = await asyncpg.connect(db_dsn)
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("LOCK TABLE pgtasks.idempotency_keys IN ACCESS EXCLUSIVE MODE")
+        async with app.worker(poll_interval=30) as worker:
+            with anyio.fail_after(10):  # the key check waits on the lock
+                while not (
+                    pid := await conn.fetchval(
+                        "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND application_name = 'pgtasks' AND datname = current_database()"
+                    )
+                ):
+                    await anyio.sleep(0.02)
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+            await tx.rollback()
+            with anyio.fail_after(10):  # far less than the 30 s lease
+                await ran.wait()
+                await app.wait_for([ref])
+        assert worker.stats["released"] == 1
+        assert worker.stats["succeeded"] == 1
+    finally:
+        await blocker.close()
