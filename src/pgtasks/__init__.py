@@ -6,13 +6,16 @@ from .app import App
 from .context import JobContext, JobEvent, current_job
 from .exceptions import (
     ConfigurationError,
+    DatabaseError,
     DatabaseUnavailable,
     EnvelopeError,
     JobNotFound,
     MessageTooLarge,
     MigrationError,
+    PermissionDenied,
     PgTasksError,
     QueueNameError,
+    SchemaMissing,
     SerializationError,
     UnknownTask,
 )
@@ -24,6 +27,7 @@ from .worker import Worker
 __all__ = [
     "App",
     "ConfigurationError",
+    "DatabaseError",
     "DatabaseUnavailable",
     "EnvelopeError",
     "Fail",
@@ -33,10 +37,12 @@ __all__ = [
     "JobRef",
     "MessageTooLarge",
     "MigrationError",
+    "PermissionDenied",
     "PgTasksError",
     "QueueNameError",
     "Retry",
     "RetryPolicy",
+    "SchemaMissing",
     "SerializationError",
     "Signature",
     "Task",

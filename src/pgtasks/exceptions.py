@@ -5,7 +5,10 @@ catches them all::
 
     PgTasksError
     ├── ConfigurationError          no DSN, bad option, app that cannot be loaded
+    │   └── SchemaMissing           the database was never migrated (run `pgtasks migrate`)
     ├── DatabaseUnavailable         connection refused, auth failed, missing database
+    ├── DatabaseError               the database refused an operation or a value
+    │   └── PermissionDenied        the role lacks a privilege pgtasks needs
     ├── MigrationError              pgmq or the pgtasks schema could not be installed
     ├── QueueNameError (ValueError) a queue name outside ^[a-z][a-z0-9_]{0,39}$
     ├── SerializationError          arguments orjson cannot encode, or a message over the limit
@@ -29,11 +32,23 @@ class ConfigurationError(PgTasksError):
     """The configuration is incomplete or contradictory; the message says what to set."""
 
 
+class SchemaMissing(ConfigurationError):
+    """The database has no pgtasks schema (or no pgmq): run ``python -m pgtasks migrate``."""
+
+
 class DatabaseUnavailable(PgTasksError):
     """The database could not be reached or refused the connection.
 
     The message names host, port and database (never the password) and the cause.
     """
+
+
+class DatabaseError(PgTasksError):
+    """The database refused an operation or a value; the message says which and why."""
+
+
+class PermissionDenied(DatabaseError):
+    """The database role lacks a privilege pgtasks needs; see docs/migrations.md."""
 
 
 class MigrationError(PgTasksError):
