@@ -128,11 +128,11 @@ async def test_sigterm_finishes_short_jobs_and_releases_the_rest(
     assert code == 0, out
     assert elapsed < 2 + 2, f"exit took {elapsed:.1f}s"
     rows = await conn.fetch(
-        "SELECT msg_id, read_ct, vt <= clock_timestamp() AS visible FROM pgmq.q_cli_slow "
-        "ORDER BY msg_id"
+        "SELECT msg_id, read_ct, vt <= clock_timestamp() AS visible, "
+        "headers->>'x-pgtasks-released' AS released FROM pgmq.q_cli_slow ORDER BY msg_id"
     )
-    assert [(r["msg_id"], r["read_ct"], r["visible"]) for r in rows] == [
-        (ref.id, 0, True)
+    assert [(r["msg_id"], r["read_ct"], r["visible"], r["released"]) for r in rows] == [
+        (ref.id, 1, True, "1")
         for ref in long_refs  # visible now, the attempt given back
     ]
     archived = await conn.fetchval("SELECT array_agg(msg_id) FROM pgmq.a_cli_slow")

@@ -1,10 +1,18 @@
 """The worker: wires the fetcher, executor, completer, lease keeper and listener together.
 
+Connections: the fetcher and the completer each own one connection, outside the app's
+pool, and the listener has its own; task code (and transactional jobs) use the app's pool.
+So the worker's loops never wait behind task code for a connection. Transactional jobs run
+at most ``pool_max_size - 1`` at a time, leaving a pooled connection for everything else
+(a ``defer()`` from inside one of them, say).
+
 Two scopes. The *service* scope holds the background loops (listener, completer, lease
 keeper). The *work* scope holds the fetch loop and the running jobs. A soft stop ends the
-fetch loop and gives running jobs ``shutdown_timeout`` seconds; a hard stop then cancels the
-work scope, and every cancelled job hands its message back at once (visible immediately).
-Pending outcomes are flushed, shielded, before the service scope closes.
+fetch loop and gives running jobs ``shutdown_timeout`` seconds; then every job still running
+is cancelled for the reason "stop" and hands its message back at once. A job that ignores
+the cancellation is given a few seconds more, then its message is handed back anyway (its
+attempt counted) and the worker returns without it. Pending outcomes are flushed, shielded
+and bounded, before the service scope closes.
 
 The library never installs signal handlers; the CLI does. Embedded use::
 
@@ -18,31 +26,39 @@ import asyncio
 import logging
 import math
 import os
+import random
 import socket
 from collections import Counter
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
-from ._completer import Completer, Outcome
-from ._db import admin, queries
-from ._db.connect import CONNECTION_ERRORS
-from ._executor import Executor, Job
-from ._fetcher import Fetcher
-from ._leases import LeaseKeeper
-from .app import App
-from .context import JobEvent
-from .exceptions import ConfigurationError
+from .._db import admin, queries
+from .._db.connect import APPLICATION_NAME, connect
+from ..context import JobEvent
+from ..exceptions import ConfigurationError
+from ..queues import check_queue_name
+from .completer import Completer
+from .connection import OwnConnection
+from .executor import Executor
+from .fetcher import Fetcher
+from .job import CancelReason, Job
+from .leases import LeaseKeeper
 from .listener import Listener
-from .queues import check_queue_name
+from .outcome import Outcome
+
+if TYPE_CHECKING:
+    from ..app import App
 
 logger = logging.getLogger("pgtasks")
-# the fetch loop also survives server-side errors (a queue dropped under it, say)
-_FETCH_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
+
+CANCEL_GRACE = 3.0  # seconds a cancelled job gets to unwind before it is left behind
+FLUSH_BUDGET = 7.0  # seconds the last outcomes get to be written at shutdown
 
 
 class Worker:
@@ -69,8 +85,9 @@ class Worker:
         listen: bool = True,
         poll_interval: float = 5.0,
     ) -> None:
-        if concurrency < 1:
-            raise ConfigurationError(f"concurrency must be at least 1 (got {concurrency})")
+        _check_number("concurrency", concurrency, 1, 100_000, integer=True)
+        _check_number("shutdown_timeout", shutdown_timeout, 0, 86_400)
+        _check_number("poll_interval", poll_interval, 0.01, 3_600)
         self.app = app
         self.queues = [check_queue_name(q) for q in (queues or app.queues)]
         if not self.queues:
@@ -79,12 +96,12 @@ class Worker:
             )
         self.concurrency = concurrency
         self.burst = burst
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = float(shutdown_timeout)
         self.listen = listen
-        self.poll_interval = poll_interval
+        self.poll_interval = float(poll_interval)
         self.stats: Counter[str] = Counter()
         self._subscribers: list[Callable[[JobEvent], None]] = []
-        self._running: dict[tuple[str, int], Job] = {}
+        self._jobs: set[Job] = set()
         self._stopping = anyio.Event()
         self._fetch_scope: anyio.CancelScope | None = None
         self._force = False
@@ -94,6 +111,7 @@ class Worker:
         self._background: TaskGroup | None = None
         self._done = anyio.Event()
         self.listener: Listener | None = None
+        self.abandoned = 0  # jobs that ignored cancellation at the last stop
 
     # --- public ---------------------------------------------------------------------------
 
@@ -119,72 +137,32 @@ class Worker:
     @property
     def running(self) -> int:
         """Jobs running now."""
-        return len(self._running)
+        return len(self._jobs)
+
+    @property
+    def failed_queues(self) -> dict[str, str]:
+        """Queues this worker cannot claim from (a dropped queue, a missing grant), with the
+        last error; empty when every queue is served."""
+        return self._fetcher.failed_queues if self._fetcher is not None else {}
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (or, with ``burst``, until there is nothing left to do)."""
-        pool = await self.app.pool()
-        await self._ensure_queues(pool)
-        executor = Executor(
-            self._tasks,
-            self.app.defaults,
-            pool,
-            self._submit,
-            self._emit,
-            key_retention=self.app.key_retention.total_seconds(),
-        )
-        read_vt = {q: self._read_vt(executor, q) for q in self.queues}
-        self._completer = Completer(
-            pool,
-            key_retention=self.app.key_retention.total_seconds(),
-            emit=self._emit,
-            worker_id=f"{socket.gethostname()}:{os.getpid()}",
-            requeued=lambda: self._on_notify(None),
-        )
-        self._fetcher = Fetcher(
-            pool,
-            self.queues,
-            read_vt,
-            free_slots=lambda: self.concurrency - len(self._running),
-            claimed=lambda q, msgs: self._start_jobs(executor, q, msgs, read_vt[q]),
-            poll_interval=self.poll_interval,
-        )
-        # a lease is extended once a third of it has passed: tick often enough that even
-        # the shortest lease of these queues is extended well before it runs out
-        shortest = min(min(self._leases(executor, q)) for q in self.queues)
-        leases = LeaseKeeper(
-            pool, lambda: list(self._running.values()), self._emit, tick=min(1.0, shortest / 4)
-        )
-        try:
-            async with anyio.create_task_group() as service:
-                service.start_soon(self._completer.run)
-                service.start_soon(leases.run)
-                if self.listen:
-                    self.listener = Listener(self.app.dsn, self._on_notify)
-                    await service.start(self.listener.run)
-                logger.info(
-                    "worker started: queues %s, concurrency %d%s",
-                    ", ".join(self.queues),
-                    self.concurrency,
-                    "" if self.listen else ", poll-only",
-                )
-                task_status.started()
-                try:
-                    await self._work()
-                finally:  # also when cancelled from outside: releases must be written
-                    await self._completer.drain(timeout=10.0)
-                service.cancel_scope.cancel()
-        finally:
-            self._done.set()
-            logger.info(
-                "worker stopped: %d succeeded, %d failed attempts, %d retried, "
-                "%d dead-lettered, %d released",
-                self.stats["succeeded"],
-                self.stats["failed"],
-                self.stats["retried"],
-                self.stats["dead"],
-                self.stats["released"],
+        app = self.app
+        dsn = await app.dsn()
+
+        async def open_connection() -> asyncpg.Connection:
+            return await connect(
+                dsn,
+                statement_cache_size=app.statement_cache_size,
+                server_settings={"application_name": APPLICATION_NAME},
             )
+
+        fetch_conn, complete_conn = OwnConnection(open_connection), OwnConnection(open_connection)
+        try:
+            await self._serve(fetch_conn, complete_conn, task_status)
+        finally:
+            fetch_conn.close()
+            complete_conn.close()
 
     async def __aenter__(self) -> Self:
         self._background_cm = anyio.create_task_group()
@@ -207,6 +185,92 @@ class Worker:
 
     # --- internals ------------------------------------------------------------------------
 
+    async def _serve(
+        self, fetch_conn: OwnConnection, complete_conn: OwnConnection, task_status: TaskStatus[None]
+    ) -> None:
+        async with fetch_conn.use() as conn:
+            await self._ensure_queues(conn)
+        executor = Executor(
+            self._tasks,
+            self.app.defaults,
+            self._submit,
+            self._emit,
+            pool=self.app.pool,
+            transactional_slots=self._transactional_slots(),
+            key_retention=self.app.key_retention.total_seconds(),
+            max_message_size=self.app.max_message_size,
+        )
+        read_vt = {q: self._read_vt(executor, q) for q in self.queues}
+        self._completer = Completer(
+            complete_conn,
+            key_retention=self.app.key_retention.total_seconds(),
+            emit=self._emit,
+            worker_id=f"{socket.gethostname()}:{os.getpid()}",
+            requeued=lambda: self._on_notify(None),
+        )
+        self._fetcher = Fetcher(
+            fetch_conn,
+            self.queues,
+            read_vt,
+            free_slots=lambda: self.concurrency - len(self._jobs),
+            claimed=lambda q, msgs: self._start_jobs(executor, q, msgs, read_vt[q]),
+            poll_interval=self.poll_interval,
+            max_message_size=self.app.max_message_size,
+        )
+        # a lease is extended once a third of it has passed: tick often enough that even
+        # the shortest lease of these queues is extended well before it runs out
+        shortest = min(min(self._leases(executor, q)) for q in self.queues)
+        leases = LeaseKeeper(lambda: self._jobs, self._completer, tick=min(1.0, shortest / 4))
+        try:
+            async with anyio.create_task_group() as service:
+                service.start_soon(self._completer.run)
+                service.start_soon(leases.run)
+                if self.listen:
+                    self.listener = Listener(self.app.dsn, self._on_notify)
+                    await service.start(self.listener.run)
+                logger.info(
+                    "worker started: queues %s, concurrency %d%s",
+                    ", ".join(self.queues),
+                    self.concurrency,
+                    "" if self.listen else ", poll-only",
+                )
+                task_status.started()
+                try:
+                    await self._work()
+                finally:  # also when cancelled from outside: releases must be written
+                    await self._completer.drain(timeout=FLUSH_BUDGET)
+                service.cancel_scope.cancel()
+        finally:
+            self._done.set()
+            logger.info(
+                "worker stopped: %d succeeded, %d failed attempts, %d retried, "
+                "%d dead-lettered, %d released",
+                self.stats["succeeded"],
+                self.stats["failed"],
+                self.stats["retried"],
+                self.stats["dead"],
+                self.stats["released"],
+            )
+
+    def _transactional_slots(self) -> asyncio.Semaphore | None:
+        """At most pool_max_size - 1 transactional jobs at once: each holds a pooled
+        connection for its whole run, and one must stay free for everything else."""
+        served = [
+            t.name
+            for t in self._tasks.values()
+            if t.config.transactional and t.queue in self.queues
+        ]
+        if not served:
+            return None
+        limit = self.app.pool_max_size - 1
+        if limit < 1:
+            raise ConfigurationError(
+                f"transactional tasks ({', '.join(sorted(served))}) need App(pool_max_size=...) "
+                f"of at least 2 (got {self.app.pool_max_size}): each running one holds a "
+                "pooled connection, and one must stay free for the rest"
+            )
+        return asyncio.Semaphore(limit)
+
     async def _work(self) -> None:
         assert self._fetcher is not None
         try:
@@ -218,40 +282,64 @@ class Worker:
             self._stopping.set()
             if not self._force:
                 with anyio.move_on_after(self.shutdown_timeout):
-                    while self._running:
+                    while self._jobs:
                         await self._fetcher.wakeup.wait(0.1)
-            if self._running:
+            if self._jobs:
                 logger.warning(
                     "%d job(s) still running after %.1fs; cancelling them and "
                     "releasing their messages",
-                    len(self._running),
+                    len(self._jobs),
                     0.0 if self._force else self.shutdown_timeout,
                 )
         finally:
             # cancelled jobs queue the release of their messages on the way out
-            tasks = self._cancel_jobs()
-            if tasks:
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait(tasks)
+            await self._cancel_and_wait()
+
+    async def _cancel_and_wait(self) -> None:
+        tasks = self._cancel_jobs()
+        if not tasks:
+            return
+        with anyio.CancelScope(shield=True):
+            _, pending = await asyncio.wait(tasks, timeout=CANCEL_GRACE)
+        left = [job for job in self._jobs if job.task in pending]
+        for job in left:  # it ignores cancellation: hand its message back without it
+            logger.error(
+                "%s ignored cancellation for %.0fs; its message is handed back (the attempt "
+                "counts) while it may still be running in this process",
+                job.describe(),
+                CANCEL_GRACE,
+            )
+            if job.finish():
+                self._submit(Outcome("release", job, give_back=False))
+            self._jobs.discard(job)
+        self.abandoned = len(left)
 
     def _cancel_jobs(self) -> list[asyncio.Task[None]]:
-        tasks = [job.task for job in self._running.values() if job.task is not None]
-        for task in tasks:
-            task.cancel()
+        tasks = []
+        for job in self._jobs:
+            job.cancel(CancelReason.STOP)
+            if job.task is not None and not job.task.done():
+                tasks.append(job.task)
         return tasks
 
     async def _fetch_loop(self) -> None:
         assert self._fetcher is not None
         assert self._completer is not None
         fetcher = self._fetcher
-        backoff = 0.1
+        backoff = 0.05
+        failing_since: float | None = None
         while True:
             try:
-                if self.concurrency - len(self._running) <= 0:
+                if self.concurrency - len(self._jobs) <= 0:
                     await fetcher.wait_for_slot()
                     continue
                 claimed, drained = await fetcher.claim_pass()
-                backoff = 0.1
+                if failing_since is not None:
+                    logger.info(
+                        "claiming works again after %.1fs", anyio.current_time() - failing_since
+                    )
+                    failing_since = None
+                backoff = 0.05
                 if claimed:
                     await asyncio.sleep(0)  # the new jobs start before the next query goes out
                 if not drained:
@@ -260,11 +348,11 @@ class Worker:
                     await fetcher.gather_slots(self.concurrency // 2)
                     continue
                 if self.burst and claimed == 0:
-                    if not self._running and self._completer.pending == 0:
+                    if not self._jobs and self._completer.pending == 0:
                         await self._completer.wait_idle()
                         claimed, drained = await fetcher.claim_pass()
                         if claimed == 0:
-                            logger.info("burst: the queues are empty, stopping")
+                            self._burst_done()
                             return
                         continue
                     await fetcher.wakeup.wait(0.05)
@@ -272,35 +360,45 @@ class Worker:
                 # drained: the claim got fewer than it asked for, so reading again now would
                 # find nothing; a notification, a freed slot or the next vt wakes the loop
                 await fetcher.idle_wait()
-            except _FETCH_ERRORS as exc:
-                logger.warning("fetching failed (%s); retrying in %.1fs", exc, backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+            except Exception as exc:  # claim_pass raises transient errors only
+                if failing_since is None:
+                    failing_since = anyio.current_time()
+                    logger.warning("claiming failed (%s); retrying", exc)
+                else:
+                    logger.debug("claiming failed (%s); retrying in %.2fs", exc, backoff)
+                # short and jittered: claims resume within about a second of the
+                # database's return, without every worker retrying in step
+                await anyio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 1.0)
+
+    def _burst_done(self) -> None:
+        failed = self.failed_queues
+        if failed:
+            logger.error(
+                "burst: stopping; %d queue(s) could not be served: %s",
+                len(failed),
+                "; ".join(f"{q}: {e}" for q, e in failed.items()),
+            )
+        else:
+            logger.info("burst: the queues are empty, stopping")
 
     def _start_jobs(
         self, executor: Executor, queue: str, messages: list[queries.Message], read_vt: int
     ) -> None:
         loop = asyncio.get_running_loop()
         for msg in messages:
-            job = Job(queue, msg, lease=float(read_vt))
-            self._running[job.key] = job
+            job = executor.new_job(queue, msg, float(read_vt))
+            self._jobs.add(job)
             job.task = loop.create_task(self._run_job(executor, job))
 
     async def _run_job(self, executor: Executor, job: Job) -> None:
         try:
             await executor.run(job)
-        except Exception:  # the executor handles every job error; this would be a bug
-            logger.exception(
-                "pgtasks failed to process message %d in queue %s; it becomes visible "
-                "again when its lease expires",
-                job.message.msg_id,
-                job.queue,
-            )
         finally:
-            self._running.pop(job.key, None)
+            self._jobs.discard(job)
             fetcher = self._fetcher
             if fetcher is not None and (
-                not self._running or self.concurrency - len(self._running) >= fetcher.wanted
+                not self._jobs or self.concurrency - len(self._jobs) >= fetcher.wanted
             ):
                 fetcher.wakeup.set()
 
@@ -312,11 +410,11 @@ class Worker:
     def _read_vt(self, executor: Executor, queue: str) -> int:
         return math.ceil(max(self._leases(executor, queue)))
 
-    async def _ensure_queues(self, pool: asyncpg.Pool) -> None:
-        existing = set(await admin.queue_list(pool))
+    async def _ensure_queues(self, conn: asyncpg.Connection) -> None:
+        existing = set(await admin.queue_list(conn))
         for queue in self.queues:
             if queue not in existing:
-                await admin.queue_ensure(pool, queue)
+                await admin.queue_ensure(conn, queue)
 
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:
@@ -335,3 +433,20 @@ class Worker:
                 callback(event)
             except Exception:
                 logger.exception("an event subscriber failed on %s", event.kind)
+
+
+def _check_number(
+    name: str, value: object, low: float, high: float, *, integer: bool = False
+) -> None:
+    """Refuse a worker option outside [low, high] (or not a number), naming it."""
+    kind = int if integer else (int, float)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
+        expected = "a whole number" if integer else "a number"
+        raise ConfigurationError(
+            f"worker option {name} must be {expected} from {low:g} to {high:g} (got {value!r})"
+        )

@@ -12,14 +12,15 @@ away are gone.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ._db.connect import connect
-from ._db.queries import NOTIFY_CHANNEL
+from .._db.connect import connect
+from .._db.queries import NOTIFY_CHANNEL
 
 logger = logging.getLogger("pgtasks")
 
@@ -31,7 +32,7 @@ class Listener:
         on_wake: Callable[[str | None], None],
         *,
         health_interval: float = 10.0,
-        max_backoff: float = 10.0,
+        max_backoff: float = 1.0,
     ) -> None:
         self._dsn = dsn
         self._on_wake = on_wake
@@ -57,7 +58,9 @@ class Listener:
             if self.connected:  # it had been up: start the backoff afresh
                 backoff = 0.1
             self.connected = False
-            await anyio.sleep(backoff)
+            # short and jittered: back within about a second of the server's return, without
+            # every worker reconnecting in step
+            await anyio.sleep(backoff * random.uniform(0.5, 1.0))
             backoff = min(backoff * 2, self._max_backoff)
             self.reconnects += 1
 

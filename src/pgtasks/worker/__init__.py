@@ -1,0 +1,13 @@
+"""The consumer: claims messages, runs jobs, writes their outcomes.
+
+The parts, one module each: `worker` wires them together and owns the two shutdown scopes;
+`fetcher` claims (never more than the free slots); `executor` runs one job and decides its
+outcome; `job` is a claimed message's state machine and cancel reasons; `completer` is the
+one writer of the worker's message rows; `leases` decides which leases to extend;
+`listener` holds the LISTEN connection; `connection` the loops' own connections; `outcome`
+the outcomes and the cleaning of what a task hands back.
+"""
+
+from .worker import Worker
+
+__all__ = ["Worker"]

@@ -1,0 +1,416 @@
+"""The executor: runs one claimed message and decides its outcome.
+
+decode the envelope -> find the task -> bind the arguments -> run it as the job's asyncio
+task, under its time limit -> outcome. Nothing here writes a message row except a
+transactional job's ack, which commits in the job's own transaction: every other outcome
+goes to the completer. Broad exceptions are caught only here, at the job boundary, and
+every one of them (``SystemExit``, ``KeyboardInterrupt``, a ``CancelledError`` the task
+raised itself) is a failed attempt, except a cancellation whose reason the worker set
+(see `job.py`): a stop hands the message back, a lost lease writes nothing.
+
+Poison messages never loop: a body that is not an envelope, is over the size limit, or whose
+arguments do not bind goes to the dead letters at once; an unknown task is retried with
+backoff (a rolling deploy may bring a worker that knows it), then dead-lettered; a message
+whose attempts already exceed the policy (runs that crashed the worker or lost the lease) is
+dead-lettered before it runs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+
+from .. import envelope
+from .._db import queries
+from .._db.connect import acquire
+from ..context import JobContext, JobEvent, _current
+from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
+from ..retry import Fail, Retry, RetryPolicy
+from ..tasks import Task, TaskConfig
+from .job import CancelReason, Job
+from .outcome import (
+    Outcome,
+    attempt_error,
+    clean_delay,
+    clean_text,
+    describe_error,
+    error_json,
+)
+
+logger = logging.getLogger("pgtasks")
+
+
+class JobTimeout(TimeoutError):
+    """A run exceeded its task's time limit."""
+
+
+class _LeaseLost(Exception):
+    """Raised inside a transactional job's transaction when its ack finds the message gone
+    or taken: the transaction, and so the task's own writes, roll back."""
+
+
+def released(headers: dict[str, Any]) -> int:
+    """Attempts given back to a message by worker stops (see `queries.messages_release`)."""
+    value = headers.get(queries.RELEASED_HEADER)
+    return value if type(value) is int and 0 <= value < 1_000_000 else 0
+
+
+class Executor:
+    def __init__(
+        self,
+        tasks: dict[str, Task[Any, Any]],
+        defaults: TaskConfig,
+        submit: Callable[[Outcome], None],
+        emit: Callable[[JobEvent], None],
+        *,
+        pool: Callable[[], Awaitable[asyncpg.Pool]],
+        transactional_slots: asyncio.Semaphore | None,
+        key_retention: float,
+        max_message_size: int,
+    ) -> None:
+        self._tasks = tasks
+        self._defaults = defaults
+        self._default_policy = RetryPolicy.from_config(TaskConfig(), defaults)
+        self._submit = submit
+        self._emit = emit
+        self._pool = pool
+        self._tx_slots = transactional_slots
+        self._key_retention = key_retention
+        self._max_message_size = max_message_size
+        self._policies: dict[str, RetryPolicy] = {}
+
+    def lease_for(self, task_name: str | None) -> float:
+        task = self._tasks.get(task_name or "")
+        lease = task.config.lease if task is not None else None
+        return lease or self._defaults.lease or 30.0
+
+    def new_job(self, queue: str, msg: queries.Message, lease: float) -> Job:
+        headers = _headers(msg.headers)
+        return Job(queue, msg, lease, attempt=msg.read_ct - released(headers), headers=headers)
+
+    async def run(self, job: Job) -> None:
+        """Run one job to its outcome. Never raises: this is the job boundary."""
+        try:
+            await self._run(job)
+        except BaseException as exc:  # a cancellation between the steps, or a pgtasks bug
+            if self._interrupted(job):
+                return
+            logger.error("pgtasks failed to process %s: %s", job.describe(), describe_error(exc))
+            self._failed(job, self._default_policy, exc, 0.0)
+
+    def _interrupted(self, job: Job) -> bool:
+        """Handle a run that ended by a cancellation with a reason; False if it had none."""
+        reason = job.cancel_reason
+        if reason is CancelReason.LOST_LEASE:
+            self._log_lost(job)
+            job.done()
+            return True
+        if reason is CancelReason.STOP:
+            self._release(job, give_back=True)
+            return True
+        return False
+
+    def _release(self, job: Job, *, give_back: bool) -> None:
+        if job.finish():
+            self._submit(Outcome("release", job, give_back=give_back))
+
+    def _log_lost(self, job: Job) -> None:
+        logger.warning(
+            "%s lost its lease; this run is not acked%s",
+            job.describe(),
+            " and its transaction was rolled back" if job.transactional else "",
+        )
+
+    async def _run(self, job: Job) -> None:
+        msg = job.message
+        headers = job.headers
+        if msg.body is None:
+            self._dead(job, None, _missing_body(msg.size, self._max_message_size), None)
+            return
+        try:
+            env = envelope.decode(msg.body)
+        except EnvelopeError as exc:
+            self._dead(job, None, f"malformed message: {clean_text(exc)}", exc)
+            return
+        job.task_name = env.task
+        task = self._tasks.get(env.task)
+        if task is None:
+            known = ", ".join(sorted(self._tasks)) or "none"
+            unknown = UnknownTask(
+                f"task {env.task!r} is not registered in this worker (known: {known})"
+            )
+            self._failed(job, self._default_policy, unknown, 0.0)
+            return
+        job.lease = self.lease_for(env.task)
+        policy = self._policies.get(env.task)
+        if policy is None:
+            policy = self._policies[env.task] = task.retry_policy(self._defaults)
+        if job.attempt > policy.max_retries + 1:
+            self._dead(
+                job,
+                env.task,
+                f"attempt {job.attempt} exceeds max_retries={policy.max_retries}: the last "
+                "run(s) never finished (the worker crashed, lost the lease, or never "
+                "received the claim)",
+                None,
+            )
+            return
+        try:
+            args, kwargs = task.bind_message(env.args, env.kwargs)
+        except BaseException as exc:  # the job boundary: type hints' converters run user code
+            reason = clean_text(exc) if isinstance(exc, TypeError | ValueError) else None
+            self._dead(
+                job,
+                env.task,
+                f"arguments do not fit the signature of {env.task!r}: "
+                f"{reason or describe_error(exc)}",
+                exc,
+            )
+            return
+        key = headers.get(envelope.HEADER_IDEMPOTENCY_KEY)
+        ctx = JobContext(
+            id=msg.msg_id,
+            queue=job.queue,
+            task=env.task,
+            attempt=job.attempt,
+            enqueued_at=msg.enqueued_at,
+            idempotency_key=key if isinstance(key, str) else None,
+            headers=headers,
+        )
+        if msg.key_holder is not None:
+            self._skip_done(job, ctx, task, msg.key_holder)
+            return
+        await self._execute(job, task, policy, ctx, args, kwargs)
+
+    def _skip_done(self, job: Job, ctx: JobContext, task: Task[Any, Any], holder: int) -> None:
+        """A job whose key another job already completed is acked without running."""
+        logger.info(
+            "%s skipped: idempotency key %r already succeeded with job %d",
+            job.describe(),
+            ctx.idempotency_key,
+            holder,
+        )
+        event = JobEvent(
+            "succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, reason="already done"
+        )
+        if job.finish():
+            self._submit(Outcome("ack", job, self._archive(task), event=event))
+
+    def _archive(self, task: Task[Any, Any]) -> bool:
+        return (task.config.on_success or self._defaults.on_success) != "delete"
+
+    async def _execute(
+        self,
+        job: Job,
+        task: Task[Any, Any],
+        policy: RetryPolicy,
+        ctx: JobContext,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        if not task.config.transactional:
+            await self._execute_once(job, task, policy, ctx, args, kwargs, None)
+            return
+        job.transactional = True
+        async with self._tx_slots or contextlib.nullcontext():  # leave a pooled connection
+            pool = await self._pool()
+            try:
+                conn = await acquire(pool)
+            except DatabaseUnavailable as exc:  # it has not run: hand it back at once
+                logger.warning(
+                    "%s: no database connection (%s); handing it back", job.describe(), exc
+                )
+                self._release(job, give_back=True)
+                return
+            try:
+                await self._execute_once(job, task, policy, ctx, args, kwargs, conn)
+            finally:
+                await pool.release(conn)
+
+    async def _execute_once(
+        self,
+        job: Job,
+        task: Task[Any, Any],
+        policy: RetryPolicy,
+        ctx: JobContext,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        conn: PoolConnectionProxy | None,
+    ) -> None:
+        timeout = task.config.timeout if task.config.timeout is not None else self._defaults.timeout
+        job.start()
+        self._emit(JobEvent("started", ctx.queue, ctx.id, ctx.attempt, ctx.task))
+        logger.debug("running %s", job.describe())
+        started = time.monotonic()
+        timer = (
+            asyncio.get_running_loop().call_later(timeout, job.cancel, CancelReason.TIMEOUT)
+            if timeout is not None
+            else None
+        )
+        error: BaseException | None = None
+        try:
+            if conn is not None:
+                await self._run_in_transaction(conn, job, task, ctx, args, kwargs)
+            else:
+                token = _current.set(ctx)
+                try:
+                    await task.fn(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+        except _LeaseLost:  # the ack found the message gone: the transaction rolled back
+            self._log_lost(job)
+            job.done()
+            return
+        except BaseException as exc:  # the job boundary: whatever the task raised
+            if self._interrupted(job):
+                return
+            error = exc
+        finally:
+            if timer is not None:
+                timer.cancel()
+        duration = time.monotonic() - started
+        if job.cancel_reason is CancelReason.LOST_LEASE:  # it swallowed the cancellation
+            self._log_lost(job)
+            job.done()
+            return
+        if error is None:
+            self._succeeded(job, task, ctx, duration)
+            return
+        if job.cancel_reason is CancelReason.TIMEOUT:
+            error = JobTimeout(f"the run exceeded its time limit of {timeout:g}s")
+        self._failed(job, policy, error, duration)
+
+    def _succeeded(self, job: Job, task: Task[Any, Any], ctx: JobContext, duration: float) -> None:
+        logger.debug("%s succeeded in %.3fs", job.describe(), duration)
+        event = JobEvent("succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, None, duration)
+        if job.transactional:  # acked in its own transaction
+            job.done()
+            self._emit(event)
+        elif job.finish():
+            self._submit(Outcome("ack", job, self._archive(task), event=event))
+
+    async def _run_in_transaction(
+        self,
+        conn: PoolConnectionProxy,
+        job: Job,
+        task: Task[Any, Any],
+        ctx: JobContext,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        """The task's writes, its ack and its key commit together, or not at all. The
+        job's outcome is decided before the ack is sent, so a lease extension that meets
+        the commit cannot report it lost."""
+        async with conn.transaction():
+            token = _current.set(ctx._replace(connection=conn))
+            try:
+                await task.fn(*args, **kwargs)
+            finally:
+                _current.reset(token)
+            if not job.finish():  # its lease was lost while it ran: roll back
+                raise _LeaseLost
+            acked = await queries.messages_ack(
+                conn,
+                job.queue,
+                [job.token],
+                archive=self._archive(task),
+                key_retention=self._key_retention,
+            )
+            if not acked:
+                raise _LeaseLost
+
+    def _failed(self, job: Job, policy: RetryPolicy, error: BaseException, duration: float) -> None:
+        # Decided now; a transactional job may be decided already, when its ack or its
+        # commit failed: whether it committed is then settled by the guard of the write
+        # below (a committed ack leaves nothing to retry).
+        job.finish()
+        name = job.task_name
+        failed = JobEvent("failed", job.queue, job.msg_id, job.attempt, name, error, duration)
+        self._emit(failed)
+        if policy.should_retry(error, job.attempt):
+            delay = clean_delay(error.delay) if isinstance(error, Retry) else None
+            if delay is None:
+                delay = policy.backoff(job.attempt)
+            logger.warning(
+                "%s failed after %.3fs: %s; retrying in %.2fs",
+                job.describe(),
+                duration,
+                describe_error(error),
+                delay,
+            )
+            event = JobEvent(
+                "retried", job.queue, job.msg_id, job.attempt, name, error, duration, delay
+            )
+            self._submit(
+                Outcome(
+                    "retry",
+                    job,
+                    delay=delay,
+                    attempt_error=attempt_error(job, name, error),
+                    event=event,
+                )
+            )
+            return
+        if isinstance(error, Fail):
+            reason = f"failed: {clean_text(error.reason)}"
+        elif policy.should_retry(error, 1):
+            reason = f"retries exhausted after {job.attempt} attempt(s): {describe_error(error)}"
+        else:
+            reason = f"not retryable: {describe_error(error)}"
+        self._dead(job, name, reason, error, duration, decided=True)
+
+    def _dead(
+        self,
+        job: Job,
+        task_name: str | None,
+        reason: str,
+        error: BaseException | None,
+        duration: float | None = None,
+        *,
+        decided: bool = False,
+    ) -> None:
+        if not job.finish() and not decided:
+            return
+        reason = clean_text(reason)
+        logger.error("%s moved to dead letters: %s", job.describe(), reason)
+        event = JobEvent(
+            "dead", job.queue, job.msg_id, job.attempt, task_name, error, duration, reason=reason
+        )
+        record = attempt_error(job, task_name, error) if error is not None else None
+        self._submit(
+            Outcome(
+                "dead",
+                job,
+                reason=reason,
+                error=error_json(record),
+                attempt_error=record,
+                event=event,
+            )
+        )
+
+
+def _missing_body(size: int | None, limit: int) -> str:
+    if size is None:
+        return "malformed message: the message body is NULL"
+    return (
+        f"the message body is {size:,} bytes, over the limit of {limit:,} bytes "
+        "(App(max_message_size=...)); it was not loaded"
+    )
+
+
+def _headers(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

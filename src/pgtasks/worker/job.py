@@ -1,0 +1,126 @@
+"""A claimed message while this worker holds it: the job's state machine.
+
+::
+
+    CLAIMED --start--> RUNNING --finish(outcome)--> FINISHING --written--> DONE
+       |                  |
+       +------------------+--cancel(reason)--> (the run ends; the reason decides the outcome)
+
+A job's state only moves forward. Every cancellation carries its reason, set before the
+asyncio task is cancelled, so nothing downstream guesses from a bare `CancelledError`:
+
+* ``STOP`` (the worker stops): the message is handed back, the attempt given back;
+* ``LOST_LEASE`` (another worker may hold the message): nothing is written;
+* ``TIMEOUT`` (the task's time limit): a failed attempt;
+* ``REQUESTED`` (a user cancelled the job): recorded as cancelled.
+
+A `CancelledError` that reaches the job boundary with no reason set was raised by the task
+itself, and is a failed attempt like any other exception. Once a job is FINISHING its
+outcome is decided: a cancellation is refused and lease events are ignored (the completer
+drops extensions for it), which is what keeps a stale extension from overwriting a retry's
+delay or a committed transactional job from being reported as lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._db.queries import Message
+
+
+class JobState(enum.IntEnum):
+    CLAIMED = 0
+    RUNNING = 1
+    FINISHING = 2
+    DONE = 3
+
+
+class CancelReason(enum.Enum):
+    STOP = "the worker is stopping"
+    LOST_LEASE = "the lease was lost"
+    TIMEOUT = "the time limit was reached"
+    REQUESTED = "cancellation was requested"
+
+
+_RANK = {
+    CancelReason.TIMEOUT: 0,
+    CancelReason.REQUESTED: 0,
+    CancelReason.STOP: 1,
+    CancelReason.LOST_LEASE: 2,
+}
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """One claimed message and its run. Identity is the object itself: the same message
+    claimed again (after a lapsed lease) is another `Job` with another claim token.
+
+    Each job runs as a plain asyncio task of its own (``task``): the worker starts
+    thousands a second, and a task group member with a cancel scope of its own cost about
+    half of the worker's CPU per job.
+    """
+
+    queue: str
+    message: Message
+    lease: float
+    attempt: int
+    headers: dict[str, Any] = field(default_factory=dict)
+    state: JobState = JobState.CLAIMED
+    cancel_reason: CancelReason | None = None
+    task: asyncio.Task[None] | None = None
+    extended_at: float = field(default_factory=time.monotonic)
+    extension_pending: bool = False  # an extension is queued in the completer
+    task_name: str | None = None  # once the body is decoded
+    transactional: bool = False
+
+    @property
+    def msg_id(self) -> int:
+        return self.message.msg_id
+
+    @property
+    def token(self) -> tuple[int, int]:
+        """The ownership guard of every write: (msg_id, read_ct), never repeated."""
+        return (self.message.msg_id, self.message.read_ct)
+
+    @property
+    def decided(self) -> bool:
+        """Whether the outcome is decided (FINISHING or DONE)."""
+        return self.state >= JobState.FINISHING
+
+    def start(self) -> None:
+        if self.state is JobState.CLAIMED:
+            self.state = JobState.RUNNING
+
+    def finish(self) -> bool:
+        """Decide the outcome now; False if it was decided already."""
+        if self.decided:
+            return False
+        self.state = JobState.FINISHING
+        return True
+
+    def done(self) -> None:
+        self.state = JobState.DONE
+
+    def cancel(self, reason: CancelReason) -> bool:
+        """Cancel the run for ``reason``, unless its outcome is decided. A reason replaces
+        a weaker one (a lost lease outranks a stop, which outranks a timeout or a request),
+        and the task is cancelled again, also when it swallowed the first cancellation.
+        Returns whether the run is now cancelled for ``reason``."""
+        if self.decided:
+            return False
+        current = self.cancel_reason
+        if current is not None and _RANK[current] > _RANK[reason]:
+            return False
+        self.cancel_reason = reason
+        if self.task is not None:
+            self.task.cancel()
+        return True
+
+    def describe(self) -> str:
+        """For logs: task name (untrusted: repr), id, attempt, queue."""
+        name = repr(self.task_name) if self.task_name is not None else "message"
+        return f"{name} (id {self.msg_id}, attempt {self.attempt}, queue {self.queue})"
