@@ -155,7 +155,7 @@ class Executor:
             )
             return
         try:
-            args, kwargs = task.bind_message(env.args, env.kwargs)
+            args, kwargs = task.bind_message(env)
         except Exception as exc:  # the job boundary: type hints' converters raise anything
             reason = exc if isinstance(exc, TypeError | ValueError) else _describe(exc)
             self._dead(

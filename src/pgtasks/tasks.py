@@ -2,9 +2,11 @@
 
 A `Task[P, R]` wraps an ``async def``. Calling it runs the function directly; ``defer`` (and
 its Celery alias ``delay``) enqueues a job with arguments checked against the function's own
-signature, by the type checker (ParamSpec) and again at run time (``inspect.Signature.bind``)
-before anything is sent. Options that cannot share that call (PEP 612) go through
-``task.options(...)``, which returns a `TaskCall` with the same typed ``defer`` and ``s``.
+signature, by the type checker (ParamSpec) and again at run time before anything is sent: the
+binding, then each value against its type hint (`envelope.Shape`, compiled once per task; the
+worker's `Task.bind_message` uses the same shapes on what arrives). Options that cannot share
+that call (PEP 612) go through ``task.options(...)``, which returns a `TaskCall` with the same
+typed ``defer`` and ``s``.
 ``s(...)`` builds a `Signature` (a call not yet sent) for ``app.defer_many``.
 """
 
@@ -268,7 +270,7 @@ class Task(_Deferrer[P, R]):
         self._app = app
         self._signature = inspect.signature(fn)
         self._plain_params = _PlainParams.of(self._signature)
-        self._converters: dict[str, envelope.Converter] | None = None
+        self._shapes: _Shapes | None = None
         self._task = self
         self._options = CallOptions()
         self.__doc__ = fn.__doc__
@@ -332,17 +334,20 @@ class Task(_Deferrer[P, R]):
             # doubled argument) falls through to bind() and its error message.
             if not args:
                 if plain.fits_named(kwargs):
+                    self._check(kwargs)
                     return (), kwargs
             elif len(args) <= plain.positional:
                 given = dict(zip(plain.names, args, strict=False))
                 if given.keys().isdisjoint(kwargs) and kwargs.keys() <= plain.accepted:
                     given.update(kwargs)
                     if plain.required <= given.keys():
+                        self._check(given)
                         return (), given
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"task {self.name!r}: {exc}") from None
+        self._check(bound.arguments)
         if any(
             self._signature.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL and v
             for n, v in bound.arguments.items()
@@ -360,24 +365,85 @@ class Task(_Deferrer[P, R]):
                 named[name] = value
         return tuple(positional), named
 
-    def bind_message(
-        self, args: list[Any], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _check(self, arguments: Mapping[str, Any]) -> None:
+        """Raise `TypeError` naming the task, the argument, the type its hint expects and the
+        type it was given, for the first argument whose hint does not accept it."""
+        shapes = self._shapes or self._compile()
+        natives, checks = shapes.natives, shapes.checks
+        for name, value in arguments.items():
+            if natives.get(name) is type(value):
+                continue  # an int for an int: the usual case, at the cost of a lookup
+            check = checks.get(name)
+            if check is not None:
+                try:
+                    check(value)
+                except envelope.Misfit as exc:
+                    what = f"task {self.name!r}: argument {name!r}"
+                    raise TypeError(exc.explain(what)) from None
+
+    def _compile(self) -> _Shapes:
+        # on first use, not at decoration: a hint may name a class defined after the task
+        self._shapes = _Shapes.of(self.fn)
+        return self._shapes
+
+    def bind_message(self, env: envelope.Envelope) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The positional and named arguments to call the function with, from a decoded
-        message, with types restored from the hints. Raises TypeError when they do not fit
-        the signature."""
-        if self._converters is None:
-            self._converters = envelope.signature_converters(self.fn)
-        converters = self._converters
+        message: bound to the signature, checked against the hints, and converted to the
+        hinted types. Where a parameter needs a number exactly (``int``, ``Decimal``) and
+        orjson read it as a double, the body is read again exactly. Raises `TypeError` or
+        `ValueError` naming the argument and what is wrong with it."""
+        shapes = self._shapes or self._compile()
+        try:
+            return self._load(env.args, env.kwargs, shapes, env.exact)
+        except envelope.NeedsExact:
+            exact = env.exactly()
+            return self._load(exact.args, exact.kwargs, shapes, True)
+
+    def _load(
+        self, args: list[Any], kwargs: dict[str, Any], shapes: _Shapes, exact: bool
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         plain = self._plain_params
         if not args and plain is not None and plain.fits_named(kwargs):
             # what producers send for ordinary parameters: no bind() needed (see _bind)
-            for name, convert in converters.items():
-                if name in kwargs:
-                    kwargs[name] = convert(kwargs[name])
+            shapes.convert(kwargs, exact)
             return (), kwargs
         bound = self._signature.bind(*args, **kwargs)
-        for name, convert in converters.items():
-            if name in bound.arguments:
-                bound.arguments[name] = convert(bound.arguments[name])
+        shapes.convert(bound.arguments, exact)
         return bound.args, bound.kwargs
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """What a task's parameters accept (see `envelope.Shape`), by name: the producer's
+    checks, and the worker's loaders for bodies read by orjson and read exactly."""
+
+    natives: dict[str, type]  # see envelope.Shape.native
+    checks: dict[str, envelope.Check]
+    loads: dict[str, envelope.Converter]
+    exact_loads: dict[str, envelope.Converter]
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Shapes:
+        shapes = envelope.signature_shapes(fn)
+        return cls(
+            {name: s.native for name, s in shapes.items() if s.native is not None},
+            {name: s.check for name, s in shapes.items() if s.check is not None},
+            {name: s.load for name, s in shapes.items() if s.load is not None},
+            {name: s.load_exact for name, s in shapes.items() if s.load_exact is not None},
+        )
+
+    def convert(self, arguments: dict[str, Any], exact: bool) -> None:
+        """Load the arguments of a message (read ``exact``-ly or not) in place; errors name
+        the argument."""
+        natives, loads = self.natives, self.exact_loads if exact else self.loads
+        name = ""
+        try:
+            for name, value in arguments.items():
+                if natives.get(name) is not type(value) and (load := loads.get(name)):
+                    arguments[name] = load(value)  # a new value, no new key: safe in the loop
+        except envelope.Misfit as exc:
+            raise TypeError(exc.explain(f"argument {name!r}")) from None
+        except TypeError as exc:
+            raise TypeError(f"argument {name!r}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"argument {name!r}: {exc}") from None

@@ -721,6 +721,23 @@ async def test_an_oversize_message_sends_nothing(db_dsn: str, conn: asyncpg.Conn
     assert [m["msg_id"] for m in await messages(conn, "val_big")] == [ref.id]
 
 
+async def test_an_argument_of_the_wrong_type_sends_nothing(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(name="t.add", queue="val_types")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(TypeError, match=r"task 't\.add': argument 'a' must be int, got '1'"):
+        await add.defer("1", [2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'b' must be int, got \[2\] \(list\)"):
+        await app.defer_many([add.s(1, 2), add.s(1, [2])])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'a' must be int, got True \(bool\)"):
+        await add.options(idempotency_key="k").defer(True, 2)
+    assert await count(conn, "val_types") == 0
+    assert await key_row(conn, "k") is None
+
+
 @pytest.mark.parametrize("cache", [100, 0])
 async def test_statement_cache_size_zero_prepares_nothing_on_the_server(
     db_dsn: str, conn: asyncpg.Connection, cache: int
