@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import math
+import numbers
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
@@ -74,29 +76,90 @@ class CallOptions:
         if queue is not None:
             changes["queue"] = check_queue_name(queue)
         if delay is not None:
-            seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
-            if seconds < 0:
-                raise ValueError(f"delay must not be negative (got {seconds} seconds)")
-            changes["delay"] = seconds
+            changes["delay"] = _delay_seconds(delay)
         if eta is not None:
-            if not isinstance(eta, dt.datetime) or eta.utcoffset() is None:
-                raise ValueError(
-                    f"eta must be a timezone-aware datetime (got {eta!r}); "
-                    "use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
-                )
-            changes["eta"] = eta
+            changes["eta"] = _checked_eta(eta)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError("idempotency_key must be a non-empty string")
             changes["idempotency_key"] = idempotency_key
         if headers is not None:
-            changes["headers"] = dict(headers)
+            changes["headers"] = _checked_headers(headers)
         if connection is not None:
             changes["connection"] = connection
         merged = replace(self, **changes)
         if merged.eta is not None and merged.delay:  # in either order, over chained options()
             raise ValueError("pass either delay (or countdown) or eta, not both")
         return merged
+
+
+MAX_DELAY = dt.timedelta(days=3650)
+"""The longest ``delay`` a job may have, and how far ahead its ``eta`` may be: ten years."""
+RESERVED_HEADER_PREFIX = "x-pgtasks-"
+"""Headers whose names start with this are pgtasks' own."""
+
+
+def _delay_seconds(delay: float | dt.timedelta) -> float:
+    if isinstance(delay, dt.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+        try:
+            seconds = float(delay)
+        except OverflowError:  # an int beyond a float's range
+            seconds = math.inf
+    else:
+        raise TypeError(
+            f"delay must be a number of seconds or a timedelta (got {envelope.describe(delay)})"
+        )
+    if math.isnan(seconds):
+        raise ValueError("delay must be a number of seconds (got nan)")
+    if seconds < 0:
+        raise ValueError(f"delay must not be negative (got {seconds} seconds)")
+    if seconds > MAX_DELAY.total_seconds():
+        raise ValueError(
+            f"delay must be at most {MAX_DELAY.days:,} days (ten years), got {seconds:g} seconds"
+        )
+    return seconds
+
+
+def _checked_eta(eta: dt.datetime) -> dt.datetime:
+    if not isinstance(eta, dt.datetime) or eta.utcoffset() is None:
+        raise ValueError(
+            f"eta must be a timezone-aware datetime (got {eta!r}); "
+            "use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    try:
+        eta.astimezone(dt.timezone.utc)  # year 1 or 9999 at an offset: beyond datetime in UTC
+    except OverflowError:
+        raise ValueError(f"eta {eta.isoformat()} is out of range in UTC") from None
+    if eta - dt.datetime.now(dt.timezone.utc) > MAX_DELAY:
+        raise ValueError(
+            f"eta must be at most {MAX_DELAY.days:,} days (ten years) ahead, got {eta.isoformat()}"
+        )
+    return eta
+
+
+def _checked_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            "headers must be a mapping of names (strings) to JSON values, like "
+            f"{{'trace_id': 'abc'}} (got {envelope.describe(headers)})"
+        )
+    checked = dict(headers)
+    for name in checked:
+        if not isinstance(name, str):
+            raise TypeError(f"header names must be strings (got {envelope.describe(name)})")
+        if name == envelope.HEADER_IDEMPOTENCY_KEY:
+            raise ValueError(
+                "pass an idempotency key as options(idempotency_key=...), not as a header: "
+                "only then is it claimed, so that it deduplicates on every path"
+            )
+        if name.lower().startswith(RESERVED_HEADER_PREFIX):
+            raise ValueError(
+                f"header {name!r}: names starting with {RESERVED_HEADER_PREFIX!r} are reserved "
+                "for pgtasks' own metadata; choose another name"
+            )
+    return checked
 
 
 @dataclass(slots=True)

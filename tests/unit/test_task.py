@@ -326,6 +326,91 @@ def test_bad_options_are_rejected(app: App, options: dict[str, Any], message: st
         f.options(**options)
 
 
+MINUS_5 = dt.timezone(dt.timedelta(hours=-5))
+PLUS_5 = dt.timezone(dt.timedelta(hours=5))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delay": float("nan")}, "delay must be a number of seconds (got nan)"),
+        ({"delay": float("inf")}, "delay must be at most 3,650 days (ten years), got inf"),
+        ({"delay": 1e300}, "delay must be at most 3,650 days (ten years), got 1e+300 seconds"),
+        ({"delay": 10**400}, "delay must be at most 3,650 days"),
+        ({"delay": dt.timedelta.max}, "delay must be at most 3,650 days"),
+        ({"delay": 3650 * 86400 + 1}, "delay must be at most 3,650 days"),
+        ({"eta": dt.datetime.max.replace(tzinfo=MINUS_5)}, "is out of range in UTC"),
+        ({"eta": dt.datetime.min.replace(tzinfo=PLUS_5)}, "is out of range in UTC"),
+        (
+            {"eta": dt.datetime.now(UTC) + dt.timedelta(days=3651)},
+            "eta must be at most 3,650 days (ten years) ahead",
+        ),
+        ({"headers": {"idempotency_key": "k"}}, "as options(idempotency_key=...), not as a header"),
+        ({"headers": {"x-pgtasks-attempt": 1}}, "'x-pgtasks-attempt': names starting with"),
+        ({"headers": {"X-PgTasks-Trace": 1}}, "are reserved for pgtasks' own metadata"),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "1e300",
+        "huge-int",
+        "timedelta-max",
+        "just-over-ten-years",
+        "eta-beyond-9999-in-utc",
+        "eta-before-year-1-in-utc",
+        "eta-over-ten-years",
+        "key-as-header",
+        "reserved-header",
+        "reserved-header-any-case",
+    ],
+)
+def test_delays_etas_and_headers_pgtasks_cannot_honour_are_refused(
+    app: App, options: dict[str, Any], message: str
+) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        f.options(**options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        f.options(queue="other").options(**options)  # also when chained
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delay": "5"}, "delay must be a number of seconds or a timedelta (got '5' (str))"),
+        ({"delay": True}, "delay must be a number of seconds or a timedelta (got True (bool))"),
+        ({"headers": ["a"]}, "headers must be a mapping of names (strings) to JSON values"),
+        ({"headers": "a=1"}, "(got 'a=1' (str))"),
+        ({"headers": {1: "a"}}, "header names must be strings (got 1 (int))"),
+    ],
+    ids=["str-delay", "bool-delay", "list-headers", "str-headers", "int-header-name"],
+)
+def test_options_of_the_wrong_type_say_what_they_must_be(
+    app: App, options: dict[str, Any], message: str
+) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    with pytest.raises(TypeError, match=re.escape(message)):
+        f.options(**options)
+
+
+def test_the_limits_themselves_are_accepted(app: App) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    ten_years = dt.timedelta(days=3650)
+    assert f.options(delay=ten_years).s().options.delay == ten_years.total_seconds()
+    assert f.options(delay=0).s().options.delay == 0
+    eta = dt.datetime.now(UTC) + ten_years - dt.timedelta(minutes=1)
+    assert f.options(eta=eta).s().options.eta == eta
+    assert f.options(eta=dt.datetime(1, 1, 1, tzinfo=UTC)).s().options.eta is not None
+    headers = {"x-pgmq-group": "g", "trace": "pgtasks", "idempotency": "not the key"}
+    assert f.options(headers=headers).s().options.headers == headers
+
+
 def test_delay_and_eta_are_rejected_in_either_order_across_chained_options(app: App) -> None:
     @app.task
     async def f() -> None: ...
