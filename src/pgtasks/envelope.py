@@ -722,8 +722,11 @@ def _dataclass(cls: type) -> Shape:
             shapes = field_shapes()
             out = {}
             for key, item in value.items():
-                shape = shapes.get(key)  # an unknown key: cls() below says so
-                conv = None if shape is None else shape.load_exact if exact else shape.load
+                shape = shapes.get(key)
+                if shape is None:
+                    unknown = f"an object with a field {_REPR.repr(key)}, which it does not have"
+                    raise Misfit(expected, value, unknown)
+                conv = shape.load_exact if exact else shape.load
                 try:
                     out[key] = item if conv is None else conv(item)
                 except Misfit as exc:

@@ -527,6 +527,11 @@ NOT_FITTING: list[tuple[Callable[..., Awaitable[Any]], str, str]] = [
         "argument 'value'.since must be date, got 'not a date' (str)",
     ),
     (takes_optional, '"tomorrow"', "argument 'value' must be datetime | None, got 'tomorrow'"),
+    (
+        takes_address,
+        '{"street": "s", "since": "2020-01-01", "zip\\u0007": 1}',
+        "must be Address, got an object with a field 'zip\\x07', which it does not have",
+    ),
 ]
 
 
