@@ -832,6 +832,12 @@ async def role_without_privileges(conn: asyncpg.Connection) -> AsyncIterator[str
         await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
 
 
+def as_user(dsn: str, user: str) -> str:
+    """The same DSN (host, port, database, query) for another user, without a password."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+
+
 async def test_defer_as_a_role_without_privileges_is_permission_denied(
     app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
 ) -> None:
@@ -840,7 +846,7 @@ async def test_defer_as_a_role_without_privileges_is_permission_denied(
 
     await job.defer(0)  # the queue exists: what is missing is the privilege
     async with role_without_privileges(conn) as role:
-        as_role = pgtasks.App(urlunsplit(urlsplit(db_dsn)._replace(netloc=f"{role}@127.0.0.1")))
+        as_role = pgtasks.App(as_user(db_dsn, role))
         try:
             their_job = as_role.task(queue="guarded", name=job.name)(job.fn)
             attempts: list[Callable[[], Awaitable[Any]]] = [
