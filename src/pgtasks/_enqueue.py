@@ -2,8 +2,10 @@
 
 Everything goes through the SQL functions pgtasks.send / pgtasks.send_batch (keys, queue
 creation and the wake-up NOTIFY ride in the same round trip). Arguments are encoded and
-checked before anything is sent. Connection failures become `DatabaseUnavailable`, saying
-whether the job may have been enqueued; a retry happens only where it cannot duplicate.
+checked before anything is sent. Errors are classified once (`pgtasks._db.errors`):
+transient ones (a broken connection, a deadlock) become `DatabaseUnavailable`, saying whether
+the job may have been enqueued, and are retried only where that cannot duplicate; the others
+become what a user can act on (`SchemaMissing`, `PermissionDenied`, `DatabaseError`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from . import envelope
 from ._db import queries
-from ._db.connect import CONNECTION_ERRORS, acquire, connection_cause, mark_session_clean
+from ._db.connect import acquire, connection_cause, mark_session_clean
+from ._db.errors import ErrorKind, classify, sqlstate, translate
 from ._db.queries import Connection
-from .exceptions import DatabaseUnavailable
+from .exceptions import DatabaseUnavailable, PgTasksError
 from .tasks import JobRef, Signature
 
 T = TypeVar("T")
@@ -184,18 +188,20 @@ class Enqueuer:
         work: Callable[[queries.Connection, _Sending], Awaitable[T]],
         what: str,
     ) -> T:
-        """Run ``work`` on the caller's connection, else on a pooled one, turning connection
-        failures into `DatabaseUnavailable`. On a pooled connection (one killed while idle
-        in the pool, say), a failure is retried on a fresh connection when that cannot
-        duplicate jobs: nothing was sent yet, nothing was committed, or the job has an
-        idempotency key. The caller's connection is never retried: its transaction is
-        theirs."""
+        """Run ``work`` on the caller's connection, else on a pooled one, turning transient
+        failures into `DatabaseUnavailable` and the others into what `translate` makes of
+        them. On a pooled connection (one killed while idle in the pool, say), a transient
+        failure is retried on a fresh connection when that cannot duplicate jobs: nothing
+        was sent yet, nothing was committed, or the job has an idempotency key. The caller's
+        connection is never retried: its transaction is theirs."""
         if connection is not None:
             sending = _Sending(pooled=False)
             try:
                 return await work(connection, sending)
-            except CONNECTION_ERRORS as exc:
-                raise self._unavailable(what, exc, sending) from exc
+            except Exception as exc:
+                if (failure := self._failure(what, exc, sending)) is None:
+                    raise
+                raise failure from exc
         attempts = self._pool_max_size + 1  # every pooled connection may be a dead one
         for attempt in range(1, attempts + 1):
             sending = _Sending(pooled=True)
@@ -212,24 +218,35 @@ class Enqueuer:
                 result = await work(conn, sending)
                 mark_session_clean(conn)  # only our statements ran: no session reset
                 return result
-            except CONNECTION_ERRORS as exc:
-                with contextlib.suppress(asyncpg.InterfaceError):  # already detached
-                    conn.terminate()  # so the pool replaces it
+            except Exception as exc:
+                transient = classify(exc) is ErrorKind.TRANSIENT
+                if transient:
+                    with contextlib.suppress(asyncpg.InterfaceError):  # already detached
+                        conn.terminate()  # so the pool replaces it
                 unsent = isinstance(exc, asyncpg.InternalClientError) or not sending.ambiguous
-                if attempt == attempts or not unsent:
-                    raise self._unavailable(what, exc, sending) from exc
-                logger.info("pgtasks: %s: connection failed (%s); retrying", what, exc)
+                if not transient or attempt == attempts or not unsent:
+                    if (failure := self._failure(what, exc, sending)) is None:
+                        raise
+                    raise failure from exc
+                logger.info("pgtasks: %s: connection failed (%r); retrying", what, exc)
             finally:
                 # the work is done (or failed above): a connection that breaks while being
                 # reset for the pool is dropped by the pool, and changes nothing here
-                with contextlib.suppress(*CONNECTION_ERRORS):
-                    await pool.release(conn)
+                await _release(pool, conn)
         raise AssertionError("unreachable")
 
-    def _unavailable(self, what: str, exc: BaseException, sending: _Sending) -> DatabaseUnavailable:
-        if isinstance(exc, DatabaseUnavailable):
-            return exc
-        where = self._where()
+    def _failure(self, what: str, exc: Exception, sending: _Sending) -> PgTasksError | None:
+        """The error to raise instead of ``exc`` (None: ``exc`` as it is): for a transient
+        one `DatabaseUnavailable`, for a database error what `translate` makes of it."""
+        if isinstance(exc, PgTasksError):
+            return None
+        if classify(exc) is not ErrorKind.TRANSIENT:
+            return translate(exc, what)
+        if _refused(exc):
+            return DatabaseUnavailable(
+                f"{what} failed: the database refused it for now ({type(exc).__name__}: {exc}); "
+                "nothing was enqueued, try again"
+            )
         unsure = (
             "; the connection broke while sending, so whether the job(s) were enqueued is "
             "unknown (idempotency keys make a retry safe)"
@@ -237,8 +254,27 @@ class Enqueuer:
             else "; nothing was enqueued"
         )
         return DatabaseUnavailable(
-            f"{what} failed: lost the connection to {where} ({type(exc).__name__}: {exc})" + unsure
+            f"{what} failed: lost the connection to {self._where()} "
+            f"({type(exc).__name__}: {exc})" + unsure
         )
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the server answered the statement with an error (a deadlock, a statement
+    timeout, a lock not available), so that it had no effect, as opposed to a connection
+    that broke, or was closed by the server, with the outcome unknown."""
+    code = sqlstate(exc)
+    return code is not None and code[:2] != "08" and not code.startswith("57P")
+
+
+async def _release(pool: asyncpg.Pool, conn: PoolConnectionProxy) -> None:
+    """Give ``conn`` back to the pool; a transient failure there (the connection broke
+    while being reset) costs the pool that connection, and nothing else."""
+    try:
+        await pool.release(conn)
+    except Exception as exc:
+        if classify(exc) is not ErrorKind.TRANSIENT:
+            raise
 
 
 @dataclass(frozen=True)

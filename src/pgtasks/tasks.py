@@ -2,9 +2,11 @@
 
 A `Task[P, R]` wraps an ``async def``. Calling it runs the function directly; ``defer`` (and
 its Celery alias ``delay``) enqueues a job with arguments checked against the function's own
-signature, by the type checker (ParamSpec) and again at run time (``inspect.Signature.bind``)
-before anything is sent. Options that cannot share that call (PEP 612) go through
-``task.options(...)``, which returns a `TaskCall` with the same typed ``defer`` and ``s``.
+signature, by the type checker (ParamSpec) and again at run time before anything is sent: the
+binding, then each value against its type hint (`envelope.Shape`, compiled once per task; the
+worker's `Task.bind_message` uses the same shapes on what arrives). Options that cannot share
+that call (PEP 612) go through ``task.options(...)``, which returns a `TaskCall` with the same
+typed ``defer`` and ``s``.
 ``s(...)`` builds a `Signature` (a call not yet sent) for ``app.defer_many``.
 """
 
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import math
+import numbers
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
@@ -72,29 +76,90 @@ class CallOptions:
         if queue is not None:
             changes["queue"] = check_queue_name(queue)
         if delay is not None:
-            seconds = delay.total_seconds() if isinstance(delay, dt.timedelta) else float(delay)
-            if seconds < 0:
-                raise ValueError(f"delay must not be negative (got {seconds} seconds)")
-            changes["delay"] = seconds
+            changes["delay"] = _delay_seconds(delay)
         if eta is not None:
-            if not isinstance(eta, dt.datetime) or eta.utcoffset() is None:
-                raise ValueError(
-                    f"eta must be a timezone-aware datetime (got {eta!r}); "
-                    "use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
-                )
-            changes["eta"] = eta
+            changes["eta"] = _checked_eta(eta)
         if idempotency_key is not None:
             if not isinstance(idempotency_key, str) or not idempotency_key:
                 raise ValueError("idempotency_key must be a non-empty string")
             changes["idempotency_key"] = idempotency_key
         if headers is not None:
-            changes["headers"] = dict(headers)
+            changes["headers"] = _checked_headers(headers)
         if connection is not None:
             changes["connection"] = connection
         merged = replace(self, **changes)
         if merged.eta is not None and merged.delay:  # in either order, over chained options()
             raise ValueError("pass either delay (or countdown) or eta, not both")
         return merged
+
+
+MAX_DELAY = dt.timedelta(days=3650)
+"""The longest ``delay`` a job may have, and how far ahead its ``eta`` may be: ten years."""
+RESERVED_HEADER_PREFIX = "x-pgtasks-"
+"""Headers whose names start with this are pgtasks' own."""
+
+
+def _delay_seconds(delay: float | dt.timedelta) -> float:
+    if isinstance(delay, dt.timedelta):
+        seconds = delay.total_seconds()
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+        try:
+            seconds = float(delay)
+        except OverflowError:  # an int beyond a float's range
+            seconds = math.inf
+    else:
+        raise TypeError(
+            f"delay must be a number of seconds or a timedelta (got {envelope.describe(delay)})"
+        )
+    if math.isnan(seconds):
+        raise ValueError("delay must be a number of seconds (got nan)")
+    if seconds < 0:
+        raise ValueError(f"delay must not be negative (got {seconds} seconds)")
+    if seconds > MAX_DELAY.total_seconds():
+        raise ValueError(
+            f"delay must be at most {MAX_DELAY.days:,} days (ten years), got {seconds:g} seconds"
+        )
+    return seconds
+
+
+def _checked_eta(eta: dt.datetime) -> dt.datetime:
+    if not isinstance(eta, dt.datetime) or eta.utcoffset() is None:
+        raise ValueError(
+            f"eta must be a timezone-aware datetime (got {eta!r}); "
+            "use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
+        )
+    try:
+        eta.astimezone(dt.timezone.utc)  # year 1 or 9999 at an offset: beyond datetime in UTC
+    except OverflowError:
+        raise ValueError(f"eta {eta.isoformat()} is out of range in UTC") from None
+    if eta - dt.datetime.now(dt.timezone.utc) > MAX_DELAY:
+        raise ValueError(
+            f"eta must be at most {MAX_DELAY.days:,} days (ten years) ahead, got {eta.isoformat()}"
+        )
+    return eta
+
+
+def _checked_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(headers, Mapping):
+        raise TypeError(
+            "headers must be a mapping of names (strings) to JSON values, like "
+            f"{{'trace_id': 'abc'}} (got {envelope.describe(headers)})"
+        )
+    checked = dict(headers)
+    for name in checked:
+        if not isinstance(name, str):
+            raise TypeError(f"header names must be strings (got {envelope.describe(name)})")
+        if name == envelope.HEADER_IDEMPOTENCY_KEY:
+            raise ValueError(
+                "pass an idempotency key as options(idempotency_key=...), not as a header: "
+                "only then is it claimed, so that it deduplicates on every path"
+            )
+        if name.lower().startswith(RESERVED_HEADER_PREFIX):
+            raise ValueError(
+                f"header {name!r}: names starting with {RESERVED_HEADER_PREFIX!r} are reserved "
+                "for pgtasks' own metadata; choose another name"
+            )
+    return checked
 
 
 @dataclass(slots=True)
@@ -268,7 +333,7 @@ class Task(_Deferrer[P, R]):
         self._app = app
         self._signature = inspect.signature(fn)
         self._plain_params = _PlainParams.of(self._signature)
-        self._converters: dict[str, envelope.Converter] | None = None
+        self._shapes: _Shapes | None = None
         self._task = self
         self._options = CallOptions()
         self.__doc__ = fn.__doc__
@@ -332,17 +397,20 @@ class Task(_Deferrer[P, R]):
             # doubled argument) falls through to bind() and its error message.
             if not args:
                 if plain.fits_named(kwargs):
+                    self._check(kwargs)
                     return (), kwargs
             elif len(args) <= plain.positional:
                 given = dict(zip(plain.names, args, strict=False))
                 if given.keys().isdisjoint(kwargs) and kwargs.keys() <= plain.accepted:
                     given.update(kwargs)
                     if plain.required <= given.keys():
+                        self._check(given)
                         return (), given
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"task {self.name!r}: {exc}") from None
+        self._check(bound.arguments)
         if any(
             self._signature.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL and v
             for n, v in bound.arguments.items()
@@ -360,24 +428,85 @@ class Task(_Deferrer[P, R]):
                 named[name] = value
         return tuple(positional), named
 
-    def bind_message(
-        self, args: list[Any], kwargs: dict[str, Any]
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def _check(self, arguments: Mapping[str, Any]) -> None:
+        """Raise `TypeError` naming the task, the argument, the type its hint expects and the
+        type it was given, for the first argument whose hint does not accept it."""
+        shapes = self._shapes or self._compile()
+        natives, checks = shapes.natives, shapes.checks
+        for name, value in arguments.items():
+            if natives.get(name) is type(value):
+                continue  # an int for an int: the usual case, at the cost of a lookup
+            check = checks.get(name)
+            if check is not None:
+                try:
+                    check(value)
+                except envelope.Misfit as exc:
+                    what = f"task {self.name!r}: argument {name!r}"
+                    raise TypeError(exc.explain(what)) from None
+
+    def _compile(self) -> _Shapes:
+        # on first use, not at decoration: a hint may name a class defined after the task
+        self._shapes = _Shapes.of(self.fn)
+        return self._shapes
+
+    def bind_message(self, env: envelope.Envelope) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The positional and named arguments to call the function with, from a decoded
-        message, with types restored from the hints. Raises TypeError when they do not fit
-        the signature."""
-        if self._converters is None:
-            self._converters = envelope.signature_converters(self.fn)
-        converters = self._converters
+        message: bound to the signature, checked against the hints, and converted to the
+        hinted types. Where a parameter needs a number exactly (``int``, ``Decimal``) and
+        orjson read it as a double, the body is read again exactly. Raises `TypeError` or
+        `ValueError` naming the argument and what is wrong with it."""
+        shapes = self._shapes or self._compile()
+        try:
+            return self._load(env.args, env.kwargs, shapes, env.exact)
+        except envelope.NeedsExact:
+            exact = env.exactly()
+            return self._load(exact.args, exact.kwargs, shapes, True)
+
+    def _load(
+        self, args: list[Any], kwargs: dict[str, Any], shapes: _Shapes, exact: bool
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         plain = self._plain_params
         if not args and plain is not None and plain.fits_named(kwargs):
             # what producers send for ordinary parameters: no bind() needed (see _bind)
-            for name, convert in converters.items():
-                if name in kwargs:
-                    kwargs[name] = convert(kwargs[name])
+            shapes.convert(kwargs, exact)
             return (), kwargs
         bound = self._signature.bind(*args, **kwargs)
-        for name, convert in converters.items():
-            if name in bound.arguments:
-                bound.arguments[name] = convert(bound.arguments[name])
+        shapes.convert(bound.arguments, exact)
         return bound.args, bound.kwargs
+
+
+@dataclass(frozen=True)
+class _Shapes:
+    """What a task's parameters accept (see `envelope.Shape`), by name: the producer's
+    checks, and the worker's loaders for bodies read by orjson and read exactly."""
+
+    natives: dict[str, type]  # see envelope.Shape.native
+    checks: dict[str, envelope.Check]
+    loads: dict[str, envelope.Converter]
+    exact_loads: dict[str, envelope.Converter]
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any]) -> _Shapes:
+        shapes = envelope.signature_shapes(fn)
+        return cls(
+            {name: s.native for name, s in shapes.items() if s.native is not None},
+            {name: s.check for name, s in shapes.items() if s.check is not None},
+            {name: s.load for name, s in shapes.items() if s.load is not None},
+            {name: s.load_exact for name, s in shapes.items() if s.load_exact is not None},
+        )
+
+    def convert(self, arguments: dict[str, Any], exact: bool) -> None:
+        """Load the arguments of a message (read ``exact``-ly or not) in place; errors name
+        the argument."""
+        natives, loads = self.natives, self.exact_loads if exact else self.loads
+        name = ""
+        try:
+            for name, value in arguments.items():
+                if natives.get(name) is not type(value) and (load := loads.get(name)):
+                    arguments[name] = load(value)  # a new value, no new key: safe in the loop
+        except envelope.Misfit as exc:
+            raise TypeError(exc.explain(f"argument {name!r}")) from None
+        except TypeError as exc:
+            raise TypeError(f"argument {name!r}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"argument {name!r}: {exc}") from None

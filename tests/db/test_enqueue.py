@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
@@ -719,6 +721,188 @@ async def test_an_oversize_message_sends_nothing(db_dsn: str, conn: asyncpg.Conn
     finally:
         await app.close()
     assert [m["msg_id"] for m in await messages(conn, "val_big")] == [ref.id]
+
+
+async def test_an_argument_of_the_wrong_type_sends_nothing(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(name="t.add", queue="val_types")
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    with pytest.raises(TypeError, match=r"task 't\.add': argument 'a' must be int, got '1'"):
+        await add.defer("1", [2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'b' must be int, got \[2\] \(list\)"):
+        await app.defer_many([add.s(1, 2), add.s(1, [2])])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'a' must be int, got True \(bool\)"):
+        await add.options(idempotency_key="k").defer(True, 2)
+    assert await count(conn, "val_types") == 0
+    assert await key_row(conn, "k") is None
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"delay": float("nan")}, ValueError, "delay must be a number of seconds (got nan)"),
+        ({"delay": float("inf")}, ValueError, "delay must be at most 3,650 days"),
+        ({"delay": 1e300}, ValueError, "delay must be at most 3,650 days"),
+        (
+            {"eta": dt.datetime.max.replace(tzinfo=dt.timezone(dt.timedelta(hours=-5)))},
+            ValueError,
+            "is out of range in UTC",
+        ),
+        ({"headers": {"idempotency_key": "k"}}, ValueError, "options(idempotency_key=...)"),
+        ({"headers": {"x-pgtasks-key": "k"}}, ValueError, "reserved for pgtasks' own metadata"),
+        ({"headers": ["a"]}, TypeError, "headers must be a mapping of names (strings)"),
+    ],
+    ids=["nan", "inf", "1e300", "eta-beyond-utc", "key-header", "reserved-header", "list"],
+)
+async def test_options_the_database_cannot_honour_are_refused_before_sending(
+    app: pgtasks.App,
+    db_dsn: str,
+    conn: asyncpg.Connection,
+    options: dict[str, Any],
+    error: type[Exception],
+    message: str,
+) -> None:
+    @app.task(queue="val_opts")
+    async def job(i: int) -> None: ...
+
+    caller = await asyncpg.connect(db_dsn)
+    try:
+        with pytest.raises(error, match=re.escape(message)):
+            await job.options(**options).defer(1)
+        with pytest.raises(error, match=re.escape(message)):
+            await job.options(connection=caller, **options).defer(1)
+        with pytest.raises(error, match=re.escape(message)):
+            await app.defer_many([job.s(0), job.options(**options).s(1)])
+        with pytest.raises(error, match=re.escape(message)):
+            await job.apply_async((1,), **_celery(options))
+    finally:
+        await caller.close()
+    assert await count(conn, "val_opts") == 0
+    assert await conn.fetchval("SELECT count(*) FROM pgtasks.idempotency_keys") == 0
+
+
+def _celery(options: dict[str, Any]) -> dict[str, Any]:
+    """``options(...)`` arguments as ``apply_async`` names them."""
+    return {("countdown" if k == "delay" else k): v for k, v in options.items()}
+
+
+# --- database errors, as errors a user can act on -------------------------------------------
+
+
+async def test_defer_on_a_database_that_was_never_migrated_says_to_migrate(
+    empty_db_dsn: str,
+) -> None:
+    app = pgtasks.App(empty_db_dsn)
+
+    @app.task(queue="nowhere")
+    async def job(i: int) -> None: ...
+
+    caller = await asyncpg.connect(empty_db_dsn)
+    try:
+        attempts: list[Callable[[], Awaitable[Any]]] = [
+            lambda: job.defer(1),
+            lambda: job.options(idempotency_key="k").defer(1),
+            lambda: job.options(connection=caller).defer(1),
+            lambda: app.defer_many([job.s(1), job.s(2)]),
+            lambda: app.defer_many([job.s(1)], connection=caller),
+        ]
+        for attempt in attempts:
+            with pytest.raises(pgtasks.SchemaMissing) as info:
+                await attempt()
+            assert "run 'python -m pgtasks migrate" in str(info.value)
+            assert isinstance(info.value, pgtasks.PgTasksError)
+            assert isinstance(info.value.__cause__, asyncpg.PostgresError)  # kept for debugging
+    finally:
+        await caller.close()
+        await app.close()
+
+
+@contextlib.asynccontextmanager
+async def role_without_privileges(conn: asyncpg.Connection) -> AsyncIterator[str]:
+    """A login role of this test's own (the server is shared: never a fixed name), with no
+    privilege on pgmq or pgtasks; dropped afterwards."""
+    role = f"pgtasks_norole_{uuid.uuid4().hex[:12]}"
+    await conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    try:
+        yield role
+    finally:
+        await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
+
+
+def as_user(dsn: str, user: str) -> str:
+    """The same DSN (host, port, database, query) for another user, without a password."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(netloc=f"{user}@{parts.netloc.rpartition('@')[2]}"))
+
+
+async def test_defer_as_a_role_without_privileges_is_permission_denied(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    @app.task(queue="guarded")
+    async def job(i: int) -> None: ...
+
+    await job.defer(0)  # the queue exists: what is missing is the privilege
+    async with role_without_privileges(conn) as role:
+        as_role = pgtasks.App(as_user(db_dsn, role))
+        try:
+            their_job = as_role.task(queue="guarded", name=job.name)(job.fn)
+            attempts: list[Callable[[], Awaitable[Any]]] = [
+                lambda: their_job.defer(1),  # the prepared INSERT
+                lambda: their_job.options(idempotency_key="k").defer(1),  # pgtasks.send
+                lambda: as_role.defer_many([their_job.s(1), their_job.s(2)]),
+            ]
+            for attempt in attempts:
+                with pytest.raises(pgtasks.PermissionDenied) as info:
+                    await attempt()
+                assert "permission denied" in str(info.value)
+                assert "grant this role the privileges pgtasks needs" in str(info.value)
+        finally:
+            await as_role.close()
+        caller = await asyncpg.connect(db_dsn)
+        try:
+            await caller.execute(f'SET ROLE "{role}"')
+            with pytest.raises(pgtasks.PermissionDenied):
+                await job.options(connection=caller).defer(3)
+        finally:
+            await caller.close()
+    assert [m["message"]["kwargs"] for m in await messages(conn, "guarded")] == [{"i": 0}]
+
+
+async def test_a_value_the_database_refuses_is_a_database_error(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(queue="refused")
+    async def job() -> None: ...
+
+    # jsonb cannot hold a NUL character; pgtasks does not look inside headers' values
+    with pytest.raises(pgtasks.DatabaseError, match="the database refused a value"):
+        await job.options(headers={"note": "a\x00b"}).defer()
+    assert await count(conn, "refused") == 0
+
+
+async def test_a_lock_timeout_on_the_callers_connection_is_transient(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    @app.task(queue="locked")
+    async def job() -> None: ...
+
+    await job.defer()
+    holder, caller = await asyncpg.connect(db_dsn), await asyncpg.connect(db_dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE pgmq.q_locked IN ACCESS EXCLUSIVE MODE")
+            await caller.execute("SET lock_timeout = '100ms'")
+            with pytest.raises(pgtasks.DatabaseUnavailable) as info:
+                await job.options(connection=caller).defer()
+        assert "refused it for now (LockNotAvailableError" in str(info.value)
+        assert "nothing was enqueued" in str(info.value)
+    finally:
+        await holder.close()
+        await caller.close()
+    assert await count(conn, "locked") == 1
 
 
 @pytest.mark.parametrize("cache", [100, 0])

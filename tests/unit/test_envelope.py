@@ -10,7 +10,7 @@ import inspect
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import orjson
 import pytest
@@ -70,7 +70,7 @@ def roundtrip(fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> d
     body = task.s(*args, **kwargs).body(MiB)
     decoded = envelope.decode(body)
     assert decoded.task == "tests.roundtrip"
-    args, kwargs = task.bind_message(decoded.args, decoded.kwargs)
+    args, kwargs = task.bind_message(decoded)
     return dict(inspect.signature(fn).bind(*args, **kwargs).arguments)
 
 
@@ -230,7 +230,7 @@ def test_positional_only_arguments_stay_positional() -> None:
     body = orjson.loads(task.s(1, 2).body(MiB))
     assert body == {"v": 1, "task": "p.only", "args": [1], "kwargs": {"b": 2}}
     decoded = envelope.decode(orjson.dumps(body))
-    assert task.bind_message(decoded.args, decoded.kwargs) == ((1, 2), {})
+    assert task.bind_message(decoded) == ((1, 2), {})
 
 
 def test_encode_omits_empty_args_and_kwargs() -> None:
@@ -401,20 +401,20 @@ def test_sets_and_models_are_encoded_as_json() -> None:
 
 
 def test_an_optional_specific_type_refuses_a_value_it_cannot_take() -> None:
-    convert = envelope.converter_for(dt.datetime | None)
-    assert convert is not None
-    assert convert(None) is None
-    assert convert("2026-01-02T03:04:05+00:00") == dt.datetime(
+    load = envelope.shape_for(dt.datetime | None).load
+    assert load is not None
+    assert load(None) is None
+    assert load("2026-01-02T03:04:05+00:00") == dt.datetime(
         2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc
     )
-    with pytest.raises(ValueError, match="'yesterday' is not a valid datetime"):
-        convert("yesterday")
+    with pytest.raises(TypeError, match=r"must be datetime \| None, got 'yesterday' \(str\)"):
+        load("yesterday")
 
 
 def test_a_union_with_a_json_native_member_keeps_other_values() -> None:
-    convert = envelope.converter_for(dt.datetime | str)
-    assert convert is not None
-    assert convert("not a date") == "not a date"
+    load = envelope.shape_for(dt.datetime | str).load
+    assert load is not None
+    assert load("not a date") == "not a date"
 
 
 # --- batches (defer_many) ------------------------------------------------------------------
@@ -462,3 +462,226 @@ def test_text_that_looks_like_an_escaped_nul_is_not_a_nul_in_a_batch() -> None:
     assert orjson.loads(envelope.encode_many(calls, max_size=MiB)) == [
         {"v": 1, "task": "t", "kwargs": {"s": "\\u0000"}}
     ]
+
+
+# --- what a worker accepts: the JSON types of the hints, strictly ---------------------------
+
+
+def bind_body(fn: Callable[..., Awaitable[Any]], body: str | bytes | dict[str, Any]) -> Any:
+    """Decode a message body as a worker does and bind it to ``fn``; returns the value its
+    one parameter ``value`` receives."""
+    task = Task(fn, name="t")
+    args, kwargs = task.bind_message(envelope.decode(body))
+    return inspect.signature(fn).bind(*args, **kwargs).arguments["value"]
+
+
+def body_with(value_json: str) -> str:
+    return '{"v": 1, "task": "t", "kwargs": {"value": ' + value_json + "}}"
+
+
+def bind_value(fn: Callable[..., Awaitable[Any]], value_json: str) -> Any:
+    """`bind_body` of a message whose one argument ``value`` is ``value_json``."""
+    return bind_body(fn, body_with(value_json))
+
+
+async def takes_int(value: int) -> None: ...
+async def takes_float(value: float) -> None: ...
+async def takes_str(value: str) -> None: ...
+async def takes_bool(value: bool) -> None: ...
+async def takes_none(value: None) -> None: ...
+async def takes_any(value: Any) -> None: ...
+async def takes_int_or_float(value: int | float) -> None: ...
+async def takes_address(value: Address) -> None: ...
+async def takes_float_map(value: dict[str, float]) -> None: ...
+async def takes_pair(value: tuple[int, str]) -> None: ...
+async def takes_int_list(value: list[int]) -> None: ...
+
+
+NOT_FITTING: list[tuple[Callable[..., Awaitable[Any]], str, str]] = [
+    (takes_int, '"1"', "argument 'value' must be int, got '1' (str)"),
+    (takes_int, "[2]", "argument 'value' must be int, got [2] (list)"),
+    (takes_int, "true", "argument 'value' must be int, got True (bool)"),
+    (takes_int, "null", "argument 'value' must be int, got None"),
+    (takes_int, "4.5", "argument 'value' must be int, got 4.5 (float)"),
+    (takes_int, "1.0", "argument 'value' must be int, got 1.0 (a number that is not an integer)"),
+    (takes_int, "1e3", "must be int, got 1E+3 (a number that is not an integer)"),
+    (takes_float, '"1.5"', "argument 'value' must be float, got '1.5' (str)"),
+    (takes_float, "false", "argument 'value' must be float, got False (bool)"),
+    (takes_str, "5", "argument 'value' must be str, got 5 (int)"),
+    (takes_bool, "1", "argument 'value' must be bool, got 1 (int)"),
+    (takes_none, "0", "argument 'value' must be None, got 0 (int)"),
+    (takes_int_list, '[1, "2"]', "argument 'value'[1] must be int, got '2' (str)"),
+    (takes_int_list, '{"a": 1}', "argument 'value' must be list[int], got {'a': 1} (dict)"),
+    (takes_float_map, '{"a": "x"}', "argument 'value'['a'] must be float, got 'x' (str)"),
+    (takes_pair, "[1]", "argument 'value' must be tuple[int, str], got [1] (list)"),
+    (takes_pair, "[1, 2]", "argument 'value'[1] must be str, got 2 (int)"),
+    (takes_color, '"purple"', "argument 'value' must be Color, got 'purple' (str)"),
+    (takes_datetime, '"yesterday"', "argument 'value' must be datetime, got 'yesterday' (str)"),
+    (takes_datetime, "5", "argument 'value' must be datetime, got 5 (int)"),
+    (takes_decimal, '"abc"', "argument 'value' must be Decimal, got 'abc' (str)"),
+    (takes_decimal, "true", "argument 'value' must be Decimal, got True (bool)"),
+    (takes_uuid, '"x"', "argument 'value' must be UUID, got 'x' (str)"),
+    (
+        takes_address,
+        '{"street": "s", "since": "not a date"}',
+        "argument 'value'.since must be date, got 'not a date' (str)",
+    ),
+    (takes_optional, '"tomorrow"', "argument 'value' must be datetime | None, got 'tomorrow'"),
+    (
+        takes_address,
+        '{"street": "s", "since": "2020-01-01", "zip\\u0007": 1}',
+        "must be Address, got an object with a field 'zip\\x07', which it does not have",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fn", "value_json", "message"),
+    NOT_FITTING,
+    ids=[f"{fn.__name__}-{value}" for fn, value, _ in NOT_FITTING],
+)
+def test_a_worker_refuses_json_of_the_wrong_type_naming_the_argument(
+    fn: Callable[..., Awaitable[Any]], value_json: str, message: str
+) -> None:
+    with pytest.raises((TypeError, ValueError)) as info:
+        bind_value(fn, value_json)
+    assert message in str(info.value)
+
+
+def test_a_worker_accepts_what_json_gives_each_hint() -> None:
+    assert bind_value(takes_float, "1") == 1  # an int is a float, as in Python's typing
+    assert bind_value(takes_int, "-9223372036854775808") == -(2**63)
+    assert bind_value(takes_none, "null") is None
+    assert bind_value(takes_int_or_float, "2.5") == 2.5
+    assert bind_value(takes_any, '{"a": [1, 2.5, null]}') == {"a": [1, 2.5, None]}
+    assert bind_value(takes_pair, '[1, "a"]') == (1, "a")
+
+
+# --- exact numbers: what a SQL producer writes as a JSON number ----------------------------
+
+# what jsonb_build_object('amount', 1234567890.123456789, 'account', 98765432109876543210)
+# reads as through jsonb::text
+SQL_NUMBERS = "1234567890.123456789"
+SQL_BIG_INT = "98765432109876543210"
+
+
+async def takes_money(
+    amount: Decimal, account: int, ratio: float, note: Any, amounts: list[Decimal]
+) -> None: ...
+
+
+def test_numbers_are_exact_where_the_hint_needs_it() -> None:
+    task = Task(takes_money, name="t")
+    body = (
+        f'{{"v": 1, "task": "t", "kwargs": {{"amount": {SQL_NUMBERS}, "account": {SQL_BIG_INT}, '
+        f'"ratio": {SQL_NUMBERS}, "note": [{SQL_NUMBERS}, {SQL_BIG_INT}], '
+        '"amounts": [0.10, 1e-30, 12345678901234567890.5]}}'
+    )
+    assert orjson.loads(body)["kwargs"]["amount"] == 1234567890.1234567  # what orjson makes of it
+    _, kwargs = task.bind_message(envelope.decode(body))
+    assert kwargs["amount"] == Decimal(SQL_NUMBERS)
+    assert str(kwargs["amount"]) == SQL_NUMBERS
+    assert kwargs["account"] == int(SQL_BIG_INT)
+    assert type(kwargs["account"]) is int
+    # a float or an unannotated parameter gets what orjson gives, however the body was read
+    assert kwargs["ratio"] == float(SQL_NUMBERS)
+    assert kwargs["note"] == [float(SQL_NUMBERS), float(SQL_BIG_INT)]
+    assert type(kwargs["note"][1]) is float
+    assert [str(a) for a in kwargs["amounts"]] == ["0.10", "1E-30", "12345678901234567890.5"]
+
+
+def test_a_dataclass_field_gets_its_exact_number() -> None:
+    body = body_with(
+        '{"id": "12345678-1234-5678-1234-567812345678", "name": "n", "joined": '
+        '"2024-01-01T00:00:00+00:00", "balance": 0.30000000000000000001, "color": "red", '
+        '"home": {"street": "s", "since": "2020-01-01"}}'
+    )
+    user = bind_body(takes_user, body)
+    assert user.balance == Decimal("0.30000000000000000001")
+
+
+def test_an_int_or_float_hint_takes_a_big_integer_exactly() -> None:
+    assert bind_value(takes_int_or_float, SQL_BIG_INT) == int(SQL_BIG_INT)
+
+
+def test_ordinary_messages_are_read_by_orjson_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_second_read(body: str | bytes) -> Any:
+        raise AssertionError("an ordinary message was read a second time")
+
+    monkeypatch.setattr(envelope, "_loads_exact", no_second_read)
+    task = Task(takes_money_like, name="t")
+    _, kwargs = task.bind_message(envelope.decode(roundtrip_body()))
+    assert kwargs == {"value": {"a": Decimal("1.10")}, "other": 2**63 - 1, "rate": 0.25}
+    assert bind_value(takes_int_or_float, "2.5") == 2.5
+    assert bind_value(takes_float, "0.1") == 0.1
+    assert bind_value(takes_any, "[1.5, 2]") == [1.5, 2]
+    with pytest.raises(TypeError, match=r"must be int, got 4\.5"):
+        bind_value(takes_int, "4.5")  # not an integer: no need to read it again to say so
+
+
+async def takes_money_like(value: dict[str, Decimal], other: int = 0, rate: float = 0) -> None: ...
+
+
+def roundtrip_body() -> str:
+    """What pgtasks itself writes for Decimal and int arguments: strings and integers."""
+    task = Task(takes_money_like, name="t")
+    return task.s({"a": Decimal("1.10")}, other=2**63 - 1, rate=0.25).body(MiB)
+
+
+def test_an_integral_float_without_the_message_text_cannot_be_trusted() -> None:
+    body = {"v": 1, "task": "t", "kwargs": {"value": 1e20}}  # already parsed: no text
+    with pytest.raises(ValueError, match="the message text is not available"):
+        bind_body(takes_int, body)
+
+
+# --- numbers beyond a double -----------------------------------------------------------------
+
+
+def test_a_number_beyond_a_double_is_not_called_malformed() -> None:
+    body = body_with("1e400")
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(body)  # what the worker used to dead-letter as "not JSON"
+    decoded = envelope.decode(body)
+    assert decoded.kwargs == {"value": Decimal("1e400")}
+    assert bind_body(takes_decimal, body) == Decimal("1e400")
+    for fn in (takes_float, takes_any, takes_int_or_float):
+        with pytest.raises(
+            ValueError, match=r"argument 'value': a number is out of range: 1E\+400"
+        ):
+            bind_body(fn, body)
+    with pytest.raises(TypeError, match=r"must be int, got 1E\+400 \(a number that is not an"):
+        bind_body(takes_int, body)
+
+
+def test_an_integer_beyond_a_double_reaches_an_int_or_decimal_exactly() -> None:
+    digits = "1" + "0" * 400  # jsonb writes 1e400 this way
+    body = body_with(digits)
+    assert bind_body(takes_int, body) == 10**400
+    assert bind_body(takes_decimal, body) == Decimal(10**400)
+    with pytest.raises(ValueError, match=r"a number is out of range: 1000.*\(401 characters\)"):
+        bind_body(takes_any, body)
+
+
+def test_a_number_that_cannot_be_read_at_all_says_so() -> None:
+    body = body_with("1" * 5000)  # beyond Python's int limit, and beyond a double
+    with pytest.raises(EnvelopeError, match="a number is out of range"):
+        envelope.decode(body)
+
+
+def test_positional_arguments_are_read_exactly_too() -> None:
+    task = Task(positional_only, name="p.only")
+    body = f'{{"v": 1, "task": "p.only", "args": [{SQL_BIG_INT}], "kwargs": {{"b": 2}}}}'
+    assert task.bind_message(envelope.decode(body)) == ((int(SQL_BIG_INT), 2), {})
+    body = '{"v": 1, "task": "p.only", "args": ["1"], "kwargs": {"b": 2}}'
+    with pytest.raises(TypeError, match=r"argument 'a' must be int, got '1' \(str\)"):
+        task.bind_message(envelope.decode(body))
+
+
+async def takes_choice(value: Literal["a", "b"] | Color) -> None: ...
+
+
+def test_literals_and_unions_take_the_first_member_that_fits() -> None:
+    assert bind_value(takes_choice, '"b"') == "b"
+    assert bind_value(takes_choice, '"red"') is Color.RED
+    with pytest.raises(TypeError, match=r"must be Literal\['a', 'b'\] \| Color, got 'c'"):
+        bind_value(takes_choice, '"c"')

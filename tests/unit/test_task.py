@@ -3,11 +3,15 @@ binding, shared tasks and the default app. Nothing here touches a database."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import enum
 import gc
 import re
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from decimal import Decimal
+from typing import Annotated, Any, Literal, NewType, Optional, TypeVar
 
 import orjson
 import pytest
@@ -322,6 +326,91 @@ def test_bad_options_are_rejected(app: App, options: dict[str, Any], message: st
         f.options(**options)
 
 
+MINUS_5 = dt.timezone(dt.timedelta(hours=-5))
+PLUS_5 = dt.timezone(dt.timedelta(hours=5))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delay": float("nan")}, "delay must be a number of seconds (got nan)"),
+        ({"delay": float("inf")}, "delay must be at most 3,650 days (ten years), got inf"),
+        ({"delay": 1e300}, "delay must be at most 3,650 days (ten years), got 1e+300 seconds"),
+        ({"delay": 10**400}, "delay must be at most 3,650 days"),
+        ({"delay": dt.timedelta.max}, "delay must be at most 3,650 days"),
+        ({"delay": 3650 * 86400 + 1}, "delay must be at most 3,650 days"),
+        ({"eta": dt.datetime.max.replace(tzinfo=MINUS_5)}, "is out of range in UTC"),
+        ({"eta": dt.datetime.min.replace(tzinfo=PLUS_5)}, "is out of range in UTC"),
+        (
+            {"eta": dt.datetime.now(UTC) + dt.timedelta(days=3651)},
+            "eta must be at most 3,650 days (ten years) ahead",
+        ),
+        ({"headers": {"idempotency_key": "k"}}, "as options(idempotency_key=...), not as a header"),
+        ({"headers": {"x-pgtasks-attempt": 1}}, "'x-pgtasks-attempt': names starting with"),
+        ({"headers": {"X-PgTasks-Trace": 1}}, "are reserved for pgtasks' own metadata"),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "1e300",
+        "huge-int",
+        "timedelta-max",
+        "just-over-ten-years",
+        "eta-beyond-9999-in-utc",
+        "eta-before-year-1-in-utc",
+        "eta-over-ten-years",
+        "key-as-header",
+        "reserved-header",
+        "reserved-header-any-case",
+    ],
+)
+def test_delays_etas_and_headers_pgtasks_cannot_honour_are_refused(
+    app: App, options: dict[str, Any], message: str
+) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        f.options(**options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        f.options(queue="other").options(**options)  # also when chained
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"delay": "5"}, "delay must be a number of seconds or a timedelta (got '5' (str))"),
+        ({"delay": True}, "delay must be a number of seconds or a timedelta (got True (bool))"),
+        ({"headers": ["a"]}, "headers must be a mapping of names (strings) to JSON values"),
+        ({"headers": "a=1"}, "(got 'a=1' (str))"),
+        ({"headers": {1: "a"}}, "header names must be strings (got 1 (int))"),
+    ],
+    ids=["str-delay", "bool-delay", "list-headers", "str-headers", "int-header-name"],
+)
+def test_options_of_the_wrong_type_say_what_they_must_be(
+    app: App, options: dict[str, Any], message: str
+) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    with pytest.raises(TypeError, match=re.escape(message)):
+        f.options(**options)
+
+
+def test_the_limits_themselves_are_accepted(app: App) -> None:
+    @app.task
+    async def f() -> None: ...
+
+    ten_years = dt.timedelta(days=3650)
+    assert f.options(delay=ten_years).s().options.delay == ten_years.total_seconds()
+    assert f.options(delay=0).s().options.delay == 0
+    eta = dt.datetime.now(UTC) + ten_years - dt.timedelta(minutes=1)
+    assert f.options(eta=eta).s().options.eta == eta
+    assert f.options(eta=dt.datetime(1, 1, 1, tzinfo=UTC)).s().options.eta is not None
+    headers = {"x-pgmq-group": "g", "trace": "pgtasks", "idempotency": "not the key"}
+    assert f.options(headers=headers).s().options.headers == headers
+
+
 def test_delay_and_eta_are_rejected_in_either_order_across_chained_options(app: App) -> None:
     @app.task
     async def f() -> None: ...
@@ -416,9 +505,174 @@ async def test_defer_checks_arguments_before_touching_the_database(app: App) -> 
         await send.apply_async((1, 2))
     with pytest.raises(TypeError, match=r"task 'emails\.send'"):
         await send.delay(user="x")  # type: ignore[call-arg]
-    with pytest.raises(pgtasks.SerializationError, match="argument 'user_id'"):
-        await send.defer(object())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'user_id' must be int, got '42' \(str\)"):
+        await send.defer("42")  # type: ignore[arg-type]
+
+    @app.task(name="files.upload")
+    async def upload(blob: object) -> None: ...
+
+    with pytest.raises(pgtasks.SerializationError, match="argument 'blob'"):
+        await upload.defer(object())
     assert app._pool is None  # never connected
+
+
+# --- argument types -----------------------------------------------------------------------
+
+
+class Plan(enum.Enum):
+    FREE = "free"
+    PRO = "pro"
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    x: int
+    y: int
+
+
+class Opaque:
+    pass
+
+
+UserId = NewType("UserId", int)
+Number = TypeVar("Number", bound=float)
+A_DAY = dt.datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def taking(hint: Any) -> Task[..., None]:
+    """A task with one parameter, ``value``, annotated ``hint``."""
+
+    async def fn(value: Any) -> None: ...
+
+    fn.__annotations__ = {"value": hint, "return": None}
+    return Task(fn, name="types.check")
+
+
+REFUSED: list[tuple[Any, Any, str]] = [
+    (int, "42", "must be int, got '42' (str)"),
+    (int, None, "must be int, got None"),
+    (int, {1}, "must be int, got {1} (set)"),
+    (int, 4.5, "must be int, got 4.5 (float)"),
+    (int, True, "must be int, got True (bool)"),
+    (int, Decimal(1), "must be int, got Decimal('1') (Decimal)"),
+    (float, "1.5", "must be float, got '1.5' (str)"),
+    (float, False, "must be float, got False (bool)"),
+    (str, 5, "must be str, got 5 (int)"),
+    (bool, 1, "must be bool, got 1 (int)"),
+    (None, 0, "must be None, got 0 (int)"),
+    (list[int], [1, "2"], "'value'[1] must be int, got '2' (str)"),
+    (list[int], (1, 2), "must be list[int], got (1, 2) (tuple)"),
+    (list[list[int]], [[1], [2, None]], "'value'[1][1] must be int, got None"),
+    (set[int], [1], "must be set[int], got [1] (list)"),
+    (Sequence[int], "abc", "must be Sequence[int], got 'abc' (str)"),
+    (tuple[int, ...], (1, 2.5), "'value'[1] must be int, got 2.5 (float)"),
+    (tuple[int, str], (1,), "must be tuple[int, str], got (1,) (tuple)"),
+    (tuple[int, str], (1, 2), "'value'[1] must be str, got 2 (int)"),
+    (dict[str, float], {"a": "x"}, "'value'['a'] must be float, got 'x' (str)"),
+    (dict[str, float], {1: 2.0}, "must be dict[str, float], got a key 1 (int)"),
+    (dict[str, float], [("a", 1.0)], "must be dict[str, float], got [('a', 1.0)] (list)"),
+    (int | None, "x", "must be int | None, got 'x' (str)"),
+    (Optional[list[int]], ["x"], "must be list[int] | None, got ['x'] (list)"),  # noqa: UP045
+    (Literal["a", "b"], "c", "must be Literal['a', 'b'], got 'c' (str)"),
+    (Literal[1], True, "must be Literal[1], got True (bool)"),
+    (dt.datetime, "2024-01-01", "must be datetime, got '2024-01-01' (str)"),
+    (dt.date, dt.datetime(2024, 1, 1), "must be date, got datetime.datetime(2024, 1, 1, 0, 0)"),
+    (uuid.UUID, str(uuid.UUID(int=1)), "must be UUID, got '00000000-0000-0000-0000-0000000"),
+    (Decimal, 1.5, "must be Decimal, got 1.5 (float)"),
+    (Plan, "free", "must be Plan, got 'free' (str)"),
+    (Point, {"x": 1, "y": 2}, "must be Point, got {'x': 1, 'y': 2} (dict)"),
+    (Annotated[int, "an id"], "7", "must be int, got '7' (str)"),
+    (UserId, "7", "must be int, got '7' (str)"),
+    (Number, "7", "must be float, got '7' (str)"),
+    (int, Opaque(), "must be int, got an instance of Opaque"),
+    (str, 10**5000, "must be str, got an instance of int"),  # too long to print
+]
+
+
+@pytest.mark.parametrize(("hint", "value", "message"), REFUSED, ids=[m for _, _, m in REFUSED])
+def test_defer_refuses_a_value_of_the_wrong_type_naming_task_argument_and_types(
+    hint: Any, value: Any, message: str
+) -> None:
+    task = taking(hint)
+    with pytest.raises(TypeError) as by_name:
+        task.s(value=value)
+    with pytest.raises(TypeError) as by_position:
+        task.s(value)
+    for info in (by_name, by_position):
+        assert str(info.value).startswith("task 'types.check': argument 'value'")
+        assert message in str(info.value)
+
+
+ACCEPTED: list[tuple[Any, Any]] = [
+    (int, 5),
+    (int, -(2**63)),
+    (float, 1),  # an int is a float, as in Python's typing
+    (float, 1.5),
+    (str, ""),
+    (bool, False),
+    (None, None),
+    (list[int], []),
+    (list[int], [1, 2]),
+    (set[int], {1}),
+    (frozenset[str], frozenset({"a"})),
+    (Sequence[int], (1, 2)),
+    (tuple[int, str], (1, "a")),
+    (dict[str, float], {"a": 1, "b": 2.5}),
+    (int | None, None),
+    (Optional[int], 3),  # noqa: UP045
+    (Literal["a", "b"], "a"),
+    (Literal[Plan.PRO], Plan.PRO),
+    (dt.datetime, A_DAY),
+    (dt.date, dt.date(2024, 1, 1)),
+    (uuid.UUID, uuid.UUID(int=1)),
+    (Decimal, Decimal("1.10")),
+    (Plan, Plan.PRO),
+    (Point, Point(1, 2)),
+    (UserId, UserId(7)),
+    (Any, {"anything": [1, "x", None]}),
+    (object, "anything"),
+    ("NoSuchName", 4.5),  # a hint that cannot be resolved accepts anything
+    (list, ["a", 1]),
+    (dict, {"a": [1]}),
+]
+
+
+@pytest.mark.parametrize(("hint", "value"), ACCEPTED, ids=[repr(h) for h, _ in ACCEPTED])
+def test_defer_accepts_values_of_the_hinted_type(hint: Any, value: Any) -> None:
+    assert taking(hint).s(value=value).kwargs == {"value": value}
+
+
+async def add(a: int, b: int) -> int:
+    return a + b
+
+
+async def test_the_issues_examples_are_refused_before_anything_is_sent(app: App) -> None:
+    task = app.task(add)
+    with pytest.raises(TypeError, match=r"argument 'a' must be int, got '1' \(str\)"):
+        await task.defer("1", [2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'b' must be int, got \[2\] \(list\)"):
+        await task.defer(1, [2])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="argument 'a' must be int"):
+        await task.options(delay=1).defer(a=4.5, b=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="argument 'b' must be int"):
+        await task.apply_async((1,), {"b": None})
+    with pytest.raises(TypeError, match="argument 'a' must be int"):
+        await app.defer_many([task.s(1, 2), task.s({1}, 2)])  # type: ignore[arg-type]
+    assert app._pool is None  # never connected
+
+
+async def shaped(a: int, /, *rest: int, **named: str) -> None: ...
+
+
+def test_positional_only_and_variadic_arguments_are_checked_too() -> None:
+    task = Task(shaped, name="shaped")
+    with pytest.raises(TypeError, match="argument 'a' must be int, got 'x'"):
+        task.s("x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'rest'\[1\] must be int, got 'x' \(str\)"):
+        task.s(1, 2, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"argument 'named'\['k'\] must be str, got 5 \(int\)"):
+        task.s(1, k=5)  # type: ignore[arg-type]
+    assert task.s(1, 2, 3, k="v").kwargs == {"k": "v"}
 
 
 # --- shared tasks and the default app ------------------------------------------------------

@@ -164,7 +164,7 @@ class Executor:
             )
             return
         try:
-            args, kwargs = task.bind_message(env.args, env.kwargs)
+            args, kwargs = task.bind_message(env)
         except BaseException as exc:  # the job boundary: type hints' converters run user code
             reason = clean_text(exc) if isinstance(exc, TypeError | ValueError) else None
             self._dead(

@@ -16,13 +16,14 @@ from typing import Literal
 
 import orjson
 
+from .. import tasks
 from .._db.queries import AttemptError
 from ..context import JobEvent
 from .job import Job
 
 OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]
 
-MAX_DELAY = 10 * 365.25 * 86400.0  # seconds: a retry further ahead than this is clamped
+MAX_DELAY = tasks.MAX_DELAY.total_seconds()  # a retry further ahead than this is clamped
 MAX_MESSAGE = 2_000  # characters of an exception message or reason kept
 MAX_TRACEBACK = 8_000  # characters of a traceback kept (its end)
 
