@@ -1,9 +1,13 @@
 """Test fixtures: a real PostgreSQL with pgmq, a migrated template, a fresh database per test.
 
 The server is ``PGTASKS_TEST_DSN`` when set, else the embedded one (the ``embedded`` extra),
-started in a temporary directory and deleted at the end. A template database is migrated once
-per session; every test that asks for ``db_dsn`` (or ``app``) gets its own clone of it, so
-tests are isolated and run in any order.
+started in a temporary directory and deleted at the end. Its data lives in a directory of its
+own made with ``tempfile.mkdtemp`` (mode 0755), not under pytest's ``pytest-of-<user>``: pytest
+resets that one to 0700 whenever a session starts, and a server that runs as another user
+(under root, ``pgserver``) then stops with a PANIC in the middle of a concurrent run.
+
+A template database is migrated once per session; every test that asks for ``db_dsn`` (or
+``app``) gets its own clone of it, so tests are isolated and run in any order.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
+import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -63,23 +69,34 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def open_temp_dir(prefix: str) -> Path:
+    """A new directory under the system temp dir that every user may enter (0755), for
+    embedded servers: removed by the caller (`shutil.rmtree`)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
 @pytest.fixture(scope="session")
-def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_dsn() -> Iterator[str]:
     """A DSN of the test server (its maintenance database)."""
     dsn = os.environ.get("PGTASKS_TEST_DSN")
     if dsn:
         yield dsn
         return
-    path: Path = tmp_path_factory.mktemp("pg")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = _embedded._backend().get_server(path, cleanup_mode="delete")
+    base = open_temp_dir("pgtasks-test-server-")
     try:
-        yield server.get_uri()
-    finally:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server.cleanup()
+            server = _embedded._backend().get_server(base / "pgdata", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                server.cleanup()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 async def _admin(server_dsn: str, sql: str) -> None:

@@ -361,7 +361,7 @@ class App:
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
         burst: bool = False,
-        shutdown_timeout: float = 30.0,
+        shutdown_timeout: float = 20.0,
         listen: bool = True,
         poll_interval: float = 5.0,
     ) -> Worker:

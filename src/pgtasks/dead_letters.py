@@ -76,6 +76,16 @@ def _summary(row: asyncpg.Record, **extra: Any) -> DeadLetter:
     )
 
 
+def _not_found(ids: Sequence[int], queue: str | None, *, retried: bool = False) -> str:
+    where = f" in queue {queue!r}" if queue else ""
+    text = (
+        f"no dead letter with id {ids[0]}{where}"
+        if len(ids) == 1
+        else f"no dead letters with ids {', '.join(map(str, ids))}{where}"
+    )
+    return text + ("; nothing was retried" if retried else "")
+
+
 class DeadLetters:
     """The dead letters of an app's database; get it as ``app.dead_letters``."""
 
@@ -93,7 +103,7 @@ class DeadLetters:
         """One dead letter with its payload and the error of every attempt."""
         row, history = await admin.dead_get(await self._app.pool(), dead_id)
         if row is None:
-            raise JobNotFound(f"no dead letter with id {dead_id}")
+            raise JobNotFound(_not_found([dead_id], None))
         return _summary(
             row,
             message=_loads(row["message"]),
@@ -114,16 +124,32 @@ class DeadLetters:
 
     async def retry(self, ids: Sequence[int], *, queue: str | None = None) -> Sequence[JobRef]:
         """Enqueue these dead letters again, as new jobs with fresh attempts, and remove
-        them from the dead letters, in one transaction. Ids that do not exist are skipped."""
-        return await self._retry(list(ids), queue)
+        them from the dead letters, in one transaction; the refs are in the order of the
+        dead letters' ids. Raises `JobNotFound`, naming them, if any id is not a dead letter
+        (of ``queue``, if given); nothing is retried then."""
+        return [ref for _, ref in await self.retry_by_id(ids, queue=queue)]
 
     async def retry_all(self, *, queue: str | None = None) -> Sequence[JobRef]:
         """`retry` every dead letter (of ``queue``, if given)."""
-        return await self._retry(None, queue)
+        return [ref for _, ref in await self.retry_by_id(None, queue=queue)]
 
-    async def _retry(self, ids: Sequence[int] | None, queue: str | None) -> Sequence[JobRef]:
-        rows = await admin.dead_retry(await self._app.pool(), ids, queue)
-        return [JobRef(r["msg_id"], r["queue"], r["task"] or "", r["deduplicated"]) for r in rows]
+    async def retry_by_id(
+        self, ids: Sequence[int] | None, *, queue: str | None = None
+    ) -> Sequence[tuple[int, JobRef]]:
+        """`retry` (with ``ids=None``, `retry_all`), returning each dead letter's id with
+        the job it became."""
+        ids = None if ids is None else list(ids)
+        pool = await self._app.pool()
+        async with pool.acquire() as conn, conn.transaction():
+            rows = await admin.dead_retry(conn, ids, queue)
+            if ids is not None:
+                missing = sorted(set(ids) - {r["id"] for r in rows})
+                if missing:  # rolls the others back: all or nothing
+                    raise JobNotFound(_not_found(missing, queue, retried=len(rows) > 0))
+        return [
+            (r["id"], JobRef(r["msg_id"], r["queue"], r["task"] or "", r["deduplicated"]))
+            for r in rows
+        ]
 
     async def purge(
         self, *, older_than: dt.timedelta | None = None, queue: str | None = None

@@ -8,16 +8,26 @@ migrating at once serialize: the second waits, then finds nothing left to do. St
    read from disk without importing that package (it pulls in psycopg);
 2. the ``pgtasks`` schema: the ``migrations/NNNN_name.sql`` files not yet recorded in
    ``pgtasks.migrations``, in order;
-3. the pgmq queue of every queue name given (the app's registered tasks).
+3. the group roles ``pgtasks_producer`` and ``pgtasks_worker`` (NOLOGIN), when either is
+   missing and the migrating role may create roles; without CREATEROLE this is skipped with a
+   warning, and `migrate` works all the same. Roles are cluster-wide: another database's
+   `migrate` may create them at the same moment, which is tolerated;
+4. their privileges in this database (``pgtasks.grant_roles()``), when they exist and lack
+   them;
+5. the pgmq queue of every queue name given (the app's registered tasks), through
+   ``pgtasks.ensure_queue``, so that every queue has the same owner.
 
-Capabilities are probed (does ``pgmq.meta`` exist, is the extension available), never
-versions. `plan` returns the same steps as SQL text without running them, for review.
+Capabilities are probed (does ``pgmq.meta`` exist, is the extension available, may this role
+create roles), never versions. `plan` returns the same steps as SQL text without running
+them, for review. `check_installed` is the cheap test, for every command and the worker,
+that `migrate` has run.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.resources
+import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,9 +35,12 @@ from pathlib import Path
 
 import asyncpg
 
-from ._db.queries import Connection
-from .exceptions import MigrationError
+from ._db import admin
+from ._db.queries import Connection, Executor
+from .exceptions import MigrationError, SchemaMissing
 from .queues import check_queue_name
+
+logger = logging.getLogger("pgtasks")
 
 # pg_advisory_xact_lock key: the bytes of "pgtasks" as a number, unlikely to collide.
 MIGRATION_LOCK = 0x7067_7461_736B_73
@@ -39,6 +52,28 @@ CREATE TABLE IF NOT EXISTS pgtasks.migrations (
     name        text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 );"""
+
+# The group roles (see migrations/0002_roles_and_checks.sql for what each may do).
+ROLES = ("pgtasks_producer", "pgtasks_worker")
+ROLES_MIGRATION = 2  # the migration that defines pgtasks.grant_roles()
+
+CREATE_ROLES = """\
+DO $$
+DECLARE
+    r text;
+BEGIN
+    FOREACH r IN ARRAY ARRAY['pgtasks_producer', 'pgtasks_worker'] LOOP
+        IF to_regrole(r) IS NULL THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', r);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- another database's migrate created it at the same moment
+            END;
+        END IF;
+    END LOOP;
+END $$;"""
+
+MIGRATE_HINT = "run 'python -m pgtasks migrate --app ...'"
 
 
 @dataclass(frozen=True)
@@ -93,6 +128,34 @@ async def _pgmq_step(conn: Connection) -> Step | None:
     return Step(f"install pgmq (SQL-only script {path.name})", path.read_text(encoding="utf-8"))
 
 
+async def _role_steps(conn: Connection, *, pending: bool, applied: bool) -> list[Step]:
+    """Create the group roles if they are missing and this role may; grant them their
+    privileges if they lack them. ``pending``/``applied``: the migration that defines the
+    grants is about to run / has run (neither: nothing to grant with)."""
+    if not (pending or applied):
+        return []
+    state = await admin.roles_state(conn, ROLES, granted_probe=applied)
+    steps = []
+    if not state.exist:
+        if not state.can_create:
+            if pending:  # said once, with the migration that introduces the roles
+                logger.warning(
+                    "migrate: the roles %s do not exist and this role may not create them "
+                    "(it lacks CREATEROLE); producers and workers then need the grants "
+                    "listed in docs/migrations.md. To use the roles, have an administrator "
+                    "create them (CREATE ROLE pgtasks_producer NOLOGIN; CREATE ROLE "
+                    "pgtasks_worker NOLOGIN) and run migrate again",
+                    " and ".join(ROLES),
+                )
+            return []
+        steps.append(Step(f"create the roles {' and '.join(ROLES)}", CREATE_ROLES))
+    if pending or not state.granted:
+        steps.append(
+            Step(f"grant {' and '.join(ROLES)} their privileges", "SELECT pgtasks.grant_roles();")
+        )
+    return steps
+
+
 async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
     """What `migrate` would run on this database now, without changing anything."""
     steps: list[Step] = []
@@ -111,13 +174,33 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
             f"VALUES ({m.version}, '{m.name}');"  # both come from our own file names
         )
         steps.append(Step(f"pgtasks migration {m.version:04d} {m.name}", f"{m.sql}\n{record}"))
+    steps += await _role_steps(
+        conn,
+        pending=any(m.version == ROLES_MIGRATION for m in pending),
+        applied=ROLES_MIGRATION in applied,
+    )
     existing: set[str] = set()
     if pgmq is None:
-        existing = {r[0] for r in await conn.fetch("SELECT queue_name FROM pgmq.meta")}
+        existing = set(await admin.queue_list(conn))
     for queue in sorted(set(queues) - existing):
         check_queue_name(queue)
-        steps.append(Step(f"create queue {queue}", f"SELECT pgmq.create('{queue}');"))
+        # as the owner of ensure_queue, like a queue created on demand
+        steps.append(Step(f"create queue {queue}", f"SELECT pgtasks.ensure_queue('{queue}');"))
     return steps
+
+
+async def check_installed(conn: Executor) -> None:
+    """Raise `SchemaMissing` unless pgmq and every pgtasks migration of this version are
+    installed: one or two cheap queries, for a command or a worker about to start."""
+    version = await admin.schema_version(conn)
+    if version is None:
+        raise SchemaMissing(f"the database has no pgtasks schema; {MIGRATE_HINT}")
+    latest = migrations()[-1].version
+    if version < latest:
+        raise SchemaMissing(
+            f"the database's pgtasks schema is out of date (migration {version}, this "
+            f"pgtasks needs {latest}); {MIGRATE_HINT}"
+        )
 
 
 async def migrate(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:

@@ -1,9 +1,12 @@
-"""The real command line in a subprocess: help, version, migrate (and --sql), --app loading,
-and the one-line errors for a bad database or a bad app."""
+"""The real command line in a subprocess: help, version, the common options before or after
+the command, migrate (and --sql, --json), --app loading, status, and the one-line errors for a
+bad database, a bad app, a bad log level and a database that was never migrated."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -87,18 +90,59 @@ async def installed(dsn: str) -> tuple[bool, list[str]]:
         await conn.close()
 
 
+APPLIED = re.compile(r"pgtasks: \d+ step\(s\) applied\n")
+
+
 # --- help and version ---------------------------------------------------------------------
+
+COMMANDS = {
+    # command: options its --help must describe
+    ("worker",): ["--queues", "--concurrency", "--shutdown-timeout", "--connect-timeout",
+                  "--burst", "--no-listen", "--poll-interval", "--log-jobs", "--no-log-jobs"],
+    ("migrate",): ["--sql", "--json"],
+    ("status",): ["--json"],
+    ("prune",): ["--errors-older-than", "--archive-older-than", "--json"],
+    ("dead", "list"): ["--queue", "--task", "--limit", "--json"],
+    ("dead", "show"): ["--json"],
+    ("dead", "retry"): ["--all", "--queue", "--json"],
+    ("dead", "purge"): ["--older-than", "--queue", "--yes"],
+}  # fmt: skip
 
 
 def test_help_lists_the_commands() -> None:
     result = pgtasks_cli("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("worker", "migrate", "status", "prune"):
-        assert command in result.stdout
-    migrate_help = pgtasks_cli("migrate", "--help")
-    assert migrate_help.returncode == 0
-    for option in ("--sql", "--dsn", "--app"):
-        assert option in migrate_help.stdout
+    for command in ("worker", "migrate", "status", "prune", "dead"):
+        assert re.search(rf"^    {command} +\w", result.stdout, re.M), result.stdout
+    assert "docs: https://" in result.stdout
+    assert "python -m pgtasks -A myproj.tasks:app worker" in result.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS), ids=" ".join)
+def test_every_command_has_help_with_defaults_an_example_and_the_docs(
+    command: tuple[str, ...],
+) -> None:
+    result = pgtasks_cli(*command, "--help", COLUMNS="200")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for option in ["--app", "-A", "--dsn", "--log-level", *COMMANDS[command]]:
+        assert re.search(rf"(^|[\s,]){re.escape(option)}\b", text), (option, text)
+    assert "default: $PGTASKS_APP" in text
+    assert "\nexample:\n  python -m pgtasks " + " ".join(command) in text
+    assert f"docs: https://pgtasks.readthedocs.io/en/latest/cli/#{command[0]}" in text
+
+
+def test_worker_help_gives_the_defaults_and_the_grace_period_rule() -> None:
+    text = " ".join(pgtasks_cli("worker", "--help", COLUMNS="200").stdout.split())
+    for default in ("(default: 10)", "(default: 20)", "(default: 60)", "(default: on)"):
+        assert default in text
+    assert "terminationGracePeriodSeconds to at least --shutdown-timeout + 10" in text
+
+
+def test_dead_purge_help_says_it_deletes_everything_without_older_than() -> None:
+    text = " ".join(pgtasks_cli("dead", "purge", "--help").stdout.split())
+    assert "Without --older-than it deletes every dead letter" in text
+    assert "refuses without --yes" in text
 
 
 def test_version() -> None:
@@ -119,7 +163,7 @@ def test_no_command_is_a_usage_error() -> None:
 async def test_migrate_installs_and_then_is_up_to_date(empty_db_dsn: str) -> None:
     first = pgtasks_cli("migrate", "--dsn", empty_db_dsn)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == f"pgtasks: {2 + len(schema.migrations())} step(s) applied\n"
+    assert APPLIED.fullmatch(first.stdout)
     assert first.stderr == ""
     assert await installed(empty_db_dsn) == (True, [])
 
@@ -147,8 +191,8 @@ async def test_migrate_sql_prints_the_script_and_changes_nothing(
     assert "\n-- install pgmq" in script
     assert "\n-- create the pgtasks schema\n" in script
     assert "CREATE TABLE pgtasks.idempotency_keys" in script
-    assert "SELECT pgmq.create('cli_mail');" in script
-    assert "SELECT pgmq.create('cli_reports');" in script
+    assert "SELECT pgtasks.ensure_queue('cli_mail');" in script
+    assert "SELECT pgtasks.ensure_queue('cli_reports');" in script
     assert script.endswith("COMMIT;\n")
     assert await installed(empty_db_dsn) == (False, [])
 
@@ -157,6 +201,22 @@ def test_migrate_sql_on_an_up_to_date_database(db_dsn: str) -> None:
     result = pgtasks_cli("migrate", "--sql", "--dsn", db_dsn)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "-- pgtasks: nothing to do, the database is up to date\n"
+
+
+async def test_migrate_json(empty_db_dsn: str, project: Path) -> None:
+    app = ("--app", "cliproject_tasks:app", "--dsn", empty_db_dsn)
+    planned = pgtasks_cli("migrate", "--sql", "--json", *app, pythonpath=project)
+    assert planned.returncode == 0, planned.stderr
+    steps = json.loads(planned.stdout)["steps"]
+    assert steps[-1] == {
+        "description": "create queue cli_reports",
+        "sql": "SELECT pgtasks.ensure_queue('cli_reports');",
+    }
+    applied = pgtasks_cli("migrate", "--json", *app, pythonpath=project)
+    assert applied.returncode == 0, applied.stderr
+    assert json.loads(applied.stdout)["steps"] == [{"description": s["description"]} for s in steps]
+    again = pgtasks_cli("migrate", "--json", *app, pythonpath=project)
+    assert json.loads(again.stdout) == {"steps": []}
 
 
 async def test_app_option_creates_that_apps_queues(empty_db_dsn: str, project: Path) -> None:
@@ -189,6 +249,115 @@ async def test_status_shows_queue_depths(db_dsn: str) -> None:
     assert row[:3] == ["cli_status", "2", "1"]  # waiting, of which visible
     assert "dead letters: 0" in result.stdout
 
+    as_json = pgtasks_cli("status", "--json", "--dsn", db_dsn)
+    assert as_json.returncode == 0, as_json.stderr
+    status = json.loads(as_json.stdout)
+    assert status["dead_letters"] == 0
+    [queue] = [q for q in status["queues"] if q["queue"] == "cli_status"]
+    assert queue["waiting"] == 2
+    assert queue["visible"] == 1
+    assert queue["oldest_seconds"] >= 0
+
+
+# --- the common options -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-A", "cliproject_tasks:app", "--dsn", "{dsn}", "migrate"],
+        ["migrate", "-A", "cliproject_tasks:app", "--dsn", "{dsn}"],
+        ["--app", "cliproject_tasks:app", "migrate", "--dsn", "{dsn}"],
+        ["-A", "nothing_here:app", "migrate", "-A", "cliproject_tasks:app", "--dsn", "{dsn}"],
+    ],
+    ids=["before", "after", "split", "after-wins"],
+)
+async def test_common_options_go_before_or_after_the_command(
+    args: list[str], empty_db_dsn: str, project: Path
+) -> None:
+    argv = [a.replace("{dsn}", empty_db_dsn) for a in args]
+    result = pgtasks_cli(*argv, pythonpath=project)
+    assert result.returncode == 0, result.stderr
+    assert await installed(empty_db_dsn) == (True, ["cli_mail", "cli_reports"])
+
+
+def test_dead_actions_take_the_common_options_anywhere(db_dsn: str) -> None:
+    for argv in (
+        ["--dsn", db_dsn, "dead", "list"],
+        ["dead", "--dsn", db_dsn, "list"],
+        ["dead", "list", "--dsn", db_dsn],
+    ):
+        result = pgtasks_cli(*argv)
+        assert result.returncode == 0, (argv, result.stderr)
+        assert result.stdout.startswith("id  queue")
+
+
+@pytest.mark.parametrize("level", ["debug", "Info", "WARNING"])
+def test_log_level_in_any_case(level: str, db_dsn: str) -> None:
+    result = pgtasks_cli("--log-level", level, "status", "--dsn", db_dsn)
+    assert result.returncode == 0, result.stderr
+    if level != "WARNING":  # the pool's INFO line
+        assert "INFO pgtasks: using PostgreSQL at" in result.stderr
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_unknown_log_level_is_a_usage_error(where: str) -> None:
+    args = ["--log-level", "verbose"]
+    result = pgtasks_cli(*([*args, "status"] if where == "before" else ["status", *args]))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "argument --log-level: invalid choice: 'VERBOSE'" in result.stderr
+    assert "'DEBUG', 'INFO', 'WARNING', 'ERROR'" in result.stderr
+
+
+# --- a database that was never migrated, or not since an upgrade ------------------------
+
+NOT_MIGRATED = (
+    "pgtasks: error: the database has no pgtasks schema; run 'python -m pgtasks migrate --app ...'"
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["status", "--json"],
+        ["prune"],
+        ["dead", "list"],
+        ["dead", "show", "1"],
+        ["dead", "retry", "1"],
+        ["dead", "retry", "--all"],
+        ["dead", "purge", "--yes"],
+        ["worker", "-A", "cliproject_tasks:app", "--burst"],
+    ],
+    ids=" ".join,
+)
+def test_a_database_never_migrated_is_one_line_naming_migrate(
+    command: list[str], empty_db_dsn: str, project: Path
+) -> None:
+    result = pgtasks_cli(*command, "--dsn", empty_db_dsn, pythonpath=project)
+    assert result.returncode == 1, result
+    assert result.stdout == ""
+    assert result.stderr.splitlines()[-1] == NOT_MIGRATED
+    if command[0] != "worker":  # the worker logs its database at INFO first
+        assert result.stderr == NOT_MIGRATED + "\n"
+    assert "Traceback" not in result.stderr
+
+
+async def test_a_database_missing_a_newer_migration_is_out_of_date(db_dsn: str) -> None:
+    conn = await asyncpg.connect(db_dsn)
+    try:
+        latest = schema.migrations()[-1].version
+        await conn.execute("DELETE FROM pgtasks.migrations WHERE version = $1", latest)
+    finally:
+        await conn.close()
+    result = pgtasks_cli("status", "--dsn", db_dsn)
+    assert_one_error_line(
+        result,
+        f"the database's pgtasks schema is out of date (migration {latest - 1}, this "
+        f"pgtasks needs {latest}); run 'python -m pgtasks migrate --app ...'",
+    )
+
 
 # --- errors -------------------------------------------------------------------------------
 
@@ -217,7 +386,7 @@ def test_missing_database_is_one_clear_line(server_dsn: str) -> None:
     ("spec", "fragments"),
     [
         ("cliproject_no_such_module:app", ["cannot import 'cliproject_no_such_module'"]),
-        ("cliproject_tasks:missing", ["cliproject_tasks.missing is NoneType, not a pgtasks.App"]),
+        ("cliproject_tasks:missing", ["module 'cliproject_tasks' has no attribute 'missing'"]),
         ("cliproject_tasks:not_an_app", ["cliproject_tasks.not_an_app is int, not a pgtasks.App"]),
         ("cliproject_tasks", ["--app must look like 'package.module:app'"]),
         (":app", ["--app must look like 'package.module:app'"]),
@@ -228,3 +397,20 @@ def test_bad_app_is_one_clear_line(spec: str, fragments: list[str], project: Pat
     dsn = f"postgresql://root@127.0.0.1:{unused_port()}/appdb"
     result = pgtasks_cli("migrate", "--app", spec, "--dsn", dsn, pythonpath=project)
     assert_one_error_line(result, repr(spec), *fragments)
+
+
+def test_an_error_inside_task_groups_is_reported_as_itself() -> None:
+    """anyio's task groups wrap even a single error in an exception group; the CLI reports
+    the error inside (one line), not a traceback of the group."""
+    from pgtasks.cli import _only_error
+
+    class Group(Exception):
+        def __init__(self, *exceptions: BaseException) -> None:
+            super().__init__("group")
+            self.exceptions = exceptions
+
+    inner = pgtasks.PermissionDenied("nope")
+    assert _only_error(Group(Group(inner))) is inner
+    two = Group(inner, ValueError())
+    assert _only_error(two) is two
+    assert _only_error(inner) is inner

