@@ -379,3 +379,68 @@ async def test_retry_with_a_decimal_delay_waits_that_long(
         ref.id,
     )
     assert ahead > 500, f"retry due in {ahead:.1f}s, asked for 600s"
+
+
+# --- R1b: the released counter survives "dead retry", so a retried dead letter starts at
+# attempt <= 0 and gets extra runs ------------------------------------------------------------
+
+
+async def test_a_retried_dead_letter_starts_again_at_attempt_one(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # "dead retry" re-sends the dead letter's message with its headers, x-pgtasks-released
+    # included, to a new message whose read_ct starts at 0: "fresh attempts" start at
+    # 1 - released. Here two worker stops, then a failure with max_retries=0: after the
+    # retry, the job runs three times instead of once.
+    attempts: list[int] = []
+    started = anyio.Event()
+    phase = {"hold": True}
+
+    @app.task(queue="resurrect", max_retries=0)
+    async def job() -> None:
+        attempts.append(pgtasks.current_job().attempt)
+        started.set()
+        if phase["hold"]:
+            await anyio.sleep(60)
+        raise ValueError("fails")
+
+    await job.defer()
+    for _ in range(2):  # two stops while it runs: two attempts given back
+        started = anyio.Event()
+        async with app.worker(poll_interval=30, shutdown_timeout=0):
+            with anyio.fail_after(10):
+                await started.wait()
+    phase["hold"] = False
+    await app.worker(burst=True).run()
+    assert await conn.fetchval("SELECT count(*) FROM pgtasks.dead_letters") == 1
+    dead_id = await conn.fetchval("SELECT id FROM pgtasks.dead_letters")
+    attempts.clear()
+    await app.dead_letters.retry([dead_id])
+    async with app.worker(poll_interval=0.1) as worker:
+        events = Events(worker)
+        await events.until(lambda: events.counts["dead"] == 1)
+    assert attempts == [1], f"runs after the retry, by attempt: {attempts}"
+
+
+# --- R2b: the same msg_id reuse fools the idempotency key's "is its message still there?" ------
+
+
+async def test_a_key_is_not_held_by_an_unrelated_message_of_a_recreated_queue(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # claim_key() treats a key as held while pgtasks.message_exists(queue, msg_id); after
+    # the queue is dropped and re-created, msg_id 1 is another, unrelated job, so a new
+    # defer with the key is "deduplicated" onto it and never runs.
+    ran: list[str] = []
+
+    @app.task(queue="rekey")
+    async def job(tag: str) -> None:
+        ran.append(tag)
+
+    first = await job.options(idempotency_key="order-7").defer("first")
+    await conn.execute("SELECT pgmq.drop_queue('rekey')")  # the pending job is gone
+    unrelated = await job.defer("unrelated")
+    assert unrelated.id == first.id
+    again = await job.options(idempotency_key="order-7").defer("again")
+    await app.worker(burst=True).run()
+    assert "again" in ran, f"deduplicated onto the unrelated job {again}; ran {ran}"
