@@ -444,3 +444,75 @@ async def test_a_key_is_not_held_by_an_unrelated_message_of_a_recreated_queue(
     again = await job.options(idempotency_key="order-7").defer("again")
     await app.worker(burst=True).run()
     assert "again" in ran, f"deduplicated onto the unrelated job {again}; ran {ran}"
+
+
+# --- R8: a lock on one queue's table stalls the whole worker, and a soft stop with it --------
+
+
+async def test_a_locked_queue_table_does_not_hold_back_the_other_queues(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # VACUUM FULL / CLUSTER / ALTER TABLE / a pgmq upgrade on one queue's table holds an
+    # ACCESS EXCLUSIVE lock. The claim (and the next-visible lookup) on that table waits
+    # for it with no lock_timeout, and the fetch pass is sequential: no queue is claimed
+    # from until the lock goes. (A10 fixed this for errors, not for waits.)
+    @app.task(queue="locked")
+    async def a() -> None: ...
+
+    @app.task(queue="open")
+    async def b() -> None: ...
+
+    await app.migrate()
+    locker = await asyncpg.connect(db_dsn)
+    tx = locker.transaction()
+    try:
+        async with app.worker(poll_interval=0.2) as worker:
+            events = Events(worker)
+            await tx.start()
+            await locker.execute("LOCK TABLE pgmq.q_locked IN ACCESS EXCLUSIVE MODE")
+            for _ in range(5):
+                await b.defer()
+            with anyio.move_on_after(5):
+                await events.until(lambda: events.counts["succeeded"] == 5, timeout=5)
+            done = events.counts["succeeded"]
+            await tx.rollback()
+        assert done == 5, f"{done} of 5 jobs of an unlocked queue ran in 5 s"
+    finally:
+        await locker.close()
+
+
+async def test_a_soft_stop_keeps_its_grace_period_while_a_claim_waits_on_a_lock(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # SIGTERM is a soft stop. The claim is shielded from it, and here the claim waits on a
+    # table lock: the fetch loop never ends, so the grace period never starts, the running
+    # job is neither cancelled nor released, and stop() does not return until the lock
+    # goes (an orchestrator's SIGKILL comes first, and the job waits out its lease).
+    @app.task(queue="stuck")
+    async def job() -> None:
+        await anyio.sleep(60)
+
+    await job.defer()
+    locker = await asyncpg.connect(db_dsn)
+    tx = locker.transaction()
+    try:
+        worker = app.worker(poll_interval=0.2, shutdown_timeout=0.5)
+        elapsed = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            events = Events(worker)
+            await events.until(lambda: events.counts["started"] == 1)
+            await tx.start()
+            await locker.execute("LOCK TABLE pgmq.q_stuck IN ACCESS EXCLUSIVE MODE")
+            await anyio.sleep(0.5)  # the next claim now waits on the lock
+            started = anyio.current_time()
+            worker.stop()
+            with anyio.move_on_after(8):
+                while worker.running:
+                    await anyio.sleep(0.05)
+                elapsed = anyio.current_time() - started
+            await tx.rollback()
+        assert elapsed is not None, "the running job outlived the grace period by 8 s"
+        assert elapsed < 5
+    finally:
+        await locker.close()
