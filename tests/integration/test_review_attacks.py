@@ -177,11 +177,10 @@ def _lose_the_reply_once(monkeypatch: pytest.MonkeyPatch, kinds: set[str]) -> li
         return done
 
     async def __aexit__(self, exc_type, exc, tb):  # type: ignore[no-untyped-def]
-        result = await tx_exit(self, exc_type, exc, tb)
+        await tx_exit(self, exc_type, exc, tb)
         if armed and exc_type is None:
             armed.clear()
             raise ConnectionResetError("the reply to COMMIT was lost")
-        return result
 
     monkeypatch.setattr(Completer, "_write", _write)
     monkeypatch.setattr(Transaction, "__aexit__", __aexit__)

@@ -229,7 +229,11 @@ async def test_subscribers_that_raise_do_not_stop_anything(app: pgtasks.App) -> 
 
     await app.defer_many([job.s(i) for i in range(20)])
     async with app.worker(poll_interval=0.2) as worker:
-        worker.subscribe(lambda e: 1 / 0)
+
+        def broken(_event: pgtasks.JobEvent) -> None:
+            raise ZeroDivisionError
+
+        worker.subscribe(broken)
         events = Events(worker)
         await events.until(lambda: events.counts["succeeded"] == 20)
 

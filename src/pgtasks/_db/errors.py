@@ -48,9 +48,11 @@ _CLIENT_TRANSIENT: tuple[type[BaseException], ...] = (
     DatabaseUnavailable,
 )
 
+LOCK_NOT_AVAILABLE = "55P03"  # lock_timeout, or NOWAIT
+
 # SQLSTATE classes and codes that a pause and another try can fix.
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "57", "58"})
-_TRANSIENT_CODES = frozenset({"55P03", "55006"})
+_TRANSIENT_CODES = frozenset({LOCK_NOT_AVAILABLE, "55006"})
 _BAD_DATA_CLASSES = frozenset({"22", "23", "54"})
 # A database, schema or relation or function that does not exist.
 _MISSING_CODES = frozenset({"3D000", "3F000", "42P01", "42883", "42704"})

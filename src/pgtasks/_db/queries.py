@@ -32,8 +32,10 @@ Executor: TypeAlias = "asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool"
 
 NOTIFY_CHANNEL = "pgtasks"
 
-# A claim token: (msg_id, read_ct), the guard of every write to a claimed message.
-Token: TypeAlias = tuple[int, int]
+# A claim token: (msg_id, read_ct, enqueued_at), the guard of every write to a claimed
+# message. read_ct only grows, so a token never repeats within a queue; enqueued_at tells a
+# queue dropped and created again (its msg_ids and read_cts start again) from the old one.
+Token: TypeAlias = "tuple[int, int, dt.datetime]"
 
 
 def table(prefix: str, queue: str) -> str:
@@ -163,25 +165,34 @@ async def message_send_batch(
 RELEASED_HEADER = "x-pgtasks-released"
 
 
-def _released(headers: str) -> str:
-    """SQL for the attempts given back to a message (0 unless the header holds a small
-    non-negative integer: a producer's garbage must not break the statement)."""
+def _released(headers: str, read_ct: str) -> str:
+    """SQL for the attempts given back to a message: the header's count when it is a
+    number below the claims made (what pgtasks itself writes), else 0, so that a
+    producer's garbage or forgery can neither break the statement nor buy extra runs.
+    `worker.executor.released` is the same rule in Python."""
     value = f"({headers} ->> '{RELEASED_HEADER}')"
-    return f"(CASE WHEN {value} ~ '^[0-9]{{1,6}}$' THEN {value}::integer ELSE 0 END)"
+    return (
+        f"(CASE WHEN {value} ~ '^[0-9]{{1,9}}$' AND {value}::bigint < {read_ct} "
+        f"THEN {value}::integer ELSE 0 END)"
+    )
 
 
 @dataclass(slots=True)  # not frozen: a claim makes one per job, and frozen costs 3x
 class Message:
     """A claimed message: pgmq's columns, with two answers the claim computes alongside.
 
-    ``body`` is None when the stored body is larger than the claim's size limit (``size``
-    says how large): it is never loaded. ``key_holder`` is the id of another job that already
-    succeeded with this message's idempotency key, if any.
+    ``body`` and ``headers`` are None when together they are larger than the claim's size
+    limit (``size`` says how large): they are never loaded. ``key_holder`` is the id of
+    another job that already succeeded with this message's idempotency key, if any.
 
-    ``(msg_id, read_ct)`` is the claim token: ``read_ct`` only ever grows (a release gives
-    the attempt back by counting it in the ``x-pgtasks-released`` header instead), so a
-    token never repeats and every ownership guard can rely on it.
+    ``(msg_id, read_ct, enqueued_at)`` is the claim token (`Token`): ``read_ct`` only ever
+    grows (a release gives the attempt back by counting it in the ``x-pgtasks-released``
+    header instead), so a token never repeats and every ownership guard can rely on it.
     """
+
+    @property
+    def token(self) -> Token:
+        return (self.msg_id, self.read_ct, self.enqueued_at)
 
     msg_id: int
     read_ct: int
@@ -205,7 +216,7 @@ def _read_sql(queue: str) -> str:
     return f"""
 WITH due AS (
     SELECT msg_id FROM pgmq.{q}
-    WHERE vt <= clock_timestamp()
+    WHERE vt <= clock_timestamp() AND read_ct < 2147483647  -- +1 must fit
     ORDER BY vt
     LIMIT $2::integer
     FOR UPDATE SKIP LOCKED
@@ -219,15 +230,17 @@ WITH due AS (
     RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.message::text AS body, m.headers
 )
 SELECT c.msg_id, c.read_ct, c.enqueued_at, c.vt,
-       CASE WHEN octet_length(c.body) <= $3::integer THEN c.body END,
-       octet_length(c.body),
-       c.headers::text,
+       CASE WHEN x.size <= $3::integer THEN c.body END,
+       x.size,
+       CASE WHEN x.size <= $3::integer THEN h.text END,
        CASE WHEN c.headers ? 'idempotency_key' THEN (
            SELECT k.msg_id FROM pgtasks.idempotency_keys AS k
            WHERE k.key = c.headers ->> 'idempotency_key' AND k.expires_at > now()
              AND NOT (k.queue = '{queue}' AND k.msg_id = c.msg_id)
        ) END
-FROM claimed AS c
+FROM claimed AS c,
+     LATERAL (SELECT c.headers::text AS text) AS h,
+     LATERAL (SELECT octet_length(c.body) + coalesce(octet_length(h.text), 0) AS size) AS x
 """
 
 
@@ -273,8 +286,8 @@ def _ack_sql(queue: str, archive: bool) -> str:
     return f"""
 WITH done AS (
     DELETE FROM pgmq.{q} AS m
-    USING unnest($1::bigint[], $2::integer[]) AS t(id, ct)
-    WHERE m.msg_id = t.id AND m.read_ct = t.ct
+    USING unnest($1::bigint[], $2::integer[], $5::timestamptz[]) AS t(id, ct, enq)
+    WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
     RETURNING m.*
 ){archived}, keys AS (
     UPDATE pgtasks.idempotency_keys AS k
@@ -283,7 +296,7 @@ WITH done AS (
     WHERE k.key = done.headers ->> 'idempotency_key' AND k.msg_id = done.msg_id
       AND k.queue = $4::text
 )
-SELECT msg_id, read_ct FROM done
+SELECT msg_id, read_ct, enqueued_at FROM done
 """
 
 
@@ -297,9 +310,21 @@ async def messages_ack(
 ) -> set[Token]:
     """Archive (or delete) the messages still held at these (msg_id, read_ct) tokens; mark
     their idempotency keys succeeded, in the same statement. Returns the tokens acked."""
-    ids, cts = _split(owned)
-    rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention, queue)
-    return {(r[0], r[1]) for r in rows}
+    ids, cts, enqs = _split(owned)
+    rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention, queue, enqs)
+    return {(r[0], r[1], r[2]) for r in rows}
+
+
+@lru_cache(maxsize=256)
+def _archived_sql(queue: str) -> str:
+    q = table("a", queue)
+    return f"SELECT msg_id, read_ct, enqueued_at FROM pgmq.{q} WHERE msg_id = ANY($1::bigint[])"
+
+
+async def messages_archived(conn: Executor, queue: str, owned: Sequence[Token]) -> set[Token]:
+    """Which of these claims are in the queue's archive (acked)."""
+    rows = await conn.fetch(_archived_sql(queue), [t[0] for t in owned])
+    return {(r[0], r[1], r[2]) for r in rows}
 
 
 @lru_cache(maxsize=256)
@@ -307,9 +332,9 @@ def _set_vt_sql(queue: str) -> str:
     return f"""
 UPDATE pgmq.{table("q", queue)} AS m
 SET vt = clock_timestamp() + make_interval(secs => t.delay)
-FROM unnest($1::bigint[], $2::integer[], $3::float8[]) AS t(id, ct, delay)
-WHERE m.msg_id = t.id AND m.read_ct = t.ct
-RETURNING m.msg_id, m.read_ct
+FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::timestamptz[]) AS t(id, ct, delay, enq)
+WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
+RETURNING m.msg_id, m.read_ct, m.enqueued_at
 """
 
 
@@ -318,13 +343,20 @@ def _release_sql(queue: str) -> str:
     return f"""
 UPDATE pgmq.{table("q", queue)} AS m
 SET vt = least(m.enqueued_at, clock_timestamp()),
-    headers = CASE WHEN t.give_back THEN jsonb_set(
-        coalesce(m.headers, '{{}}'::jsonb), '{{{RELEASED_HEADER}}}',
-        to_jsonb({_released("m.headers")} + 1))
-        ELSE m.headers END
-FROM unnest($1::bigint[], $2::integer[], $3::boolean[]) AS t(id, ct, give_back)
-WHERE m.msg_id = t.id AND m.read_ct = t.ct
-RETURNING m.msg_id, m.read_ct
+    headers = CASE
+        WHEN t.give_back AND m.headers IS NULL
+            THEN jsonb_build_object('{RELEASED_HEADER}', 1)
+        WHEN t.give_back AND jsonb_typeof(m.headers) = 'object'
+            THEN m.headers || jsonb_build_object(
+                '{RELEASED_HEADER}', {_released("m.headers", "m.read_ct")} + 1)
+        ELSE m.headers END  -- headers that are not an object: the attempt is not given back
+FROM unnest($1::bigint[], $2::integer[], $3::boolean[], $4::timestamptz[])
+    AS t(id, ct, give_back, enq)
+WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
+  -- still leased: a release replayed after its first try committed (the reply was lost)
+  -- finds the message visible already, and gives nothing back twice
+  AND m.vt > clock_timestamp()
+RETURNING m.msg_id, m.read_ct, m.enqueued_at
 """
 
 
@@ -337,9 +369,9 @@ async def messages_release(
     The vt goes back to the time the job was enqueued, so, claims being in vt order, it
     keeps its place in line instead of queueing behind every job that became due while it
     ran."""
-    ids, cts = _split(owned)
-    rows = await conn.fetch(_release_sql(queue), ids, cts, list(give_back))
-    return {(r[0], r[1]) for r in rows}
+    ids, cts, enqs = _split(owned)
+    rows = await conn.fetch(_release_sql(queue), ids, cts, list(give_back), enqs)
+    return {(r[0], r[1], r[2]) for r in rows}
 
 
 async def messages_set_vt(
@@ -347,21 +379,22 @@ async def messages_set_vt(
 ) -> set[Token]:
     """Make messages still held at (msg_id, read_ct) visible after ``delays`` seconds: a
     lease extension or a retry after backoff. Returns the tokens still held."""
-    ids, cts = _split(owned)
-    rows = await conn.fetch(_set_vt_sql(queue), ids, cts, list(delays))
-    return {(r[0], r[1]) for r in rows}
+    ids, cts, enqs = _split(owned)
+    rows = await conn.fetch(_set_vt_sql(queue), ids, cts, list(delays), enqs)
+    return {(r[0], r[1], r[2]) for r in rows}
 
 
 @lru_cache(maxsize=256)
 def _dead_letter_sql(queue: str) -> str:
     return f"""
 WITH t AS (
-    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::text[]::jsonb[])
-        AS t(id, ct, task, reason, error)
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],
+                         $5::text[]::jsonb[], $7::timestamptz[])
+        AS t(id, ct, task, reason, error, enq)
 ), gone AS (
     DELETE FROM pgmq.{table("q", queue)} AS m
     USING t
-    WHERE m.msg_id = t.id AND m.read_ct = t.ct
+    WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
     RETURNING m.*, t.task, t.reason, t.error
 ), keys AS (
     DELETE FROM pgtasks.idempotency_keys AS k
@@ -371,11 +404,11 @@ WITH t AS (
 ), moved AS (
     INSERT INTO pgtasks.dead_letters
         (queue, msg_id, task, message, headers, read_ct, enqueued_at, reason, error)
-    SELECT $6::text, msg_id, task, message, headers, read_ct - {_released("headers")},
-           enqueued_at, reason, error
+    SELECT $6::text, msg_id, task, message, headers,
+           read_ct - {_released("headers", "read_ct")}, enqueued_at, reason, error
     FROM gone
 )
-SELECT msg_id, read_ct FROM gone
+SELECT msg_id, read_ct, enqueued_at FROM gone
 """
 
 
@@ -389,15 +422,15 @@ async def messages_dead_letter(
 ) -> set[Token]:
     """Move messages still held at (msg_id, read_ct) to pgtasks.dead_letters, releasing
     their idempotency keys, in one statement. Returns the tokens moved."""
-    ids, cts = _split(owned)
+    ids, cts, enqs = _split(owned)
     rows = await conn.fetch(
-        _dead_letter_sql(queue), ids, cts, list(tasks), list(reasons), list(errors), queue
+        _dead_letter_sql(queue), ids, cts, list(tasks), list(reasons), list(errors), queue, enqs
     )
-    return {(r[0], r[1]) for r in rows}
+    return {(r[0], r[1], r[2]) for r in rows}
 
 
-def _split(owned: Sequence[Token]) -> tuple[list[int], list[int]]:
-    return [i for i, _ in owned], [c for _, c in owned]
+def _split(owned: Sequence[Token]) -> tuple[list[int], list[int], list[dt.datetime]]:
+    return [t[0] for t in owned], [t[1] for t in owned], [t[2] for t in owned]
 
 
 # --- failures -------------------------------------------------------------------------------
@@ -408,6 +441,10 @@ INSERT INTO pgtasks.attempt_errors
 SELECT $1::text, t.msg_id, t.task, t.attempt, t.error_type, t.message, t.traceback, $2::text
 FROM unnest($3::bigint[], $4::text[], $5::integer[], $6::text[], $7::text[], $8::text[])
     AS t(msg_id, task, attempt, error_type, message, traceback)
+WHERE NOT EXISTS (  -- a write replayed after its reply was lost records nothing twice
+    SELECT 1 FROM pgtasks.attempt_errors AS e
+    WHERE e.queue = $1::text AND e.msg_id = t.msg_id AND e.attempt = t.attempt
+)
 """
 
 

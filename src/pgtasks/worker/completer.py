@@ -34,7 +34,7 @@ import anyio
 import asyncpg
 
 from .._db import queries
-from .._db.errors import ErrorKind, classify
+from .._db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from ..context import JobEvent
 from .connection import OwnConnection
 from .job import CancelReason, Job
@@ -157,20 +157,24 @@ class Completer:
             try:
                 await self._write_together(groups, written)
             except Exception as exc:
-                if classify(exc) is ErrorKind.TRANSIENT:
+                if classify(exc) is ErrorKind.TRANSIENT and not _locked(exc):
                     raise _Interrupted from exc
                 logger.warning(
-                    "writing %d job outcome(s) together failed (%s: %s); writing them one "
-                    "by one to find the one the database refuses",
+                    "writing %d job outcome(s) together failed (%s: %s); writing them "
+                    "queue by queue, then one by one, to find what the database refuses",
                     len(batch),
                     type(exc).__name__,
                     exc,
                 )
                 written.clear()
                 await self._write_isolated(groups, written, given_up)
+            await self._confirm_replays(batch, written)
         except BaseException:
             # keep what was not written for the next attempt, in order
-            self._pending[:0] = [o for o in batch if id(o) not in written and id(o) not in given_up]
+            kept = [o for o in batch if id(o) not in written and id(o) not in given_up]
+            for o in kept:
+                o.tries += 1  # it may have been written all the same (a lost reply)
+            self._pending[:0] = kept
             self._settle(
                 [o for o in batch if id(o) in written or id(o) in given_up],
                 written,
@@ -198,12 +202,16 @@ class Completer:
     async def _write_isolated(
         self, groups: dict[_Group, list[Outcome]], written: set[int], given_up: set[int]
     ) -> None:
+        locked: _Interrupted | None = None
         for key, items in groups.items():
             try:
                 written.update(id(o) for o in await self._write_one(key, items))
                 continue
-            except _Interrupted:
-                raise
+            except _Interrupted as exc:
+                if not _locked(exc.__cause__):
+                    raise
+                locked = exc  # this queue's table is locked: the others go on
+                continue
             except Exception:
                 pass  # one of these items: find it
             for item in items:
@@ -217,6 +225,23 @@ class Completer:
                         raise
                     except Exception as exc:
                         outcome = self._reduce(outcome, exc, given_up, item)
+        if locked is not None:
+            raise locked  # what waits on the lock is kept, and tried again after a pause
+
+    async def _confirm_replays(self, batch: Sequence[Outcome], written: set[int]) -> None:
+        """An ack tried again after a failure may have been written by that earlier try (it
+        committed, and the reply was lost): its row is then gone from the queue and the
+        retry finds nothing. The archive tells; such an ack counts as written."""
+        by_queue: dict[str, list[Outcome]] = defaultdict(list)
+        for o in batch:
+            if o.kind == "ack" and o.archive and o.tries and id(o) not in written:
+                by_queue[o.queue].append(o)
+        for queue, items in by_queue.items():
+            async with self._conn.use() as conn:
+                archived = await queries.messages_archived(
+                    conn, queue, [o.job.token for o in items]
+                )
+            written.update(id(o) for o in items if o.job.token in archived)
 
     def _reduce(
         self, outcome: Outcome, exc: Exception, given_up: set[int], item: Outcome
@@ -322,6 +347,12 @@ class Completer:
             why,
         )
         self._emit(JobEvent("lost", job.queue, job.msg_id, job.attempt, job.task_name))
+
+
+def _locked(exc: BaseException | None) -> bool:
+    """A statement that gave up waiting for a lock (the loops' connections set
+    lock_timeout): one queue's table is locked, which must not hold back the others."""
+    return exc is not None and sqlstate(exc) == LOCK_NOT_AVAILABLE
 
 
 def _without_stale_extensions(batch: Sequence[Outcome]) -> list[Outcome]:

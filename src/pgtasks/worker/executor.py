@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
@@ -57,10 +58,15 @@ class _LeaseLost(Exception):
     or taken: the transaction, and so the task's own writes, roll back."""
 
 
-def released(headers: dict[str, Any]) -> int:
-    """Attempts given back to a message by worker stops (see `queries.messages_release`)."""
-    value = headers.get(queries.RELEASED_HEADER)
-    return value if type(value) is int and 0 <= value < 1_000_000 else 0
+def attempt_of(msg: queries.Message, headers: dict[str, Any]) -> int:
+    """The attempt a claim is: claims made (``read_ct``) less the attempts worker stops gave
+    back. The count given back is trusted only below ``read_ct`` (what pgtasks itself
+    writes), so a forged header can neither make an attempt number below 1 nor buy a
+    poison message endless runs (the SQL's `queries._released` is the same rule)."""
+    given_back = headers.get(queries.RELEASED_HEADER)
+    if type(given_back) is not int or not 0 <= given_back < msg.read_ct:
+        given_back = 0
+    return msg.read_ct - given_back
 
 
 class Executor:
@@ -94,7 +100,7 @@ class Executor:
 
     def new_job(self, queue: str, msg: queries.Message, lease: float) -> Job:
         headers = _headers(msg.headers)
-        return Job(queue, msg, lease, attempt=msg.read_ct - released(headers), headers=headers)
+        return Job(queue, msg, lease, attempt=attempt_of(msg, headers), headers=headers)
 
     async def run(self, job: Job) -> None:
         """Run one job to its outcome. Never raises: this is the job boundary."""
@@ -104,7 +110,7 @@ class Executor:
             if self._interrupted(job):
                 return
             logger.error("pgtasks failed to process %s: %s", job.describe(), describe_error(exc))
-            self._failed(job, self._default_policy, exc, 0.0)
+            self._failed(job, job.policy or self._default_policy, exc, 0.0)
 
     def _interrupted(self, job: Job) -> bool:
         """Handle a run that ended by a cancellation with a reason; False if it had none."""
@@ -153,6 +159,7 @@ class Executor:
         policy = self._policies.get(env.task)
         if policy is None:
             policy = self._policies[env.task] = task.retry_policy(self._defaults)
+        job.policy = policy
         if job.attempt > policy.max_retries + 1:
             self._dead(
                 job,
@@ -221,19 +228,31 @@ class Executor:
             return
         job.transactional = True
         async with self._tx_slots or contextlib.nullcontext():  # leave a pooled connection
-            pool = await self._pool()
-            try:
-                conn = await acquire(pool)
-            except DatabaseUnavailable as exc:  # it has not run: hand it back at once
-                logger.warning(
-                    "%s: no database connection (%s); handing it back", job.describe(), exc
-                )
-                self._release(job, give_back=True)
-                return
+            pool, conn = await self._connection_for(job)
             try:
                 await self._execute_once(job, task, policy, ctx, args, kwargs, conn)
             finally:
                 await pool.release(conn)
+
+    async def _connection_for(self, job: Job) -> tuple[asyncpg.Pool, PoolConnectionProxy]:
+        """A pooled connection for a transactional job. While none can be opened (the
+        database is down, at max_connections), the job waits, claimed, its lease kept,
+        trying again after 0.1 s, 0.2 s, ... up to 5 s: handing it back at once would only
+        claim it again in a hot loop, and it has not run, so it has not failed."""
+        backoff = 0.1
+        while True:
+            try:
+                pool = await self._pool()
+                return pool, await acquire(pool)
+            except DatabaseUnavailable as exc:
+                logger.warning(
+                    "%s waits for a database connection (%s); trying again in %.1fs",
+                    job.describe(),
+                    exc,
+                    backoff,
+                )
+            await anyio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     async def _execute_once(
         self,

@@ -28,7 +28,7 @@ import anyio
 import anyio.lowlevel
 
 from .._db import queries
-from .._db.errors import ErrorKind, classify
+from .._db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from .connection import OwnConnection
 
 logger = logging.getLogger("pgtasks")
@@ -118,6 +118,9 @@ class Fetcher:
             try:
                 messages, interrupted = await self._claim(queue, share)
             except Exception as exc:
+                if sqlstate(exc) == LOCK_NOT_AVAILABLE:  # this queue's table is locked
+                    self._block(queue, exc, locked=True)
+                    continue
                 if classify(exc) is ErrorKind.TRANSIENT:
                     raise
                 self._block(queue, exc)
@@ -145,7 +148,16 @@ class Fetcher:
         interrupted, self._claim_scope = self._claim_scope.cancelled_caught, None
         return messages, interrupted
 
-    def _block(self, queue: _Queue, exc: Exception) -> None:
+    def _block(self, queue: _Queue, exc: Exception, *, locked: bool = False) -> None:
+        if locked:  # someone holds a lock on its table: try again soon, without alarm
+            queue.blocked_until = time.monotonic() + 1.0
+            logger.warning(
+                "claiming from queue %s waited too long for a lock on its table (%s); the "
+                "other queues are served, this one is tried again in 1s",
+                queue.name,
+                exc,
+            )
+            return
         queue.failures += 1
         delay = min(MAX_QUEUE_BACKOFF, 2.0 ** (queue.failures - 1))
         queue.blocked_until = time.monotonic() + delay

@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._db.queries import Message
+from .._db.queries import Message, Token
+from ..retry import RetryPolicy
 
 
 class JobState(enum.IntEnum):
@@ -75,6 +76,7 @@ class Job:
     extended_at: float = field(default_factory=time.monotonic)
     extension_pending: bool = False  # an extension is queued in the completer
     task_name: str | None = None  # once the body is decoded
+    policy: RetryPolicy | None = None  # once the task is known
     transactional: bool = False
 
     @property
@@ -82,9 +84,9 @@ class Job:
         return self.message.msg_id
 
     @property
-    def token(self) -> tuple[int, int]:
-        """The ownership guard of every write: (msg_id, read_ct), never repeated."""
-        return (self.message.msg_id, self.message.read_ct)
+    def token(self) -> Token:
+        """The ownership guard of every write (see `queries.Message`), never repeated."""
+        return self.message.token
 
     @property
     def decided(self) -> bool:

@@ -9,9 +9,12 @@ Every such value is cleaned here, once, so that one poison job cannot make a wri
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import numbers
 import traceback
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal
 
 import orjson
@@ -41,6 +44,7 @@ class Outcome:
     error: str | None = None  # dead: JSON text of the last error
     attempt_error: AttemptError | None = None  # retry / dead: the failure to record
     event: JobEvent | None = None  # emitted once written
+    tries: int = 0  # earlier flushes that failed with it (one may have written it)
 
     @property
     def queue(self) -> str:
@@ -58,6 +62,8 @@ class Outcome:
             )
         if self.kind == "retry" and self.attempt_error is not None:
             return Outcome("retry", self.job, delay=self.delay, event=self.event)
+        if self.kind == "release" and self.give_back:
+            return Outcome("release", self.job, give_back=False, event=self.event)
         return None
 
 
@@ -80,14 +86,19 @@ def clean_text(text: object, limit: int = MAX_MESSAGE, *, keep_end: bool = False
 
 
 def clean_delay(value: object) -> float | None:
-    """A delay a task asked for, as finite seconds within [0, MAX_DELAY]; None when it is
-    not a number at all (the policy's backoff applies)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """A delay a task asked for (seconds as any real number, or a timedelta), as finite
+    seconds within [0, MAX_DELAY]; None when it is not a number at all, or NaN (the
+    policy's backoff applies)."""
+    if isinstance(value, dt.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | Decimal):
         return None
     try:
         seconds = float(value)
     except OverflowError:  # an int beyond a double
-        return MAX_DELAY if value > 0 else 0.0
+        return MAX_DELAY if str(value)[:1] != "-" else 0.0
+    except (TypeError, ValueError, ArithmeticError):  # a Real whose __float__ misbehaves
+        return None
     if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), MAX_DELAY)

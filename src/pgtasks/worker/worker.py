@@ -60,6 +60,7 @@ logger = logging.getLogger("pgtasks")
 
 CANCEL_GRACE = 3.0  # seconds a cancelled job gets to unwind before it is left behind
 FLUSH_BUDGET = 7.0  # seconds the last outcomes get to be written at shutdown
+LOCK_TIMEOUT = "2s"  # of the loops' own connections
 
 
 class Worker:
@@ -155,7 +156,12 @@ class Worker:
             return await connect(
                 dsn,
                 statement_cache_size=app.statement_cache_size,
-                server_settings={"application_name": APPLICATION_NAME},
+                # a claim or an outcome that waits on a lock (a VACUUM FULL or ALTER of a
+                # queue table, say) gives up after LOCK_TIMEOUT instead of stalling its loop
+                server_settings={
+                    "application_name": APPLICATION_NAME,
+                    "lock_timeout": LOCK_TIMEOUT,
+                },
             )
 
         fetch_conn, complete_conn = OwnConnection(open_connection), OwnConnection(open_connection)
