@@ -218,3 +218,10 @@ async def test_server_restart_workers_reconnect_and_producers_fail_fast(
         await conn.close()
     for _, message in failures:
         assert message.startswith("deferring 'chaostasks.plain' to 'restart' failed"), message
+    # claims and listeners come back within about a second of the server (their backoff is
+    # capped at 1 s, jittered); the first job done includes its own run of 50-150 ms
+    for job_back, listener_back in recoveries:
+        assert job_back is not None
+        assert job_back < 3.0, recoveries
+        assert listener_back is not None
+        assert listener_back < 3.0, recoveries

@@ -607,3 +607,30 @@ async def test_the_completer_drops_an_extension_once_the_outcome_is_decided(
         "SELECT extract(epoch FROM vt - clock_timestamp()) AS s FROM pgmq.q_order"
     )
     assert [r["s"] > 500 for r in ahead] == [True, True]
+
+
+@pytest.mark.parametrize("max_retries", [0, 2])
+async def test_a_claim_whose_reply_was_lost_uses_an_attempt_that_never_ran(
+    app: pgtasks.App, conn: asyncpg.Connection, max_retries: int
+) -> None:
+    # Settled: the server claimed the message (read_ct + 1), and the reply never reached a
+    # worker (its connection broke). The job comes back after the lease as its next
+    # attempt; with no retries left, it is dead-lettered unrun, saying so.
+    attempts: list[int] = []
+
+    @app.task(queue="lostreply", max_retries=max_retries)
+    async def job() -> None:
+        attempts.append(pgtasks.current_job().attempt)
+
+    ref = await job.defer()
+    claimed = await queries.message_read(conn, "lostreply", 1, 1, 1 << 20)  # then "lost"
+    assert [m.msg_id for m in claimed] == [ref.id]
+    async with app.worker(poll_interval=0.2) as worker:
+        events = Events(worker)
+        await events.until(lambda: events.counts["succeeded"] + events.counts["dead"] == 1)
+    if max_retries:
+        assert attempts == [2]
+    else:
+        assert attempts == []
+        reason = await conn.fetchval("SELECT reason FROM pgtasks.dead_letters")
+        assert "never received the claim" in reason
