@@ -286,9 +286,10 @@ def _ack_sql(queue: str, archive: bool) -> str:
     return f"""
 WITH done AS (
     DELETE FROM pgmq.{q} AS m
-    USING unnest($1::bigint[], $2::integer[], $5::timestamptz[]) AS t(id, ct, enq)
+    USING unnest($1::bigint[], $2::integer[], $5::timestamptz[]) WITH ORDINALITY
+        AS t(id, ct, enq, i)
     WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
-    RETURNING m.*
+    RETURNING m.*, t.i
 ){archived}, keys AS (
     UPDATE pgtasks.idempotency_keys AS k
     SET expires_at = now() + make_interval(secs => $3::float8)
@@ -296,7 +297,7 @@ WITH done AS (
     WHERE k.key = done.headers ->> 'idempotency_key' AND k.msg_id = done.msg_id
       AND k.queue = $4::text
 )
-SELECT msg_id, read_ct, enqueued_at FROM done
+SELECT i FROM done
 """
 
 
@@ -307,12 +308,12 @@ async def messages_ack(
     *,
     archive: bool,
     key_retention: float,
-) -> set[Token]:
+) -> list[int]:
     """Archive (or delete) the messages still held at these (msg_id, read_ct) tokens; mark
     their idempotency keys succeeded, in the same statement. Returns the tokens acked."""
     ids, cts, enqs = _split(owned)
     rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention, queue, enqs)
-    return {(r[0], r[1], r[2]) for r in rows}
+    return [r[0] - 1 for r in rows]
 
 
 @lru_cache(maxsize=256)
@@ -332,9 +333,10 @@ def _set_vt_sql(queue: str) -> str:
     return f"""
 UPDATE pgmq.{table("q", queue)} AS m
 SET vt = clock_timestamp() + make_interval(secs => t.delay)
-FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::timestamptz[]) AS t(id, ct, delay, enq)
+FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::timestamptz[]) WITH ORDINALITY
+    AS t(id, ct, delay, enq, i)
 WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
-RETURNING m.msg_id, m.read_ct, m.enqueued_at
+RETURNING t.i
 """
 
 
@@ -350,19 +352,19 @@ SET vt = least(m.enqueued_at, clock_timestamp()),
             THEN m.headers || jsonb_build_object(
                 '{RELEASED_HEADER}', {_released("m.headers", "m.read_ct")} + 1)
         ELSE m.headers END  -- headers that are not an object: the attempt is not given back
-FROM unnest($1::bigint[], $2::integer[], $3::boolean[], $4::timestamptz[])
-    AS t(id, ct, give_back, enq)
+FROM unnest($1::bigint[], $2::integer[], $3::boolean[], $4::timestamptz[]) WITH ORDINALITY
+    AS t(id, ct, give_back, enq, i)
 WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
   -- still leased: a release replayed after its first try committed (the reply was lost)
   -- finds the message visible already, and gives nothing back twice
   AND m.vt > clock_timestamp()
-RETURNING m.msg_id, m.read_ct, m.enqueued_at
+RETURNING t.i
 """
 
 
 async def messages_release(
     conn: Executor, queue: str, owned: Sequence[Token], give_back: Sequence[bool]
-) -> set[Token]:
+) -> list[int]:
     """Hand back messages still held at (msg_id, read_ct), visible at once; where
     ``give_back``, the attempt is given back (counted in the ``x-pgtasks-released`` header,
     since ``read_ct`` must keep growing): a run cancelled by a worker shutdown did not fail.
@@ -371,17 +373,18 @@ async def messages_release(
     ran."""
     ids, cts, enqs = _split(owned)
     rows = await conn.fetch(_release_sql(queue), ids, cts, list(give_back), enqs)
-    return {(r[0], r[1], r[2]) for r in rows}
+    return [r[0] - 1 for r in rows]
 
 
 async def messages_set_vt(
     conn: Executor, queue: str, owned: Sequence[Token], delays: Sequence[float]
-) -> set[Token]:
+) -> list[int]:
     """Make messages still held at (msg_id, read_ct) visible after ``delays`` seconds: a
-    lease extension or a retry after backoff. Returns the tokens still held."""
+    lease extension or a retry after backoff. Returns the positions (in ``owned``) of the
+    messages still held."""
     ids, cts, enqs = _split(owned)
     rows = await conn.fetch(_set_vt_sql(queue), ids, cts, list(delays), enqs)
-    return {(r[0], r[1], r[2]) for r in rows}
+    return [r[0] - 1 for r in rows]
 
 
 @lru_cache(maxsize=256)
@@ -389,13 +392,13 @@ def _dead_letter_sql(queue: str) -> str:
     return f"""
 WITH t AS (
     SELECT * FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[],
-                         $5::text[]::jsonb[], $7::timestamptz[])
-        AS t(id, ct, task, reason, error, enq)
+                         $5::text[]::jsonb[], $7::timestamptz[]) WITH ORDINALITY
+        AS t(id, ct, task, reason, error, enq, i)
 ), gone AS (
     DELETE FROM pgmq.{table("q", queue)} AS m
     USING t
     WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
-    RETURNING m.*, t.task, t.reason, t.error
+    RETURNING m.*, t.task, t.reason, t.error, t.i
 ), keys AS (
     DELETE FROM pgtasks.idempotency_keys AS k
     USING gone
@@ -408,7 +411,7 @@ WITH t AS (
            read_ct - {_released("headers", "read_ct")}, enqueued_at, reason, error
     FROM gone
 )
-SELECT msg_id, read_ct, enqueued_at FROM gone
+SELECT i FROM gone
 """
 
 
@@ -419,14 +422,15 @@ async def messages_dead_letter(
     tasks: Sequence[str | None],
     reasons: Sequence[str],
     errors: Sequence[str | None],
-) -> set[Token]:
+) -> list[int]:
     """Move messages still held at (msg_id, read_ct) to pgtasks.dead_letters, releasing
-    their idempotency keys, in one statement. Returns the tokens moved."""
+    their idempotency keys, in one statement. Returns the positions (in ``owned``) of the
+    messages moved."""
     ids, cts, enqs = _split(owned)
     rows = await conn.fetch(
         _dead_letter_sql(queue), ids, cts, list(tasks), list(reasons), list(errors), queue, enqs
     )
-    return {(r[0], r[1], r[2]) for r in rows}
+    return [r[0] - 1 for r in rows]
 
 
 def _split(owned: Sequence[Token]) -> tuple[list[int], list[int], list[dt.datetime]]:

@@ -84,7 +84,7 @@ class Completer:
             logger.warning(
                 "%s of %s arrived after the worker stopped writing; not written",
                 outcome.kind,
-                outcome.job.describe(),
+                outcome.job,
             )
             return
         self._pending.append(outcome)
@@ -253,7 +253,7 @@ class Completer:
                 "the database refused the %s of %s (%s: %s); writing it without the "
                 "task's error text",
                 outcome.kind,
-                job.describe(),
+                job,
                 type(exc).__name__,
                 exc,
             )
@@ -262,7 +262,7 @@ class Completer:
             "the database refused the %s of %s (%s: %s); giving up on it: the message "
             "becomes visible again when its lease runs out",
             outcome.kind,
-            job.describe(),
+            job,
             type(exc).__name__,
             exc,
         )
@@ -285,7 +285,7 @@ class Completer:
         """One statement for a group (plus its attempt errors); the outcomes it wrote."""
         kind, queue, archive = key
         owned = [o.job.token for o in items]
-        held: set[queries.Token]
+        held: list[int]
         if kind == "ack":
             held = await queries.messages_ack(
                 conn, queue, owned, archive=archive, key_retention=self._key_retention
@@ -303,7 +303,7 @@ class Completer:
                 [o.reason for o in items],
                 [o.error for o in items],
             )
-        done = [o for o in items if o.job.token in held]
+        done = [items[i] for i in held]
         errors = [o.attempt_error for o in done if o.attempt_error is not None]
         if errors:
             await queries.attempt_errors_insert(conn, queue, self._worker_id, errors)
@@ -334,7 +334,7 @@ class Completer:
                     "%s of %s not written: the message is no longer held by this claim (its "
                     "lease expired and another worker took it, or it was removed)",
                     o.kind,
-                    job.describe(),
+                    job,
                 )
 
     def _lost(self, job: Job, why: str) -> None:
@@ -343,7 +343,7 @@ class Completer:
         logger.warning(
             "lost the lease on %s (%s): another worker may run it now; cancelling this "
             "run, which will not be acked",
-            job.describe(),
+            job,
             why,
         )
         self._emit(JobEvent("lost", job.queue, job.msg_id, job.attempt, job.task_name))

@@ -99,8 +99,10 @@ class Executor:
         return lease or self._defaults.lease or 30.0
 
     def new_job(self, queue: str, msg: queries.Message, lease: float) -> Job:
+        if msg.headers is None:  # the common case
+            return Job(queue, msg, lease, msg.read_ct, msg.token)
         headers = _headers(msg.headers)
-        return Job(queue, msg, lease, attempt=attempt_of(msg, headers), headers=headers)
+        return Job(queue, msg, lease, attempt_of(msg, headers), msg.token, headers)
 
     async def run(self, job: Job) -> None:
         """Run one job to its outcome. Never raises: this is the job boundary."""
@@ -109,7 +111,7 @@ class Executor:
         except BaseException as exc:  # a cancellation between the steps, or a pgtasks bug
             if self._interrupted(job):
                 return
-            logger.error("pgtasks failed to process %s: %s", job.describe(), describe_error(exc))
+            logger.error("pgtasks failed to process %s: %s", job, describe_error(exc))
             self._failed(job, job.policy or self._default_policy, exc, 0.0)
 
     def _interrupted(self, job: Job) -> bool:
@@ -131,7 +133,7 @@ class Executor:
     def _log_lost(self, job: Job) -> None:
         logger.warning(
             "%s lost its lease; this run is not acked%s",
-            job.describe(),
+            job,
             " and its transaction was rolled back" if job.transactional else "",
         )
 
@@ -201,7 +203,7 @@ class Executor:
         """A job whose key another job already completed is acked without running."""
         logger.info(
             "%s skipped: idempotency key %r already succeeded with job %d",
-            job.describe(),
+            job,
             ctx.idempotency_key,
             holder,
         )
@@ -247,7 +249,7 @@ class Executor:
             except DatabaseUnavailable as exc:
                 logger.warning(
                     "%s waits for a database connection (%s); trying again in %.1fs",
-                    job.describe(),
+                    job,
                     exc,
                     backoff,
                 )
@@ -267,7 +269,7 @@ class Executor:
         timeout = task.config.timeout if task.config.timeout is not None else self._defaults.timeout
         job.start()
         self._emit(JobEvent("started", ctx.queue, ctx.id, ctx.attempt, ctx.task))
-        logger.debug("running %s", job.describe())
+        logger.debug("running %s", job)
         started = time.monotonic()
         timer = (
             asyncio.get_running_loop().call_later(timeout, job.cancel, CancelReason.TIMEOUT)
@@ -308,7 +310,7 @@ class Executor:
         self._failed(job, policy, error, duration)
 
     def _succeeded(self, job: Job, task: Task[Any, Any], ctx: JobContext, duration: float) -> None:
-        logger.debug("%s succeeded in %.3fs", job.describe(), duration)
+        logger.debug("%s succeeded in %.3fs", job, duration)
         event = JobEvent("succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, None, duration)
         if job.transactional:  # acked in its own transaction
             job.done()
@@ -360,7 +362,7 @@ class Executor:
                 delay = policy.backoff(job.attempt)
             logger.warning(
                 "%s failed after %.3fs: %s; retrying in %.2fs",
-                job.describe(),
+                job,
                 duration,
                 describe_error(error),
                 delay,
@@ -399,7 +401,7 @@ class Executor:
         if not job.finish() and not decided:
             return
         reason = clean_text(reason)
-        logger.error("%s moved to dead letters: %s", job.describe(), reason)
+        logger.error("%s moved to dead letters: %s", job, reason)
         event = JobEvent(
             "dead", job.queue, job.msg_id, job.attempt, task_name, error, duration, reason=reason
         )

@@ -69,6 +69,7 @@ class Job:
     message: Message
     lease: float
     attempt: int
+    token: Token  # the ownership guard of every write (see `queries.Message`)
     headers: dict[str, Any] = field(default_factory=dict)
     state: JobState = JobState.CLAIMED
     cancel_reason: CancelReason | None = None
@@ -82,11 +83,6 @@ class Job:
     @property
     def msg_id(self) -> int:
         return self.message.msg_id
-
-    @property
-    def token(self) -> Token:
-        """The ownership guard of every write (see `queries.Message`), never repeated."""
-        return self.message.token
 
     @property
     def decided(self) -> bool:
@@ -122,7 +118,8 @@ class Job:
             self.task.cancel()
         return True
 
-    def describe(self) -> str:
-        """For logs: task name (untrusted: repr), id, attempt, queue."""
+    def __str__(self) -> str:
+        """For logs (``%s`` formats it only when the line is emitted): task name
+        (untrusted: repr), id, attempt, queue."""
         name = repr(self.task_name) if self.task_name is not None else "message"
         return f"{name} (id {self.msg_id}, attempt {self.attempt}, queue {self.queue})"

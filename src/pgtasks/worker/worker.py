@@ -314,7 +314,7 @@ class Worker:
             logger.error(
                 "%s ignored cancellation for %.0fs; its message is handed back (the attempt "
                 "counts) while it may still be running in this process",
-                job.describe(),
+                job,
                 CANCEL_GRACE,
             )
             if job.finish():
