@@ -25,7 +25,7 @@ from . import envelope
 from ._db import queries
 from ._db.connect import acquire, connection_cause, mark_session_clean
 from ._db.errors import ErrorKind, classify, sqlstate, translate
-from ._db.queries import Connection
+from ._shared import Connection
 from .exceptions import DatabaseUnavailable, PgTasksError
 from .tasks import JobRef, Signature
 
@@ -64,7 +64,7 @@ class Enqueuer:
         headers = sig.headers()
         opts = sig.options
 
-        async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool, str]:
+        async def send(conn: Connection, sending: _Sending) -> tuple[int, bool, str]:
             # with an idempotency key a repeat is deduplicated, so a retry is always safe
             sending.ambiguous = opts.idempotency_key is None
             if sending.pooled and opts.idempotency_key is None:
@@ -142,7 +142,7 @@ class Enqueuer:
         n = len(calls)
         refs: list[JobRef | None] = [None] * n
 
-        async def send(conn: queries.Connection, sending: _Sending) -> None:
+        async def send(conn: Connection, sending: _Sending) -> None:
             if not sending.pooled and len(batches) == 1:
                 # one statement in the caller's transaction (or autocommit): atomic as it is
                 sending.ambiguous = True
@@ -171,7 +171,7 @@ class Enqueuer:
 
     async def _send_in_transaction(
         self,
-        conn: queries.Connection,
+        conn: Connection,
         batches: Sequence[_Batch],
         refs: list[JobRef | None],
         direct: bool,
@@ -185,7 +185,7 @@ class Enqueuer:
     async def _on_connection(
         self,
         connection: Connection | None,
-        work: Callable[[queries.Connection, _Sending], Awaitable[T]],
+        work: Callable[[Connection, _Sending], Awaitable[T]],
         what: str,
     ) -> T:
         """Run ``work`` on the caller's connection, else on a pooled one, turning transient
@@ -312,7 +312,7 @@ class _Batch:
             hs if any(h is not None for h in hs) else None,
         )
 
-    async def send(self, conn: queries.Connection, refs: list[JobRef | None], direct: bool) -> None:
+    async def send(self, conn: Connection, refs: list[JobRef | None], direct: bool) -> None:
         """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
         key), which raises `asyncpg.UndefinedTableError` when the queue does not exist."""
         if direct:

@@ -30,12 +30,12 @@ from ._db.connect import (
     materialize,
     resolve_dsn,
 )
-from ._db.queries import Connection
 from ._enqueue import Enqueuer
+from ._shared import Connection, OnSuccess
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
 from .queues import QUEUE_NAME
-from .tasks import JobRef, OnSuccess, Signature, Task, TaskConfig
+from .tasks import JobRef, Signature, Task, TaskConfig
 
 if TYPE_CHECKING:
     from .worker import Worker

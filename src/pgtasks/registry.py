@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
+from ._shared import OnSuccess
 from .exceptions import ConfigurationError
 from .queues import check_queue_name
-from .tasks import OnSuccess, Task, TaskConfig
+from .tasks import Task, TaskConfig
 
 if TYPE_CHECKING:
     from .app import App

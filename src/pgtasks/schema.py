@@ -36,7 +36,8 @@ from pathlib import Path
 import asyncpg
 
 from ._db import admin
-from ._db.queries import Connection, Executor
+from ._db.queries import Executor
+from ._shared import Connection
 from .exceptions import MigrationError, SchemaMissing
 from .queues import check_queue_name
 

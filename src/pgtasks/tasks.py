@@ -18,12 +18,12 @@ import math
 import numbers
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Generic, Literal, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from typing_extensions import ParamSpec
 
 from . import envelope
-from ._db.queries import Connection
+from ._shared import MAX_DELAY, Connection, OnSuccess
 from .exceptions import SerializationError
 from .queues import check_queue_name
 from .retry import RetryPolicy
@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-OnSuccess = Literal["archive", "delete"]
 
 
 class JobRef(NamedTuple):
@@ -93,8 +91,6 @@ class CallOptions:
         return merged
 
 
-MAX_DELAY = dt.timedelta(days=3650)
-"""The longest ``delay`` a job may have, and how far ahead its ``eta`` may be: ten years."""
 RESERVED_HEADER_PREFIX = "x-pgtasks-"
 """Headers whose names start with this are pgtasks' own."""
 

@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 
 import asyncpg
 
-from .queries import Connection, Executor, table
+from .._shared import Connection
+from .queries import Executor, table
 
 # --- the schema and the roles -------------------------------------------------------------
 

@@ -25,8 +25,6 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ..queues import check_queue_name
 
-# A connection: the caller's own, or one from a pool.
-Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
 # Where a statement can run: a connection or the pool.
 Executor: TypeAlias = "asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool"
 

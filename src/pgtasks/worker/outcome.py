@@ -16,14 +16,14 @@ from typing import Literal
 
 import orjson
 
-from .. import tasks
 from .._db.queries import AttemptError
+from .._shared import MAX_DELAY as _MAX_DELAY
 from ..context import JobEvent
 from .job import Job
 
 OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]
 
-MAX_DELAY = tasks.MAX_DELAY.total_seconds()  # a retry further ahead than this is clamped
+MAX_DELAY = _MAX_DELAY.total_seconds()  # a retry further ahead than this is clamped
 MAX_MESSAGE = 2_000  # characters of an exception message or reason kept
 MAX_TRACEBACK = 8_000  # characters of a traceback kept (its end)
 
