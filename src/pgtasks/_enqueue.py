@@ -21,12 +21,12 @@ from typing import TypeVar, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import envelope
 from ._db import queries
 from ._db.connect import acquire, connection_cause, mark_session_clean
 from ._db.errors import ErrorKind, classify, sqlstate, translate
 from ._shared import Connection
 from .exceptions import DatabaseUnavailable, PgTasksError
+from .serialization import envelope
 from .tasks import JobRef, Signature
 
 T = TypeVar("T")

@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from typing_extensions import ParamSpec
 
-from . import envelope
 from ._shared import MAX_DELAY, Connection, OnSuccess
 from .exceptions import SerializationError
 from .queues import check_queue_name
 from .retry import RetryPolicy
+from .serialization import envelope
 
 if TYPE_CHECKING:
     from .app import App

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgtasks import EnvelopeError, MessageTooLarge, SerializationError, Task, envelope
+from pgtasks import EnvelopeError, MessageTooLarge, SerializationError, Task
+from pgtasks.serialization import envelope
 
 MiB = 1024 * 1024
 # Text JSON and jsonb can hold: no NUL (jsonb refuses it), no lone surrogates (not UTF-8).

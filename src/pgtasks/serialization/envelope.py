@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 import typing_extensions
 
-from .exceptions import EnvelopeError, MessageTooLarge, SerializationError
+from ..exceptions import EnvelopeError, MessageTooLarge, SerializationError
 
 VERSION = 1
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
