@@ -3,7 +3,7 @@
 A `Task[P, R]` wraps an ``async def``. Calling it runs the function directly; ``defer`` (and
 its Celery alias ``delay``) enqueues a job with arguments checked against the function's own
 signature, by the type checker (ParamSpec) and again at run time before anything is sent: the
-binding, then each value against its type hint (`envelope.Shape`, compiled once per task; the
+binding, then each value against its type hint (`shapes.Shape`, compiled once per task; the
 worker's `Task.bind_message` uses the same shapes on what arrives). Options that cannot share
 that call (PEP 612) go through ``task.options(...)``, which returns a `TaskCall` with the same
 typed ``defer`` and ``s``.
@@ -26,7 +26,9 @@ from ._shared import MAX_DELAY, Connection, OnSuccess
 from .exceptions import SerializationError
 from .queues import check_queue_name
 from .retry import RetryPolicy
-from .serialization import envelope
+from .serialization import envelope, hints
+from .serialization.envelope import RESERVED_HEADER_PREFIX
+from .serialization.shapes import Check, Converter, Misfit, NeedsExact, describe
 
 if TYPE_CHECKING:
     from .app import App
@@ -91,10 +93,6 @@ class CallOptions:
         return merged
 
 
-RESERVED_HEADER_PREFIX = "x-pgtasks-"
-"""Headers whose names start with this are pgtasks' own."""
-
-
 def _delay_seconds(delay: float | dt.timedelta) -> float:
     if isinstance(delay, dt.timedelta):
         seconds = delay.total_seconds()
@@ -104,9 +102,7 @@ def _delay_seconds(delay: float | dt.timedelta) -> float:
         except OverflowError:  # an int beyond a float's range
             seconds = math.inf
     else:
-        raise TypeError(
-            f"delay must be a number of seconds or a timedelta (got {envelope.describe(delay)})"
-        )
+        raise TypeError(f"delay must be a number of seconds or a timedelta (got {describe(delay)})")
     if math.isnan(seconds):
         raise ValueError("delay must be a number of seconds (got nan)")
     if seconds < 0:
@@ -139,12 +135,12 @@ def _checked_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(headers, Mapping):
         raise TypeError(
             "headers must be a mapping of names (strings) to JSON values, like "
-            f"{{'trace_id': 'abc'}} (got {envelope.describe(headers)})"
+            f"{{'trace_id': 'abc'}} (got {describe(headers)})"
         )
     checked = dict(headers)
     for name in checked:
         if not isinstance(name, str):
-            raise TypeError(f"header names must be strings (got {envelope.describe(name)})")
+            raise TypeError(f"header names must be strings (got {describe(name)})")
         if name == envelope.HEADER_IDEMPOTENCY_KEY:
             raise ValueError(
                 "pass an idempotency key as options(idempotency_key=...), not as a header: "
@@ -436,7 +432,7 @@ class Task(_Deferrer[P, R]):
             if check is not None:
                 try:
                     check(value)
-                except envelope.Misfit as exc:
+                except Misfit as exc:
                     what = f"task {self.name!r}: argument {name!r}"
                     raise TypeError(exc.explain(what)) from None
 
@@ -454,7 +450,7 @@ class Task(_Deferrer[P, R]):
         shapes = self._shapes or self._compile()
         try:
             return self._load(env.args, env.kwargs, shapes, env.exact)
-        except envelope.NeedsExact:
+        except NeedsExact:
             exact = env.exactly()
             return self._load(exact.args, exact.kwargs, shapes, True)
 
@@ -473,17 +469,17 @@ class Task(_Deferrer[P, R]):
 
 @dataclass(frozen=True)
 class _Shapes:
-    """What a task's parameters accept (see `envelope.Shape`), by name: the producer's
+    """What a task's parameters accept (see `shapes.Shape`), by name: the producer's
     checks, and the worker's loaders for bodies read by orjson and read exactly."""
 
-    natives: dict[str, type]  # see envelope.Shape.native
-    checks: dict[str, envelope.Check]
-    loads: dict[str, envelope.Converter]
-    exact_loads: dict[str, envelope.Converter]
+    natives: dict[str, type]  # see shapes.Shape.native
+    checks: dict[str, Check]
+    loads: dict[str, Converter]
+    exact_loads: dict[str, Converter]
 
     @classmethod
     def of(cls, fn: Callable[..., Any]) -> _Shapes:
-        shapes = envelope.signature_shapes(fn)
+        shapes = hints.signature_shapes(fn)
         return cls(
             {name: s.native for name, s in shapes.items() if s.native is not None},
             {name: s.check for name, s in shapes.items() if s.check is not None},
@@ -500,7 +496,7 @@ class _Shapes:
             for name, value in arguments.items():
                 if natives.get(name) is not type(value) and (load := loads.get(name)):
                     arguments[name] = load(value)  # a new value, no new key: safe in the loop
-        except envelope.Misfit as exc:
+        except Misfit as exc:
             raise TypeError(exc.explain(f"argument {name!r}")) from None
         except TypeError as exc:
             raise TypeError(f"argument {name!r}: {exc}") from None

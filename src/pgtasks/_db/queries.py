@@ -24,6 +24,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ..queues import check_queue_name
+from ..serialization.envelope import HEADER_RELEASED
 
 # Where a statement can run: a connection or the pool.
 Executor: TypeAlias = "asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool"
@@ -158,13 +159,10 @@ async def message_send_batch(
 # --- claim ----------------------------------------------------------------------------------
 
 
-RELEASED_HEADER = "x-pgtasks-released"
-
-
 def _released(headers: str) -> str:
     """SQL for the attempts given back to a message (0 unless the header holds a small
     non-negative integer: a producer's garbage must not break the statement)."""
-    value = f"({headers} ->> '{RELEASED_HEADER}')"
+    value = f"({headers} ->> '{HEADER_RELEASED}')"
     return f"(CASE WHEN {value} ~ '^[0-9]{{1,6}}$' THEN {value}::integer ELSE 0 END)"
 
 
@@ -317,7 +315,7 @@ def _release_sql(queue: str) -> str:
 UPDATE pgmq.{table("q", queue)} AS m
 SET vt = least(m.enqueued_at, clock_timestamp()),
     headers = CASE WHEN t.give_back THEN jsonb_set(
-        coalesce(m.headers, '{{}}'::jsonb), '{{{RELEASED_HEADER}}}',
+        coalesce(m.headers, '{{}}'::jsonb), '{{{HEADER_RELEASED}}}',
         to_jsonb({_released("m.headers")} + 1))
         ELSE m.headers END
 FROM unnest($1::bigint[], $2::integer[], $3::boolean[]) AS t(id, ct, give_back)

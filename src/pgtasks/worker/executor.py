@@ -59,7 +59,7 @@ class _LeaseLost(Exception):
 
 def released(headers: dict[str, Any]) -> int:
     """Attempts given back to a message by worker stops (see `queries.messages_release`)."""
-    value = headers.get(queries.RELEASED_HEADER)
+    value = headers.get(envelope.HEADER_RELEASED)
     return value if type(value) is int and 0 <= value < 1_000_000 else 0
 
 
