@@ -19,9 +19,8 @@ from .exceptions import (
     SerializationError,
     UnknownTask,
 )
-from .registry import task
-from .retry import Fail, Retry, RetryPolicy
-from .tasks import JobRef, Signature, Task, TaskCall
+from .tasks import Fail, JobRef, Retry, RetryPolicy, Signature, Task, TaskCall
+from .tasks.registry import task
 from .worker import Worker
 
 __all__ = [

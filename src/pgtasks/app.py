@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 from typing_extensions import ParamSpec, Self
 
-from . import registry, schema
+from . import schema
 from ._db import admin
 from ._db.connect import (
     DsnSource,
@@ -35,7 +35,7 @@ from ._shared import Connection, OnSuccess
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
 from .queues import QUEUE_NAME
-from .tasks import JobRef, Signature, Task, TaskConfig
+from .tasks import JobRef, Signature, Task, TaskConfig, registry
 
 if TYPE_CHECKING:
     from .worker import Worker

@@ -17,7 +17,8 @@ import orjson
 import pytest
 
 import pgtasks
-from pgtasks import App, ConfigurationError, QueueNameError, Signature, Task, TaskCall, registry
+from pgtasks import App, ConfigurationError, QueueNameError, Signature, Task, TaskCall
+from pgtasks.tasks import registry
 
 # An address nothing listens on: a test that reaches the network here fails loudly.
 NOWHERE = "postgresql://root@127.0.0.1:1/nowhere"

@@ -32,9 +32,8 @@ from .._db import queries
 from .._db.connect import acquire
 from ..context import JobContext, JobEvent, _current
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
-from ..retry import Fail, Retry, RetryPolicy
 from ..serialization import envelope
-from ..tasks import Task, TaskConfig
+from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
 from .job import CancelReason, Job
 from .outcome import (
     Outcome,

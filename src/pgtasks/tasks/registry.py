@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
-from ._shared import OnSuccess
-from .exceptions import ConfigurationError
-from .queues import check_queue_name
-from .tasks import Task, TaskConfig
+from .._shared import OnSuccess
+from ..exceptions import ConfigurationError
+from ..queues import check_queue_name
+from .task import Task, TaskConfig
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..app import App
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -22,16 +22,16 @@ from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
 
 from typing_extensions import ParamSpec
 
-from ._shared import MAX_DELAY, Connection, OnSuccess
-from .exceptions import SerializationError
-from .queues import check_queue_name
+from .._shared import MAX_DELAY, Connection, OnSuccess
+from ..exceptions import SerializationError
+from ..queues import check_queue_name
+from ..serialization import envelope, hints
+from ..serialization.envelope import RESERVED_HEADER_PREFIX
+from ..serialization.shapes import Check, Converter, Misfit, NeedsExact, describe
 from .retry import RetryPolicy
-from .serialization import envelope, hints
-from .serialization.envelope import RESERVED_HEADER_PREFIX
-from .serialization.shapes import Check, Converter, Misfit, NeedsExact, describe
 
 if TYPE_CHECKING:
-    from .app import App
+    from ..app import App
 
 P = ParamSpec("P")
 R = TypeVar("R")
