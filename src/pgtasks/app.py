@@ -36,6 +36,7 @@ from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
 from .queues import QUEUE_NAME
 from .tasks import JobRef, Signature, Task, TaskConfig, registry
+from .tasks.config import check_lease, check_on_success
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -119,8 +120,8 @@ class App:
             retry_on=retry_on,
             dont_retry_on=dont_retry_on,
             timeout=timeout,
-            lease=registry.check_lease(lease),
-            on_success=registry.check_on_success(on_success),
+            lease=check_lease(lease),
+            on_success=check_on_success(on_success),
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
         self._pool: asyncpg.Pool | None = None
@@ -128,7 +129,7 @@ class App:
         self._pool_lock: asyncio.Lock | None = None
         self._dsn: str | None = None
         self._enqueuer = Enqueuer(self.pool, self._where, max_message_size, pool_max_size)
-        registry.register_app(self, default=default)
+        registry.register_producer(self, default=default)
 
     def __repr__(self) -> str:
         return f"<pgtasks.App tasks={len(self.tasks)}>"
@@ -341,8 +342,11 @@ class App:
 
     # --- enqueue --------------------------------------------------------------------------
 
-    async def _defer_one(self, sig: Signature) -> JobRef:
-        return await self._enqueuer.defer_one(sig)
+    async def defer(self, signature: Signature, /) -> JobRef:
+        """Enqueue one job from a signature (``task.s(...)``, ``task.options(...).s(...)``);
+        what ``task.defer(...)`` does. This makes the app the `Producer` its tasks defer
+        through."""
+        return await self._enqueuer.defer_one(signature)
 
     async def defer_many(
         self, signatures: Iterable[Signature], *, connection: Connection | None = None

@@ -31,22 +31,22 @@ def isolated_registry() -> Iterator[None]:
     """Shared tasks, live apps and the default app are process-wide: start each test with
     none of them and put back what was there afterwards."""
     shared = dict(registry.shared_tasks)
-    apps = list(registry._apps)
-    default = registry._default_app
+    apps = list(registry._producers)
+    default = registry._default
     registry.shared_tasks.clear()
     for a in apps:
-        registry._apps.discard(a)
-    registry._default_app = None
+        registry._producers.discard(a)
+    registry._default = None
     try:
         yield
     finally:
         registry.shared_tasks.clear()
         registry.shared_tasks.update(shared)
-        for a in list(registry._apps):
-            registry._apps.discard(a)
+        for a in list(registry._producers):
+            registry._producers.discard(a)
         for a in apps:
-            registry._apps.add(a)
-        registry._default_app = default
+            registry._producers.add(a)
+        registry._default = default
 
 
 @pytest.fixture
