@@ -2,7 +2,7 @@
 
 Everything goes through the SQL functions pgtasks.send / pgtasks.send_batch (keys, queue
 creation and the wake-up NOTIFY ride in the same round trip). Arguments are encoded and
-checked before anything is sent. Errors are classified once (`pgtasks._db.errors`):
+checked before anything is sent. Errors are classified once (`pgtasks.db.errors`):
 transient ones (a broken connection, a deadlock) become `DatabaseUnavailable`, saying whether
 the job may have been enqueued, and are retried only where that cannot duplicate; the others
 become what a user can act on (`SchemaMissing`, `PermissionDenied`, `DatabaseError`).
@@ -21,10 +21,10 @@ from typing import TypeVar, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ._db import queries
-from ._db.connect import acquire, connection_cause, mark_session_clean
-from ._db.errors import ErrorKind, classify, sqlstate, translate
 from ._shared import Connection
+from .db import queries
+from .db.connect import acquire, connection_cause, mark_session_clean
+from .db.errors import ErrorKind, classify, sqlstate, translate
 from .exceptions import DatabaseUnavailable, PgTasksError
 from .serialization import envelope
 from .tasks import JobRef, Signature

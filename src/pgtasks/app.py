@@ -20,9 +20,10 @@ import anyio
 import asyncpg
 from typing_extensions import ParamSpec, Self
 
-from . import schema
-from ._db import admin
-from ._db.connect import (
+from ._enqueue import Enqueuer
+from ._shared import Connection, OnSuccess
+from .db import admin, schema
+from .db.connect import (
     DsnSource,
     acquire_clean,
     create_pool,
@@ -30,8 +31,6 @@ from ._db.connect import (
     materialize,
     resolve_dsn,
 )
-from ._enqueue import Enqueuer
-from ._shared import Connection, OnSuccess
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
 from .queues import QUEUE_NAME

@@ -4,7 +4,7 @@ Commands: ``worker``, ``migrate``, ``status``, ``prune``, ``dead list|show|retry
 common options (``--app/-A module:attr`` or ``PGTASKS_APP``, ``--dsn``, ``--log-level``) go
 before or after the command. Every command but ``migrate`` first checks that the database
 was migrated. Errors pgtasks raises on purpose, and database errors (through
-`pgtasks._db.errors.translate`), print as one line on stderr with exit status 1; what scripts
+`pgtasks.db.errors.translate`), print as one line on stderr with exit status 1; what scripts
 read has ``--json``.
 
 The worker command waits for a database that is not up yet (``--connect-timeout``), logs one
@@ -33,11 +33,10 @@ import anyio
 import asyncpg
 import orjson
 
-from . import schema
-from ._db import admin, errors
 from ._version import __version__
 from .app import App
 from .context import JobEvent
+from .db import admin, errors, schema
 from .dead_letters import DeadLetter
 from .exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
 from .worker import Worker

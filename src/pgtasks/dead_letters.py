@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
-from ._db import admin
+from .db import admin
 from .exceptions import JobNotFound
 from .tasks import JobRef
 

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks._db import queries
+from pgtasks.db import queries
 from tests.helpers import Events
 
 

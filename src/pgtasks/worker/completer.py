@@ -13,7 +13,7 @@ stale extension can never overwrite a retry's delay; an extension whose row did 
 back means the lease was lost, and the job is cancelled for that reason, unless its outcome
 was decided meanwhile (a transactional job that committed its own ack).
 
-Failures are classified once (`_db.errors.classify`). Transient ones keep the batch and
+Failures are classified once (`db.errors.classify`). Transient ones keep the batch and
 retry it after a short backoff. Anything else is isolated: the batch is written statement by
 statement, then item by item; an item the database refuses is written in a reduced form
 (without the task's text) and, if even that fails, given up on with an error in the log: its
@@ -33,9 +33,9 @@ from contextlib import nullcontext
 import anyio
 import asyncpg
 
-from .._db import queries
-from .._db.errors import ErrorKind, classify
 from ..context import JobEvent
+from ..db import queries
+from ..db.errors import ErrorKind, classify
 from .connection import OwnConnection
 from .job import CancelReason, Job
 from .outcome import Outcome, OutcomeKind

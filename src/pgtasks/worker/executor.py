@@ -28,9 +28,9 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from .._db import queries
-from .._db.connect import acquire
 from ..context import JobContext, JobEvent, _current
+from ..db import queries
+from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig

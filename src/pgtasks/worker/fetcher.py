@@ -9,7 +9,7 @@ notification, enough freed slots, a stop), the next message becoming visible (mi
 its queues: delayed jobs, retries and expired leases do not notify), or the safety poll
 interval.
 
-Errors are classified (`_db.errors.classify`). A transient one (the connection, the server)
+Errors are classified (`db.errors.classify`). A transient one (the connection, the server)
 ends the pass and the worker's fetch loop backs off. Any other is the queue's own problem (a
 dropped queue, a missing grant): that queue alone backs off, from 1 s up to a minute, with an
 error in the log, while the others are served.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
-from .._db import queries
-from .._db.errors import ErrorKind, classify
+from ..db import queries
+from ..db.errors import ErrorKind, classify
 from .connection import OwnConnection
 
 logger = logging.getLogger("pgtasks")

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._db.queries import Message
+from ..db.queries import Message
 
 
 class JobState(enum.IntEnum):

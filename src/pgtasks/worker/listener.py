@@ -19,8 +19,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .._db.connect import connect
-from .._db.queries import NOTIFY_CHANNEL
+from ..db.connect import connect
+from ..db.queries import NOTIFY_CHANNEL
 
 logger = logging.getLogger("pgtasks")
 

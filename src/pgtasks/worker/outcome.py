@@ -16,9 +16,9 @@ from typing import Literal
 
 import orjson
 
-from .._db.queries import AttemptError
 from .._shared import MAX_DELAY as _MAX_DELAY
 from ..context import JobEvent
+from ..db.queries import AttemptError
 from .job import Job
 
 OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]

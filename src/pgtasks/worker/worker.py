@@ -38,10 +38,9 @@ import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
-from .. import schema
-from .._db import admin, queries
-from .._db.connect import APPLICATION_NAME, connect
 from ..context import JobEvent
+from ..db import admin, queries, schema
+from ..db.connect import APPLICATION_NAME, connect
 from ..exceptions import ConfigurationError
 from ..queues import check_queue_name
 from .completer import Completer

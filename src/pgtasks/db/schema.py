@@ -35,11 +35,11 @@ from pathlib import Path
 
 import asyncpg
 
-from ._db import admin
-from ._db.queries import Executor
-from ._shared import Connection
-from .exceptions import MigrationError, SchemaMissing
-from .queues import check_queue_name
+from .._shared import Connection
+from ..exceptions import MigrationError, SchemaMissing
+from ..queues import check_queue_name
+from . import admin
+from .queries import Executor
 
 logger = logging.getLogger("pgtasks")
 
@@ -95,7 +95,7 @@ class Step:
 def migrations() -> list[Migration]:
     """The migrations shipped in the package, in order."""
     found = []
-    for entry in importlib.resources.files("pgtasks.migrations").iterdir():
+    for entry in importlib.resources.files("pgtasks.db.migrations").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
