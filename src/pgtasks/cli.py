@@ -36,7 +36,7 @@ import orjson
 from ._version import __version__
 from .app import App
 from .context import JobEvent
-from .db import admin, errors, schema
+from .db import dead_letters, errors, schema
 from .dead_letters import DeadLetter
 from .exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
 from .worker import Worker
@@ -445,8 +445,8 @@ async def _migrate(app: App, args: argparse.Namespace) -> int:
 
 async def _status(app: App, args: argparse.Namespace) -> int:
     pool = await app.pool()
-    rows = await admin.queue_metrics(pool)
-    dead = await admin.dead_count(pool)
+    rows = await dead_letters.queue_metrics(pool)
+    dead = await dead_letters.dead_count(pool)
     if args.json:
         _print_json({"queues": [dict(r) for r in rows], "dead_letters": dead})
         return 0
@@ -512,7 +512,7 @@ async def _dead_purge(app: App, args: argparse.Namespace) -> int:
                 f"dead purge without --older-than deletes {scope}: pass --yes to confirm "
                 "(stdin is not a terminal, so there is no one to ask)"
             )
-        count = await admin.dead_count(await app.pool(), args.queue)
+        count = await dead_letters.dead_count(await app.pool(), args.queue)
         print(f"delete {scope} ({count})? [y/N] ", end="", file=sys.stderr, flush=True)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print("pgtasks: nothing deleted", file=sys.stderr)
@@ -734,7 +734,7 @@ async def _log_later(app: App, queues: Sequence[str]) -> None:
     """After a burst: the jobs that are not visible yet, so that an exit is not mistaken for
     'all done'."""
     try:
-        count, due, seconds = await admin.messages_later(await app.pool(), queues)
+        count, due, seconds = await dead_letters.messages_later(await app.pool(), queues)
     except _LATER_ERRORS as exc:
         logger.warning("burst: could not count the jobs that wait for later: %s", exc)
         return

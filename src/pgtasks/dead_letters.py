@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import orjson
 
-from .db import admin
+from .db import dead_letters
 from .exceptions import JobNotFound
 from .tasks import JobRef
 
@@ -96,12 +96,12 @@ class DeadLetters:
         self, *, queue: str | None = None, task: str | None = None, limit: int = 100
     ) -> Sequence[DeadLetter]:
         """The newest dead letters, optionally of one queue or task."""
-        rows = await admin.dead_list(await self._app.pool(), queue, task, limit)
+        rows = await dead_letters.dead_list(await self._app.pool(), queue, task, limit)
         return [_summary(r) for r in rows]
 
     async def get(self, dead_id: int) -> DeadLetter:
         """One dead letter with its payload and the error of every attempt."""
-        row, history = await admin.dead_get(await self._app.pool(), dead_id)
+        row, history = await dead_letters.dead_get(await self._app.pool(), dead_id)
         if row is None:
             raise JobNotFound(_not_found([dead_id], None))
         return _summary(
@@ -141,7 +141,7 @@ class DeadLetters:
         ids = None if ids is None else list(ids)
         pool = await self._app.pool()
         async with pool.acquire() as conn, conn.transaction():
-            rows = await admin.dead_retry(conn, ids, queue)
+            rows = await dead_letters.dead_retry(conn, ids, queue)
             if ids is not None:
                 missing = sorted(set(ids) - {r["id"] for r in rows})
                 if missing:  # rolls the others back: all or nothing
@@ -156,4 +156,4 @@ class DeadLetters:
     ) -> int:
         """Delete dead letters (failed before ``older_than`` ago, of ``queue``); returns how
         many."""
-        return await admin.dead_purge(await self._app.pool(), older_than, queue)
+        return await dead_letters.dead_purge(await self._app.pool(), older_than, queue)

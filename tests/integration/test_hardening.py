@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks.db import queries
+from pgtasks.db import jobs
 from tests.helpers import Events
 
 
@@ -530,16 +530,14 @@ async def test_a_replayed_release_cannot_touch_a_newer_claim(
     async def job() -> None: ...
 
     ref = await job.defer()
-    first = await queries.message_read(conn, "tokens", 30, 1, 1 << 20)
+    first = await jobs.message_read(conn, "tokens", 30, 1, 1 << 20)
     token = (first[0].msg_id, first[0].read_ct)
-    assert await queries.messages_release(conn, "tokens", [token], [True]) == {token}
-    second = await queries.message_read(conn, "tokens", 30, 1, 1 << 20)
+    assert await jobs.messages_release(conn, "tokens", [token], [True]) == {token}
+    second = await jobs.message_read(conn, "tokens", 30, 1, 1 << 20)
     assert (second[0].msg_id, second[0].read_ct) == (ref.id, 2)  # a new token
     # the first release, replayed (an ambiguous commit retried, say), changes nothing
-    assert await queries.messages_release(conn, "tokens", [token], [True]) == set()
-    acked = await queries.messages_ack(
-        conn, "tokens", [(ref.id, 2)], archive=True, key_retention=60
-    )
+    assert await jobs.messages_release(conn, "tokens", [token], [True]) == set()
+    acked = await jobs.messages_ack(conn, "tokens", [(ref.id, 2)], archive=True, key_retention=60)
     assert acked == {(ref.id, 2)}
 
 
@@ -585,7 +583,7 @@ async def test_the_completer_drops_an_extension_once_the_outcome_is_decided(
 
     await job.defer()
     await job.defer()
-    claimed = await queries.message_read(conn, "order", 30, 2, 1 << 20)
+    claimed = await jobs.message_read(conn, "order", 30, 2, 1 << 20)
     own = OwnConnection(lambda: asyncpg.connect(db_dsn))
     completer = Completer(own, key_retention=60, emit=lambda _e: None)
     try:

@@ -38,8 +38,8 @@ import asyncpg
 from .._shared import Connection
 from ..exceptions import MigrationError, SchemaMissing
 from ..queues import check_queue_name
-from . import admin
-from .queries import Executor
+from . import dead_letters
+from .jobs import Executor
 
 logger = logging.getLogger("pgtasks")
 
@@ -135,7 +135,7 @@ async def _role_steps(conn: Connection, *, pending: bool, applied: bool) -> list
     grants is about to run / has run (neither: nothing to grant with)."""
     if not (pending or applied):
         return []
-    state = await admin.roles_state(conn, ROLES, granted_probe=applied)
+    state = await dead_letters.roles_state(conn, ROLES, granted_probe=applied)
     steps = []
     if not state.exist:
         if not state.can_create:
@@ -182,7 +182,7 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
     )
     existing: set[str] = set()
     if pgmq is None:
-        existing = set(await admin.queue_list(conn))
+        existing = set(await dead_letters.queue_list(conn))
     for queue in sorted(set(queues) - existing):
         check_queue_name(queue)
         # as the owner of ensure_queue, like a queue created on demand
@@ -193,7 +193,7 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
 async def check_installed(conn: Executor) -> None:
     """Raise `SchemaMissing` unless pgmq and every pgtasks migration of this version are
     installed: one or two cheap queries, for a command or a worker about to start."""
-    version = await admin.schema_version(conn)
+    version = await dead_letters.schema_version(conn)
     if version is None:
         raise SchemaMissing(f"the database has no pgtasks schema; {MIGRATE_HINT}")
     latest = migrations()[-1].version

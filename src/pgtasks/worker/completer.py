@@ -34,7 +34,7 @@ import anyio
 import asyncpg
 
 from ..context import JobEvent
-from ..db import queries
+from ..db import jobs
 from ..db.errors import ErrorKind, classify
 from .connection import OwnConnection
 from .job import CancelReason, Job
@@ -260,17 +260,17 @@ class Completer:
         """One statement for a group (plus its attempt errors); the outcomes it wrote."""
         kind, queue, archive = key
         owned = [o.job.token for o in items]
-        held: set[queries.Token]
+        held: set[jobs.Token]
         if kind == "ack":
-            held = await queries.messages_ack(
+            held = await jobs.messages_ack(
                 conn, queue, owned, archive=archive, key_retention=self._key_retention
             )
         elif kind in ("retry", "extend"):
-            held = await queries.messages_set_vt(conn, queue, owned, [o.delay for o in items])
+            held = await jobs.messages_set_vt(conn, queue, owned, [o.delay for o in items])
         elif kind == "release":
-            held = await queries.messages_release(conn, queue, owned, [o.give_back for o in items])
+            held = await jobs.messages_release(conn, queue, owned, [o.give_back for o in items])
         else:
-            held = await queries.messages_dead_letter(
+            held = await jobs.messages_dead_letter(
                 conn,
                 queue,
                 owned,
@@ -281,7 +281,7 @@ class Completer:
         done = [o for o in items if o.job.token in held]
         errors = [o.attempt_error for o in done if o.attempt_error is not None]
         if errors:
-            await queries.attempt_errors_insert(conn, queue, self._worker_id, errors)
+            await jobs.attempt_errors_insert(conn, queue, self._worker_id, errors)
         return done
 
     # --- after a flush ---------------------------------------------------------------------

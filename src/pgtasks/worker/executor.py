@@ -29,7 +29,7 @@ import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from ..context import JobContext, JobEvent, _current
-from ..db import queries
+from ..db import jobs
 from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..serialization import envelope
@@ -57,7 +57,7 @@ class _LeaseLost(Exception):
 
 
 def released(headers: dict[str, Any]) -> int:
-    """Attempts given back to a message by worker stops (see `queries.messages_release`)."""
+    """Attempts given back to a message by worker stops (see `jobs.messages_release`)."""
     value = headers.get(envelope.HEADER_RELEASED)
     return value if type(value) is int and 0 <= value < 1_000_000 else 0
 
@@ -91,7 +91,7 @@ class Executor:
         lease = task.config.lease if task is not None else None
         return lease or self._defaults.lease or 30.0
 
-    def new_job(self, queue: str, msg: queries.Message, lease: float) -> Job:
+    def new_job(self, queue: str, msg: jobs.Message, lease: float) -> Job:
         headers = _headers(msg.headers)
         return Job(queue, msg, lease, attempt=msg.read_ct - released(headers), headers=headers)
 
@@ -316,7 +316,7 @@ class Executor:
                 _current.reset(token)
             if not job.finish():  # its lease was lost while it ran: roll back
                 raise _LeaseLost
-            acked = await queries.messages_ack(
+            acked = await jobs.messages_ack(
                 conn,
                 job.queue,
                 [job.token],

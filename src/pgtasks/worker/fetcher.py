@@ -1,7 +1,7 @@
 """The fetcher: claims messages, never more than there are free slots.
 
 Each pass visits the worker's queues round-robin from a rotating start and claims with one
-statement per queue (pgmq.read's claim, prepared, in vt order: `queries.message_read`) for
+statement per queue (pgmq.read's claim, prepared, in vt order: `jobs.message_read`) for
 that queue's share of the free slots, so a claimed message never waits for a slot while its
 lease runs and no queue starves another. A queue that returned fewer than asked is drained.
 When every queue is drained the fetcher sleeps until the first of: a wake-up (a
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
-from ..db import queries
+from ..db import jobs
 from ..db.errors import ErrorKind, classify
 from .connection import OwnConnection
 
@@ -71,7 +71,7 @@ class Fetcher:
         read_vt: dict[str, int],
         *,
         free_slots: Callable[[], int],
-        claimed: Callable[[str, list[queries.Message]], None],
+        claimed: Callable[[str, list[jobs.Message]], None],
         poll_interval: float,
         max_message_size: int,
         max_batch: int = 1000,
@@ -130,14 +130,14 @@ class Fetcher:
                 drained = False
         return total, drained
 
-    async def _claim(self, queue: _Queue, qty: int) -> tuple[list[queries.Message], bool]:
+    async def _claim(self, queue: _Queue, qty: int) -> tuple[list[jobs.Message], bool]:
         # Once the server has claimed messages they must reach jobs (which run, or are
         # released at shutdown): a soft stop must not abandon a read in flight, or its
         # messages would wait out their leases. A forced stop may (`cancel_claim`).
-        messages: list[queries.Message] = []
+        messages: list[jobs.Message] = []
         with anyio.CancelScope(shield=True) as self._claim_scope:
             async with self._conn.use() as conn:
-                messages = await queries.message_read(
+                messages = await jobs.message_read(
                     conn, queue.name, queue.read_vt, qty, self._max_message_size
                 )
             if messages:
@@ -174,7 +174,7 @@ class Fetcher:
         if open_names:
             try:
                 async with self._conn.use() as conn:
-                    next_visible = await queries.queues_next_visible(conn, open_names)
+                    next_visible = await jobs.queues_next_visible(conn, open_names)
             except Exception as exc:  # the claims will meet it too, and deal with it
                 logger.debug("could not look up the next visible message: %s", exc)
         if next_visible is not None:

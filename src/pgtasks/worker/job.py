@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..db.queries import Message
+from ..db.jobs import Message
 
 
 class JobState(enum.IntEnum):

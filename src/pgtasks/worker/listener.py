@@ -20,7 +20,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..db.connect import connect
-from ..db.queries import NOTIFY_CHANNEL
+from ..db.jobs import NOTIFY_CHANNEL
 
 logger = logging.getLogger("pgtasks")
 

@@ -39,7 +39,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
 from ..context import JobEvent
-from ..db import admin, queries, schema
+from ..db import dead_letters, jobs, schema
 from ..db.connect import APPLICATION_NAME, connect
 from ..exceptions import ConfigurationError
 from ..queues import check_queue_name
@@ -384,7 +384,7 @@ class Worker:
             logger.info("burst: the queues are empty, stopping")
 
     def _start_jobs(
-        self, executor: Executor, queue: str, messages: list[queries.Message], read_vt: int
+        self, executor: Executor, queue: str, messages: list[jobs.Message], read_vt: int
     ) -> None:
         loop = asyncio.get_running_loop()
         for msg in messages:
@@ -412,10 +412,10 @@ class Worker:
         return math.ceil(max(self._leases(executor, queue)))
 
     async def _ensure_queues(self, conn: asyncpg.Connection) -> None:
-        existing = set(await admin.queue_list(conn))
+        existing = set(await dead_letters.queue_list(conn))
         for queue in self.queues:
             if queue not in existing:
-                await admin.queue_ensure(conn, queue)
+                await dead_letters.queue_ensure(conn, queue)
 
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:

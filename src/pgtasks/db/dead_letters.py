@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import asyncpg
 
 from .._shared import Connection
-from .queries import Executor, table
+from .jobs import Executor, table
 
 # --- the schema and the roles -------------------------------------------------------------
 
