@@ -22,9 +22,9 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ._shared import Connection
-from .db import jobs
 from .db.connect import acquire, connection_cause, mark_session_clean
 from .db.errors import ErrorKind, classify, sqlstate, translate
+from .db.send import message_insert, message_insert_batch, message_send, message_send_batch
 from .exceptions import DatabaseUnavailable, PgTasksError
 from .serialization import envelope
 from .tasks import JobRef, Signature
@@ -73,13 +73,13 @@ class Enqueuer:
                 # (nothing sent) and pgtasks.send below creates it. Not on the caller's
                 # connection, where that failure would abort their transaction.
                 try:
-                    msg_id = await jobs.message_insert(
+                    msg_id = await message_insert(
                         conn, sig.queue, body, headers, opts.delay, opts.eta
                     )
                     return msg_id, False, sig.queue
                 except asyncpg.UndefinedTableError:
                     pass
-            return await jobs.message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
+            return await message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
         msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
@@ -316,13 +316,13 @@ class _Batch:
         """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
         key), which raises `asyncpg.UndefinedTableError` when the queue does not exist."""
         if direct:
-            ids = await jobs.message_insert_batch(
+            ids = await message_insert_batch(
                 conn, self.queue, self.bodies, self.headers, self.delay, self.eta
             )
             for i, name, msg_id in zip(self.positions, self.names, ids, strict=True):
                 refs[i] = JobRef(msg_id, self.queue, name)
             return
-        rows = await jobs.message_send_batch(
+        rows = await message_send_batch(
             conn, self.queue, self.bodies, self.headers, self.delay, self.eta
         )
         for i, name, (msg_id, dedup, queue) in zip(self.positions, self.names, rows, strict=True):

@@ -22,7 +22,7 @@ from typing_extensions import ParamSpec, Self
 
 from ._enqueue import Enqueuer
 from ._shared import Connection, OnSuccess
-from .db import dead_letters, schema
+from .db import attempt_errors, keys, queues, schema
 from .db.connect import (
     DsnSource,
     acquire_clean,
@@ -308,17 +308,15 @@ class App:
         that. Returns how many rows of each kind were deleted."""
         pool = await self.pool()
         counts = {
-            "keys": await dead_letters.keys_prune(pool),
-            "errors": await dead_letters.errors_prune(pool, errors_older_than),
+            "keys": await keys.keys_prune(pool),
+            "errors": await attempt_errors.errors_prune(pool, errors_older_than),
             "archived": 0,
         }
         if archive_older_than is not None:
-            for queue in await dead_letters.queue_list(pool):
+            for queue in await queues.queue_list(pool):
                 if not QUEUE_NAME.fullmatch(queue):  # not one of ours
                     continue
-                counts["archived"] += await dead_letters.archive_prune(
-                    pool, queue, archive_older_than
-                )
+                counts["archived"] += await queues.archive_prune(pool, queue, archive_older_than)
         return counts
 
     async def wait_for(self, refs: Iterable[JobRef], *, poll: float = 0.05) -> None:
@@ -333,7 +331,7 @@ class App:
         while waiting:
             async with acquire_clean(pool) as conn:
                 for queue, ids in list(waiting.items()):
-                    left = await dead_letters.messages_waiting(conn, queue, sorted(ids))
+                    left = await queues.messages_waiting(conn, queue, sorted(ids))
                     if left:
                         waiting[queue] = left
                     else:

@@ -37,6 +37,7 @@ from ._version import __version__
 from .app import App
 from .context import JobEvent
 from .db import dead_letters, errors, schema
+from .db.queues import messages_later, queue_metrics
 from .dead_letters import DeadLetter
 from .exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
 from .worker import Worker
@@ -445,7 +446,7 @@ async def _migrate(app: App, args: argparse.Namespace) -> int:
 
 async def _status(app: App, args: argparse.Namespace) -> int:
     pool = await app.pool()
-    rows = await dead_letters.queue_metrics(pool)
+    rows = await queue_metrics(pool)
     dead = await dead_letters.dead_count(pool)
     if args.json:
         _print_json({"queues": [dict(r) for r in rows], "dead_letters": dead})
@@ -734,7 +735,7 @@ async def _log_later(app: App, queues: Sequence[str]) -> None:
     """After a burst: the jobs that are not visible yet, so that an exit is not mistaken for
     'all done'."""
     try:
-        count, due, seconds = await dead_letters.messages_later(await app.pool(), queues)
+        count, due, seconds = await messages_later(await app.pool(), queues)
     except _LATER_ERRORS as exc:
         logger.warning("burst: could not count the jobs that wait for later: %s", exc)
         return

@@ -118,6 +118,14 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 _CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError)
 
 
+PING = "SELECT 1"
+
+
+async def ping(conn: asyncpg.Connection) -> None:
+    """A round trip that proves the connection works (the listener's health check)."""
+    await conn.execute(PING)
+
+
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:
     """One connection (the listener's, tests', the CLI's), with errors made readable."""
     try:

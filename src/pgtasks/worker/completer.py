@@ -34,7 +34,7 @@ import anyio
 import asyncpg
 
 from ..context import JobEvent
-from ..db import jobs
+from ..db import attempt_errors, jobs
 from ..db.errors import ErrorKind, classify
 from .connection import OwnConnection
 from .job import CancelReason, Job
@@ -281,7 +281,7 @@ class Completer:
         done = [o for o in items if o.job.token in held]
         errors = [o.attempt_error for o in done if o.attempt_error is not None]
         if errors:
-            await jobs.attempt_errors_insert(conn, queue, self._worker_id, errors)
+            await attempt_errors.attempt_errors_insert(conn, queue, self._worker_id, errors)
         return done
 
     # --- after a flush ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ import orjson
 
 from .._shared import MAX_DELAY as _MAX_DELAY
 from ..context import JobEvent
-from ..db.jobs import AttemptError
+from ..db.attempt_errors import AttemptError
 from .job import Job
 
 OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]

@@ -39,7 +39,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
 from ..context import JobEvent
-from ..db import dead_letters, jobs, schema
+from ..db import jobs, queues, schema
 from ..db.connect import APPLICATION_NAME, connect
 from ..exceptions import ConfigurationError
 from ..queues import check_queue_name
@@ -412,10 +412,10 @@ class Worker:
         return math.ceil(max(self._leases(executor, queue)))
 
     async def _ensure_queues(self, conn: asyncpg.Connection) -> None:
-        existing = set(await dead_letters.queue_list(conn))
+        existing = set(await queues.queue_list(conn))
         for queue in self.queues:
             if queue not in existing:
-                await dead_letters.queue_ensure(conn, queue)
+                await queues.queue_ensure(conn, queue)
 
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:
