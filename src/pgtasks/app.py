@@ -9,7 +9,6 @@ and the default app those tasks defer through.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -23,14 +22,8 @@ from typing_extensions import ParamSpec, Self
 from ._enqueue import Enqueuer
 from ._shared import Connection, OnSuccess
 from .db import attempt_errors, keys, queues, schema
-from .db.connect import (
-    DsnSource,
-    acquire_clean,
-    create_pool,
-    describe,
-    materialize,
-    resolve_dsn,
-)
+from .db.connect import DsnSource, acquire_clean
+from .db.database import Database
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
 from .queues import QUEUE_NAME
@@ -95,20 +88,12 @@ class App:
         lease: float = 30.0,
         on_success: OnSuccess = "archive",
     ) -> None:
-        self._dsn_source: DsnSource | None = None
-        self._explicit_dsn = dsn
-        if pool_max_size < 1 or pool_min_size < 0 or pool_min_size > pool_max_size:
-            raise ConfigurationError(
-                f"pool sizes must satisfy 0 <= pool_min_size <= pool_max_size >= 1 "
-                f"(got {pool_min_size} and {pool_max_size})"
-            )
-        if statement_cache_size < 0:
-            raise ConfigurationError(
-                f"statement_cache_size must not be negative (got {statement_cache_size})"
-            )
-        self.pool_min_size = pool_min_size
-        self.pool_max_size = pool_max_size
-        self.statement_cache_size = statement_cache_size
+        self._database = Database(
+            dsn,
+            pool_min_size=pool_min_size,
+            pool_max_size=pool_max_size,
+            statement_cache_size=statement_cache_size,
+        )
         self.max_message_size = max_message_size
         self.key_retention = key_retention
         self.defaults = TaskConfig(
@@ -123,11 +108,9 @@ class App:
             on_success=check_on_success(on_success),
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
-        self._pool: asyncpg.Pool | None = None
-        self._pool_loop: asyncio.AbstractEventLoop | None = None
-        self._pool_lock: asyncio.Lock | None = None
-        self._dsn: str | None = None
-        self._enqueuer = Enqueuer(self.pool, self._where, max_message_size, pool_max_size)
+        self._enqueuer = Enqueuer(
+            self._database.pool, self._database.where, max_message_size, pool_max_size
+        )
         registry.register_producer(self, default=default)
 
     def __repr__(self) -> str:
@@ -211,55 +194,40 @@ class App:
         """Make this the app that shared tasks (``@pgtasks.task``) defer through."""
         registry.set_default(self)
 
-    # --- connections ----------------------------------------------------------------------
+    # --- the database -------------------------------------------------------------------
+
+    @property
+    def database(self) -> Database:
+        """The app's database handle: the DSN, the pool, dedicated connections."""
+        return self._database
+
+    @property
+    def pool_min_size(self) -> int:
+        return self._database.pool_min_size
+
+    @property
+    def pool_max_size(self) -> int:
+        return self._database.pool_max_size
+
+    @property
+    def statement_cache_size(self) -> int:
+        return self._database.statement_cache_size
 
     @property
     def dsn_source(self) -> DsnSource:
-        if self._dsn_source is None:
-            self._dsn_source = resolve_dsn(self._explicit_dsn)
-        return self._dsn_source
+        return self._database.dsn_source
 
     async def dsn(self) -> str:
         """The DSN in use (starting the embedded server if that is the source)."""
-        if self._dsn is None:
-            self._dsn = await materialize(self.dsn_source)
-        return self._dsn
+        return await self._database.dsn()
 
     async def pool(self) -> asyncpg.Pool:
         """The connection pool, opened on first use on the running event loop."""
-        loop = asyncio.get_running_loop()
-        if self._pool is not None and self._pool_loop is loop:
-            return self._pool
-        if self._pool_lock is None or self._pool_loop is not loop:
-            self._pool_lock = asyncio.Lock()
-            if self._pool is not None:  # opened on an event loop that is gone
-                self._pool.terminate()
-                self._pool = None
-            self._pool_loop = loop
-        async with self._pool_lock:
-            if self._pool is None:
-                dsn = await self.dsn()
-                self._pool = await create_pool(
-                    dsn,
-                    min_size=self.pool_min_size,
-                    max_size=self.pool_max_size,
-                    statement_cache_size=self.statement_cache_size,
-                )
-                logger.info(
-                    "using PostgreSQL at %s (from %s)",
-                    describe(dsn),
-                    self.dsn_source.origin,
-                )
-            return self._pool
-
-    def _where(self) -> str:
-        return describe(self._dsn) if self._dsn else "the database"
+        return await self._database.pool()
 
     async def close(self) -> None:
         """Close the pool (the embedded server, if any, stops when the process exits)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        await self._database.close()
 
     async def __aenter__(self) -> Self:
         await self.pool()

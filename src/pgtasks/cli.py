@@ -83,8 +83,7 @@ def load_app(spec: str | None, dsn: str | None = None) -> App:
             f"--app {spec!r}: {module_name}.{attr} is {type(app).__name__}, not a pgtasks.App"
         )
     if dsn:
-        app._explicit_dsn = dsn
-        app._dsn_source = None
+        app.database.use_dsn(dsn)
     return app
 
 

@@ -514,7 +514,7 @@ async def test_defer_checks_arguments_before_touching_the_database(app: App) -> 
 
     with pytest.raises(pgtasks.SerializationError, match="argument 'blob'"):
         await upload.defer(object())
-    assert app._pool is None  # never connected
+    assert app.database._pool is None  # never connected
 
 
 # --- argument types -----------------------------------------------------------------------
@@ -659,7 +659,7 @@ async def test_the_issues_examples_are_refused_before_anything_is_sent(app: App)
         await task.apply_async((1,), {"b": None})
     with pytest.raises(TypeError, match="argument 'a' must be int"):
         await app.defer_many([task.s(1, 2), task.s({1}, 2)])  # type: ignore[arg-type]
-    assert app._pool is None  # never connected
+    assert app.database._pool is None  # never connected
 
 
 async def shaped(a: int, /, *rest: int, **named: str) -> None: ...
