@@ -15,14 +15,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-import anyio
 import asyncpg
 from typing_extensions import ParamSpec, Self
 
-from ._enqueue import Enqueuer
 from ._shared import Connection, OnSuccess
+from .client.enqueue import Enqueuer
+from .client.jobs import wait_for
 from .db import attempt_errors, keys, queues, schema
-from .db.connect import DsnSource, acquire_clean
+from .db.connect import DsnSource
 from .db.database import Database
 from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
@@ -108,9 +108,7 @@ class App:
             on_success=check_on_success(on_success),
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
-        self._enqueuer = Enqueuer(
-            self._database.pool, self._database.where, max_message_size, pool_max_size
-        )
+        self._enqueuer = Enqueuer(self._database, max_message_size=max_message_size)
         registry.register_producer(self, default=default)
 
     def __repr__(self) -> str:
@@ -292,20 +290,7 @@ class App:
         moved to the dead letters, by any worker. Checks the queues every ``poll`` seconds;
         bound it with ``anyio.fail_after`` or ``asyncio.timeout``. Meant for scripts, tests
         and examples: a request handler should not wait on the jobs it defers."""
-        waiting: dict[str, set[int]] = {}
-        for ref in refs:
-            waiting.setdefault(ref.queue, set()).add(ref.id)
-        pool = await self.pool()
-        while waiting:
-            async with acquire_clean(pool) as conn:
-                for queue, ids in list(waiting.items()):
-                    left = await queues.messages_waiting(conn, queue, sorted(ids))
-                    if left:
-                        waiting[queue] = left
-                    else:
-                        del waiting[queue]
-            if waiting:
-                await anyio.sleep(poll)
+        await wait_for(self._database, refs, poll=poll)
 
     # --- enqueue --------------------------------------------------------------------------
 

@@ -21,13 +21,14 @@ from typing import TypeVar, cast
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from ._shared import Connection
-from .db.connect import acquire, connection_cause, mark_session_clean
-from .db.errors import ErrorKind, classify, sqlstate, translate
-from .db.send import message_insert, message_insert_batch, message_send, message_send_batch
-from .exceptions import DatabaseUnavailable, PgTasksError
-from .serialization import envelope
-from .tasks import JobRef, Signature
+from .._shared import Connection
+from ..db.connect import acquire, connection_cause, mark_session_clean
+from ..db.database import Database
+from ..db.errors import ErrorKind, classify, sqlstate, translate
+from ..db.send import message_insert, message_insert_batch, message_send, message_send_batch
+from ..exceptions import DatabaseUnavailable, PgTasksError
+from ..serialization import envelope
+from ..tasks import JobRef, Signature
 
 T = TypeVar("T")
 logger = logging.getLogger("pgtasks")
@@ -47,16 +48,12 @@ class _Sending:
 
 
 class Enqueuer:
-    def __init__(
-        self,
-        pool: Callable[[], Awaitable[asyncpg.Pool]],
-        where: Callable[[], str],
-        max_message_size: int,
-        pool_max_size: int,
-    ) -> None:
-        self._pool = pool
-        self._pool_max_size = pool_max_size
-        self._where = where
+    """The producer side of a database: sends signatures (``defer_one``, ``defer_many``)."""
+
+    def __init__(self, database: Database, *, max_message_size: int) -> None:
+        self._pool = database.pool
+        self._pool_max_size = database.pool_max_size
+        self._where = database.where
         self._max_message_size = max_message_size
 
     async def defer_one(self, sig: Signature) -> JobRef:
