@@ -19,14 +19,14 @@ import asyncpg
 from typing_extensions import ParamSpec, Self
 
 from ._shared import Connection, OnSuccess
+from .admin import maintenance
+from .admin.dead_letters import DeadLetters
 from .client.enqueue import Enqueuer
 from .client.jobs import wait_for
-from .db import attempt_errors, keys, queues, schema
+from .db import schema
 from .db.connect import DsnSource
 from .db.database import Database
-from .dead_letters import DeadLetters
 from .exceptions import ConfigurationError
-from .queues import QUEUE_NAME
 from .tasks import JobRef, Signature, Task, TaskConfig, registry
 from .tasks.config import check_lease, check_on_success
 
@@ -260,7 +260,7 @@ class App:
     @property
     def dead_letters(self) -> DeadLetters:
         """Jobs that failed for good: list, inspect, retry, purge."""
-        return DeadLetters(self)
+        return DeadLetters(self._database)
 
     async def prune(
         self,
@@ -272,18 +272,11 @@ class App:
         error history of attempts older than ``errors_older_than`` (dead letters keep
         theirs) and, when ``archive_older_than`` is given, archived messages older than
         that. Returns how many rows of each kind were deleted."""
-        pool = await self.pool()
-        counts = {
-            "keys": await keys.keys_prune(pool),
-            "errors": await attempt_errors.errors_prune(pool, errors_older_than),
-            "archived": 0,
-        }
-        if archive_older_than is not None:
-            for queue in await queues.queue_list(pool):
-                if not QUEUE_NAME.fullmatch(queue):  # not one of ours
-                    continue
-                counts["archived"] += await queues.archive_prune(pool, queue, archive_older_than)
-        return counts
+        return await maintenance.prune(
+            self._database,
+            errors_older_than=errors_older_than,
+            archive_older_than=archive_older_than,
+        )
 
     async def wait_for(self, refs: Iterable[JobRef], *, poll: float = 0.05) -> None:
         """Wait until every one of these jobs has left its queue: acked after success, or

@@ -34,11 +34,11 @@ import asyncpg
 import orjson
 
 from ._version import __version__
+from .admin import queues
+from .admin.dead_letters import DeadLetter
 from .app import App
 from .context import JobEvent
-from .db import dead_letters, errors, schema
-from .db.queues import messages_later, queue_metrics
-from .dead_letters import DeadLetter
+from .db import errors, schema
 from .exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
 from .worker import Worker
 
@@ -444,16 +444,15 @@ async def _migrate(app: App, args: argparse.Namespace) -> int:
 
 
 async def _status(app: App, args: argparse.Namespace) -> int:
-    pool = await app.pool()
-    rows = await queue_metrics(pool)
-    dead = await dead_letters.dead_count(pool)
+    rows = await queues.status(app.database)
+    dead = await app.dead_letters.count()
     if args.json:
-        _print_json({"queues": [dict(r) for r in rows], "dead_letters": dead})
+        _print_json({"queues": [r._asdict() for r in rows], "dead_letters": dead})
         return 0
     print(f"{'queue':<40} {'waiting':>9} {'visible':>9} {'oldest (s)':>10}")
     for r in rows:
-        oldest = r["oldest_seconds"] if r["oldest_seconds"] is not None else "-"
-        print(f"{r['queue']:<40} {r['waiting']:>9} {r['visible']:>9} {oldest:>10}")
+        oldest = r.oldest_seconds if r.oldest_seconds is not None else "-"
+        print(f"{r.queue:<40} {r.waiting:>9} {r.visible:>9} {oldest:>10}")
     print(f"dead letters: {dead}")
     return 0
 
@@ -512,7 +511,7 @@ async def _dead_purge(app: App, args: argparse.Namespace) -> int:
                 f"dead purge without --older-than deletes {scope}: pass --yes to confirm "
                 "(stdin is not a terminal, so there is no one to ask)"
             )
-        count = await dead_letters.dead_count(await app.pool(), args.queue)
+        count = await app.dead_letters.count(queue=args.queue)
         print(f"delete {scope} ({count})? [y/N] ", end="", file=sys.stderr, flush=True)
         if sys.stdin.readline().strip().lower() not in ("y", "yes"):
             print("pgtasks: nothing deleted", file=sys.stderr)
@@ -730,11 +729,11 @@ async def connect(app: App, timeout: float, stopping: asyncio.Event) -> bool:  #
                 delay = min(delay * 2, 10.0)
 
 
-async def _log_later(app: App, queues: Sequence[str]) -> None:
+async def _log_later(app: App, names: Sequence[str]) -> None:
     """After a burst: the jobs that are not visible yet, so that an exit is not mistaken for
     'all done'."""
     try:
-        count, due, seconds = await messages_later(await app.pool(), queues)
+        count, due, seconds = await queues.later(app.database, names)
     except _LATER_ERRORS as exc:
         logger.warning("burst: could not count the jobs that wait for later: %s", exc)
         return

@@ -17,7 +17,7 @@ import pytest
 
 import pgtasks
 from pgtasks import cli as pgtasks_cli
-from pgtasks.dead_letters import DeadLetter
+from pgtasks.admin.dead_letters import DeadLetter
 
 
 def cli(dsn: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
