@@ -3,7 +3,7 @@ already run. See https://pgtasks.readthedocs.io (docs/ in the repository)."""
 
 from ._version import __version__
 from .app import App
-from .context import JobContext, JobEvent, current_job
+from .context import JobContext, current_job
 from .exceptions import (
     ConfigurationError,
     DatabaseError,
@@ -21,7 +21,7 @@ from .exceptions import (
 )
 from .tasks import Fail, JobRef, Retry, RetryPolicy, Signature, Task, TaskCall
 from .tasks.registry import task
-from .worker import Worker
+from .worker import JobEvent, Worker
 
 __all__ = [
     "App",

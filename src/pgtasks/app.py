@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import asyncpg
 from typing_extensions import ParamSpec, Self
@@ -29,9 +29,7 @@ from .db.database import Database
 from .exceptions import ConfigurationError
 from .tasks import JobRef, Signature, Task, TaskConfig, registry
 from .tasks.config import check_lease, check_on_success
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .worker import Worker, WorkerSettings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -315,10 +313,14 @@ class App:
         poll_interval: float = 5.0,
     ) -> Worker:
         """A worker for this app; see `pgtasks.Worker`."""
-        from .worker import Worker
-
         return Worker(
-            self,
+            self._database,
+            self.tasks,
+            WorkerSettings(
+                defaults=self.defaults,
+                key_retention=self.key_retention,
+                max_message_size=self.max_message_size,
+            ),
             queues=queues,
             concurrency=concurrency,
             burst=burst,

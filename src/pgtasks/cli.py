@@ -37,10 +37,9 @@ from ._version import __version__
 from .admin import queues
 from .admin.dead_letters import DeadLetter
 from .app import App
-from .context import JobEvent
 from .db import errors, schema
 from .exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
-from .worker import Worker
+from .worker import JobEvent, Worker
 
 logger = logging.getLogger("pgtasks")
 job_logger = logging.getLogger("pgtasks.jobs")

@@ -33,10 +33,10 @@ from contextlib import nullcontext
 import anyio
 import asyncpg
 
-from ..context import JobEvent
 from ..db import attempt_errors, jobs
 from ..db.errors import ErrorKind, classify
 from .connection import OwnConnection
+from .events import JobEvent
 from .job import CancelReason, Job
 from .outcome import Outcome, OutcomeKind
 

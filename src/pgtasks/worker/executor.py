@@ -28,12 +28,13 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from ..context import JobContext, JobEvent, _current
+from ..context import JobContext, _current
 from ..db import jobs
 from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
+from .events import JobEvent
 from .job import CancelReason, Job
 from .outcome import (
     Outcome,

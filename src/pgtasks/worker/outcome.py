@@ -17,8 +17,8 @@ from typing import Literal
 import orjson
 
 from .._shared import MAX_DELAY as _MAX_DELAY
-from ..context import JobEvent
 from ..db.attempt_errors import AttemptError
+from .events import JobEvent
 from .job import Job
 
 OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]
