@@ -33,13 +33,13 @@ import anyio
 import asyncpg
 import orjson
 
-from ._version import __version__
-from .admin import queues
-from .admin.dead_letters import DeadLetter
-from .app import App
-from .db import errors, schema
-from .exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
-from .worker import JobEvent, Worker
+from .._version import __version__
+from ..admin import queues
+from ..admin.dead_letters import DeadLetter
+from ..app import App
+from ..db import errors, schema
+from ..exceptions import ConfigurationError, DatabaseUnavailable, PgTasksError
+from ..worker import JobEvent, Worker
 
 logger = logging.getLogger("pgtasks")
 job_logger = logging.getLogger("pgtasks.jobs")
