@@ -76,6 +76,14 @@ async def queue_ensure(conn: Executor, queue: str) -> None:
     await conn.execute(QUEUE_ENSURE, queue)
 
 
+async def queues_ensure(conn: Executor, queues: Sequence[str]) -> None:
+    """Create those of these queues that do not exist."""
+    existing = set(await queue_list(conn))
+    for queue in queues:
+        if queue not in existing:
+            await queue_ensure(conn, queue)
+
+
 @lru_cache(maxsize=256)
 def _archive_prune_sql(queue: str) -> str:
     return f"""

@@ -51,6 +51,15 @@ class Events:
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback)
 
+    def summary(self) -> str:
+        """The counts, for the log line of a worker that stopped."""
+        stats = self.stats
+        return (
+            f"{stats['succeeded']} succeeded, {stats['failed']} failed attempts, "
+            f"{stats['retried']} retried, {stats['dead']} dead-lettered, "
+            f"{stats['released']} released"
+        )
+
     def emit(self, event: JobEvent) -> None:
         self.stats[event.kind] += 1
         for callback in list(self._subscribers):

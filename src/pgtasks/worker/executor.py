@@ -25,7 +25,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
-import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from ..context import JobContext, _current
@@ -35,7 +34,7 @@ from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
 from .events import JobEvent
-from .job import CancelReason, Job
+from .job import CancelReason, Job, JobTimeout, claimed
 from .outcome import (
     Outcome,
     attempt_error,
@@ -43,24 +42,15 @@ from .outcome import (
     clean_text,
     describe_error,
     error_json,
+    missing_body,
 )
 
 logger = logging.getLogger("pgtasks")
 
 
-class JobTimeout(TimeoutError):
-    """A run exceeded its task's time limit."""
-
-
 class _LeaseLost(Exception):
     """Raised inside a transactional job's transaction when its ack finds the message gone
     or taken: the transaction, and so the task's own writes, roll back."""
-
-
-def released(headers: dict[str, Any]) -> int:
-    """Attempts given back to a message by worker stops (see `jobs.messages_release`)."""
-    value = headers.get(envelope.HEADER_RELEASED)
-    return value if type(value) is int and 0 <= value < 1_000_000 else 0
 
 
 class Executor:
@@ -93,8 +83,7 @@ class Executor:
         return lease or self._defaults.lease or 30.0
 
     def new_job(self, queue: str, msg: jobs.Message, lease: float) -> Job:
-        headers = _headers(msg.headers)
-        return Job(queue, msg, lease, attempt=msg.read_ct - released(headers), headers=headers)
+        return claimed(queue, msg, lease)
 
     async def run(self, job: Job) -> None:
         """Run one job to its outcome. Never raises: this is the job boundary."""
@@ -133,7 +122,7 @@ class Executor:
         msg = job.message
         headers = job.headers
         if msg.body is None:
-            self._dead(job, None, _missing_body(msg.size, self._max_message_size), None)
+            self._dead(job, None, missing_body(msg.size, self._max_message_size), None)
             return
         try:
             env = envelope.decode(msg.body)
@@ -395,22 +384,3 @@ class Executor:
                 event=event,
             )
         )
-
-
-def _missing_body(size: int | None, limit: int) -> str:
-    if size is None:
-        return "malformed message: the message body is NULL"
-    return (
-        f"the message body is {size:,} bytes, over the limit of {limit:,} bytes "
-        "(App(max_message_size=...)); it was not loaded"
-    )
-
-
-def _headers(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}

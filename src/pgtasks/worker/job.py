@@ -29,7 +29,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 from ..db.jobs import Message
+from ..serialization.envelope import HEADER_RELEASED
 
 
 class JobState(enum.IntEnum):
@@ -37,6 +40,10 @@ class JobState(enum.IntEnum):
     RUNNING = 1
     FINISHING = 2
     DONE = 3
+
+
+class JobTimeout(TimeoutError):
+    """A run exceeded its task's time limit (the failure a TIMEOUT cancellation becomes)."""
 
 
 class CancelReason(enum.Enum):
@@ -124,3 +131,26 @@ class Job:
         """For logs: task name (untrusted: repr), id, attempt, queue."""
         name = repr(self.task_name) if self.task_name is not None else "message"
         return f"{name} (id {self.msg_id}, attempt {self.attempt}, queue {self.queue})"
+
+
+def claimed(queue: str, msg: Message, lease: float) -> Job:
+    """The job of a message just claimed; its attempt is ``read_ct`` less the attempts
+    given back by worker stops."""
+    headers = _headers(msg.headers)
+    return Job(queue, msg, lease, attempt=msg.read_ct - released(headers), headers=headers)
+
+
+def released(headers: dict[str, Any]) -> int:
+    """Attempts given back to a message by worker stops (see `jobs.messages_release`)."""
+    value = headers.get(HEADER_RELEASED)
+    return value if type(value) is int and 0 <= value < 1_000_000 else 0
+
+
+def _headers(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

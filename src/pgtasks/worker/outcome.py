@@ -116,6 +116,16 @@ def attempt_error(job: Job, task_name: str | None, error: BaseException) -> Atte
     )
 
 
+def missing_body(size: int | None, limit: int) -> str:
+    """The reason a message without a loaded body is dead-lettered."""
+    if size is None:
+        return "malformed message: the message body is NULL"
+    return (
+        f"the message body is {size:,} bytes, over the limit of {limit:,} bytes "
+        "(App(max_message_size=...)); it was not loaded"
+    )
+
+
 def error_json(record: AttemptError | None) -> str | None:
     if record is None:
         return None

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..exceptions import ConfigurationError
+from ..queues import check_queue_name
 from ..tasks import Task, TaskConfig
 
 
@@ -51,6 +52,16 @@ def check_number(
         raise ConfigurationError(
             f"worker option {name} must be {expected} from {low:g} to {high:g} (got {value!r})"
         )
+
+
+def checked_queues(queues: Sequence[str] | None, tasks: Mapping[str, Task[Any, Any]]) -> list[str]:
+    """The queues a worker serves: those given, else every one of its tasks' queues."""
+    names = [check_queue_name(q) for q in (queues or sorted({t.queue for t in tasks.values()}))]
+    if not names:
+        raise ConfigurationError(
+            "the worker has no queues: register a task with @app.task or pass queues=[...]"
+        )
+    return names
 
 
 def transactional_slots(

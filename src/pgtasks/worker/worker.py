@@ -33,14 +33,11 @@ from types import TracebackType
 from typing import Any
 
 import anyio
-import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
 from ..db import jobs, queues, schema
 from ..db.database import Database
-from ..exceptions import ConfigurationError
-from ..queues import check_queue_name
 from ..tasks import Task
 from .completer import Completer
 from .connection import OwnConnection
@@ -51,7 +48,7 @@ from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
-from .settings import WorkerSettings, check_number, transactional_slots
+from .settings import WorkerSettings, check_number, checked_queues, transactional_slots
 
 logger = logging.getLogger("pgtasks")
 
@@ -94,12 +91,7 @@ class Worker:
         self._database = database
         self._settings = settings
         self._tasks = dict(tasks)
-        default_queues = sorted({t.queue for t in self._tasks.values()})
-        self.queues = [check_queue_name(q) for q in (queues or default_queues)]
-        if not self.queues:
-            raise ConfigurationError(
-                "the worker has no queues: register a task with @app.task or pass queues=[...]"
-            )
+        self.queues = checked_queues(queues, self._tasks)
         self.concurrency = concurrency
         self.burst = burst
         self.shutdown_timeout = float(shutdown_timeout)
@@ -186,7 +178,7 @@ class Worker:
     ) -> None:
         async with fetch_conn.use() as conn:
             await schema.check_installed(conn)  # one line "run migrate", not a traceback
-            await self._ensure_queues(conn)
+            await queues.queues_ensure(conn, self.queues)
         settings = self._settings
         executor = Executor(
             self._tasks,
@@ -242,15 +234,7 @@ class Worker:
                 service.cancel_scope.cancel()
         finally:
             self._done.set()
-            logger.info(
-                "worker stopped: %d succeeded, %d failed attempts, %d retried, "
-                "%d dead-lettered, %d released",
-                self.stats["succeeded"],
-                self.stats["failed"],
-                self.stats["retried"],
-                self.stats["dead"],
-                self.stats["released"],
-            )
+            logger.info("worker stopped: %s", self._events.summary())
 
     async def _work(self) -> None:
         assert self._fetcher is not None
@@ -390,12 +374,6 @@ class Worker:
 
     def _read_vt(self, executor: Executor, queue: str) -> int:
         return math.ceil(max(self._leases(executor, queue)))
-
-    async def _ensure_queues(self, conn: asyncpg.Connection) -> None:
-        existing = set(await queues.queue_list(conn))
-        for queue in self.queues:
-            if queue not in existing:
-                await queues.queue_ensure(conn, queue)
 
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:
