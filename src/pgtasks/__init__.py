@@ -19,6 +19,7 @@ from .exceptions import (
     SerializationError,
     UnknownTask,
 )
+from .hooks import EnqueueCall, EnqueueHook, EnqueueNext, ExecuteHook, ExecuteNext, Hooks
 from .tasks import Fail, JobRef, Retry, RetryPolicy, Signature, Task, TaskCall
 from .tasks.registry import task
 from .worker import JobEvent, Worker
@@ -28,8 +29,14 @@ __all__ = [
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailable",
+    "EnqueueCall",
+    "EnqueueHook",
+    "EnqueueNext",
     "EnvelopeError",
+    "ExecuteHook",
+    "ExecuteNext",
     "Fail",
+    "Hooks",
     "JobContext",
     "JobEvent",
     "JobNotFound",

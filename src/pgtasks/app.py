@@ -27,6 +27,7 @@ from .db import schema
 from .db.connect import DsnSource
 from .db.database import Database
 from .exceptions import ConfigurationError
+from .hooks import Hooks
 from .tasks import JobRef, Signature, Task, TaskConfig, registry
 from .tasks.config import check_lease, check_on_success
 from .worker import Worker, WorkerSettings
@@ -106,7 +107,11 @@ class App:
             on_success=check_on_success(on_success),
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
-        self._enqueuer = Enqueuer(self._database, max_message_size=max_message_size)
+        self.hooks = Hooks()
+        """Hooks around every enqueue and every run of this app's jobs; see `Hooks`."""
+        self._enqueuer = Enqueuer(
+            self._database, max_message_size=max_message_size, hooks=self.hooks
+        )
         registry.register_producer(self, default=default)
 
     def __repr__(self) -> str:
@@ -327,4 +332,5 @@ class App:
             shutdown_timeout=shutdown_timeout,
             listen=listen,
             poll_interval=poll_interval,
+            hooks=self.hooks,
         )

@@ -1,11 +1,16 @@
 """Enqueueing: one job or many, on the caller's connection or a pooled one.
 
 Everything goes through the SQL functions pgtasks.send / pgtasks.send_batch (keys, queue
-creation and the wake-up NOTIFY ride in the same round trip). Arguments are encoded and
-checked before anything is sent. Errors are classified once (`pgtasks.db.errors`):
-transient ones (a broken connection, a deadlock) become `DatabaseUnavailable`, saying whether
-the job may have been enqueued, and are retried only where that cannot duplicate; the others
-become what a user can act on (`SchemaMissing`, `PermissionDenied`, `DatabaseError`).
+creation and the wake-up NOTIFY ride in the same round trip), or, in the common case, a
+prepared INSERT. Arguments are encoded and checked before anything is sent. Errors are
+classified once (`pgtasks.db.errors`): transient ones (a broken connection, a deadlock)
+become `DatabaseUnavailable`, saying whether the job may have been enqueued, and are
+retried only where that cannot duplicate; the others become what a user can act on
+(`SchemaMissing`, `PermissionDenied`, `DatabaseError`).
+
+The app's enqueue hooks (`pgtasks.hooks`), if any, run around the send: one call per
+``defer`` and per ``defer_many``, before anything is sent. With none, the only addition is
+a check of an empty list.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
 import asyncpg
@@ -27,6 +32,7 @@ from ..db.database import Database
 from ..db.errors import ErrorKind, classify, sqlstate, translate
 from ..db.send import message_insert, message_insert_batch, message_send, message_send_batch
 from ..exceptions import DatabaseUnavailable, PgTasksError
+from ..hooks import EnqueueCall, EnqueueHook, Hooks, compose
 from ..serialization import envelope
 from ..tasks import JobRef, Signature
 
@@ -48,15 +54,58 @@ class _Sending:
 
 
 class Enqueuer:
-    """The producer side of a database: sends signatures (``defer_one``, ``defer_many``)."""
+    """The producer side of a database: sends signatures (``defer_one``, ``defer_many``),
+    through the enqueue hooks when there are any (``hooks``, read at every call)."""
 
-    def __init__(self, database: Database, *, max_message_size: int) -> None:
+    def __init__(
+        self, database: Database, *, max_message_size: int, hooks: Hooks | None = None
+    ) -> None:
         self._pool = database.pool
         self._pool_max_size = database.pool_max_size
         self._where = database.where
         self._max_message_size = max_message_size
+        self._hooks: list[EnqueueHook] = hooks.enqueue if hooks is not None else []
 
     async def defer_one(self, sig: Signature) -> JobRef:
+        if self._hooks:
+            call = EnqueueCall((sig,), sig.options.connection)
+            refs = await compose(self._hooks, self._send_call)(call)
+            if len(refs) != 1:
+                raise TypeError(
+                    f"the around_enqueue hooks returned {len(refs)} job refs for one job; "
+                    "a hook should return what next() returned"
+                )
+            return refs[0]
+        return await self._send_one(sig)
+
+    async def defer_many(
+        self, signatures: Iterable[Signature], connection: Connection | None
+    ) -> list[JobRef]:
+        """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
+        delay); returns their refs in input order. Built with ``task.s(...)`` or
+        ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
+        of ``connection`` here."""
+        if self._hooks:
+            call = EnqueueCall(tuple(signatures), connection)
+            return list(await compose(self._hooks, self._send_batch)(call))
+        return await self._send_many(signatures, connection)
+
+    async def _send_call(self, call: EnqueueCall) -> list[JobRef]:
+        """The end of the hooks of a ``defer``: one job alone, else a batch."""
+        if len(call.signatures) != 1:
+            return await self._send_batch(call)
+        sig = call.signatures[0]
+        if sig.options.connection is not call.connection:  # a hook chose another
+            sig = Signature(
+                sig.task, sig.args, sig.kwargs, replace(sig.options, connection=call.connection)
+            )
+        return [await self._send_one(sig)]
+
+    async def _send_batch(self, call: EnqueueCall) -> list[JobRef]:
+        """The end of the hooks of a ``defer_many``."""
+        return await self._send_many(call.signatures, call.connection)
+
+    async def _send_one(self, sig: Signature) -> JobRef:
         body = sig.body(self._max_message_size)
         headers = sig.headers()
         opts = sig.options
@@ -82,13 +131,9 @@ class Enqueuer:
         msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
         return JobRef(msg_id, queue, sig.task.name, dedup)
 
-    async def defer_many(
+    async def _send_many(
         self, signatures: Iterable[Signature], connection: Connection | None
     ) -> list[JobRef]:
-        """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
-        delay); returns their refs in input order. Built with ``task.s(...)`` or
-        ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
-        of ``connection`` here."""
         # One pass that keeps what is sent, not the signatures: a generator's items are
         # freed as they go, which spares the garbage collector thousands of live objects.
         calls: list[envelope.Call] = []

@@ -8,6 +8,9 @@ every one of them (``SystemExit``, ``KeyboardInterrupt``, a ``CancelledError`` t
 raised itself) is a failed attempt, except a cancellation whose reason the worker set
 (see `job.py`): a stop hands the message back, a lost lease writes nothing.
 
+The app's execute hooks (`pgtasks.hooks`), if any, run around the task's function, inside
+the job boundary: what a hook raises is the job's failure.
+
 Poison messages never loop: a body that is not an envelope, is over the size limit, or whose
 arguments do not bind goes to the dead letters at once; an unknown task is retried with
 backoff (a rolling deploy may bring a worker that knows it), then dead-lettered; a message
@@ -31,6 +34,7 @@ from ..context import JobContext, _current
 from ..db import jobs
 from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
+from ..hooks import ExecuteHook, run_with_hooks
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
 from .events import JobEvent
@@ -65,6 +69,7 @@ class Executor:
         transactional_slots: asyncio.Semaphore | None,
         key_retention: float,
         max_message_size: int,
+        hooks: list[ExecuteHook] | None = None,
     ) -> None:
         self._tasks = tasks
         self._defaults = defaults
@@ -76,6 +81,7 @@ class Executor:
         self._key_retention = key_retention
         self._max_message_size = max_message_size
         self._policies: dict[str, RetryPolicy] = {}
+        self._hooks: list[ExecuteHook] = hooks if hooks is not None else []
 
     def lease_for(self, task_name: str | None) -> float:
         task = self._tasks.get(task_name or "")
@@ -251,7 +257,10 @@ class Executor:
             else:
                 token = _current.set(ctx)
                 try:
-                    await task.fn(*args, **kwargs)
+                    if self._hooks:
+                        await run_with_hooks(self._hooks, ctx, lambda: task.fn(*args, **kwargs))
+                    else:
+                        await task.fn(*args, **kwargs)
                 finally:
                     _current.reset(token)
         except _LeaseLost:  # the ack found the message gone: the transaction rolled back
@@ -299,9 +308,13 @@ class Executor:
         job's outcome is decided before the ack is sent, so a lease extension that meets
         the commit cannot report it lost."""
         async with conn.transaction():
-            token = _current.set(ctx._replace(connection=conn))
+            job_ctx = ctx._replace(connection=conn)
+            token = _current.set(job_ctx)
             try:
-                await task.fn(*args, **kwargs)
+                if self._hooks:
+                    await run_with_hooks(self._hooks, job_ctx, lambda: task.fn(*args, **kwargs))
+                else:
+                    await task.fn(*args, **kwargs)
             finally:
                 _current.reset(token)
             if not job.finish():  # its lease was lost while it ran: roll back

@@ -38,6 +38,7 @@ from typing_extensions import Self
 
 from ..db import jobs, queues, schema
 from ..db.database import Database
+from ..hooks import Hooks
 from ..tasks import Task
 from .completer import Completer
 from .connection import OwnConnection
@@ -70,6 +71,7 @@ class Worker:
         shutdown_timeout: seconds running jobs get to finish after a stop.
         listen: wake on NOTIFY; False polls only (e.g. behind PgBouncer in transaction mode).
         poll_interval: the safety poll, in seconds.
+        hooks: the hooks to run around every job (`App.hooks`).
     """
 
     def __init__(
@@ -84,12 +86,14 @@ class Worker:
         shutdown_timeout: float = 20.0,
         listen: bool = True,
         poll_interval: float = 5.0,
+        hooks: Hooks | None = None,
     ) -> None:
         check_number("concurrency", concurrency, 1, 100_000, integer=True)
         check_number("shutdown_timeout", shutdown_timeout, 0, 86_400)
         check_number("poll_interval", poll_interval, 0.01, 3_600)
         self._database = database
         self._settings = settings
+        self._hooks = hooks
         self._tasks = dict(tasks)
         self.queues = checked_queues(queues, self._tasks)
         self.concurrency = concurrency
@@ -191,6 +195,7 @@ class Worker:
             ),
             key_retention=settings.key_retention.total_seconds(),
             max_message_size=settings.max_message_size,
+            hooks=self._hooks.execute if self._hooks is not None else None,
         )
         read_vt = {q: self._read_vt(executor, q) for q in self.queues}
         self._completer = Completer(
