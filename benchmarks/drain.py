@@ -45,7 +45,7 @@ import asyncpg
 import orjson
 
 import pgtasks
-from pgtasks._shared import OnSuccess
+from pgtasks.tasks import OnSuccess
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,10 +1,14 @@
-"""`App`: configuration, the connection pool, the task registry, and enqueueing.
+"""`App`: the composition root. It holds the settings and builds the parts from them: a
+`Database` (``db/``), the task registry (``tasks/``), the producer side (``client/``), the
+operator side (``admin/``), the hooks, and workers (``worker/``) on demand; its methods
+delegate to those parts.
 
 The DSN comes from ``App(dsn=...)``, else ``PGTASKS_DSN``, else ``DATABASE_URL``, else the
 embedded server (the ``embedded`` extra). The pool opens on first use, on the running event
 loop; ``async with app:`` or ``await app.close()`` closes it. There is no global state
 except the registry of shared tasks (bare ``@pgtasks.task``), which every `App` includes,
-and the default app those tasks defer through.
+and the default app those tasks defer through (an app is the `Producer` its tasks defer
+through).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ check of a call against the function's parameters and hints; `config` a task's s
 `Producer` (the app) it was registered with.
 """
 
+from .._shared import MAX_DELAY, OnSuccess
 from .config import TaskConfig
 from .registry import make_task, shared_tasks
 from .retry import Fail, Retry, RetryPolicy
@@ -19,6 +20,8 @@ __all__ = [
     "CallOptions",
     "Fail",
     "JobRef",
+    "MAX_DELAY",
+    "OnSuccess",
     "Producer",
     "Retry",
     "RetryPolicy",
