@@ -102,8 +102,8 @@ XH = TypeVar("XH", bound=ExecuteHook)
 
 class Hooks:
     """The hooks of an app (``app.hooks``); register with the methods, bare or as
-    decorators. The worker reads them at every run, so a hook registered later still
-    applies."""
+    decorators. ``enqueue`` and ``execute`` hold them in order (remove one there). They are
+    read at every defer and every run, so a hook registered later still applies."""
 
     def __init__(self) -> None:
         self.enqueue: list[EnqueueHook] = []
