@@ -27,7 +27,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import _embedded, schema
+from pgtasks.db import embedded, schema
 
 
 def with_database(dsn: str, database: str) -> str:
@@ -88,7 +88,7 @@ def server_dsn() -> Iterator[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            server = _embedded._backend().get_server(base / "pgdata", cleanup_mode="delete")
+            server = embedded._backend().get_server(base / "pgdata", cleanup_mode="delete")
         try:
             yield server.get_uri()
         finally:

@@ -3,7 +3,7 @@ already run. See https://pgtasks.readthedocs.io (docs/ in the repository)."""
 
 from ._version import __version__
 from .app import App
-from .context import JobContext, JobEvent, current_job
+from .context import JobContext, current_job
 from .exceptions import (
     ConfigurationError,
     DatabaseError,
@@ -19,18 +19,24 @@ from .exceptions import (
     SerializationError,
     UnknownTask,
 )
-from .registry import task
-from .retry import Fail, Retry, RetryPolicy
-from .tasks import JobRef, Signature, Task, TaskCall
-from .worker import Worker
+from .hooks import EnqueueCall, EnqueueHook, EnqueueNext, ExecuteHook, ExecuteNext, Hooks
+from .tasks import Fail, JobRef, Retry, RetryPolicy, Signature, Task, TaskCall
+from .tasks.registry import task
+from .worker import JobEvent, Worker
 
 __all__ = [
     "App",
     "ConfigurationError",
     "DatabaseError",
     "DatabaseUnavailable",
+    "EnqueueCall",
+    "EnqueueHook",
+    "EnqueueNext",
     "EnvelopeError",
+    "ExecuteHook",
+    "ExecuteNext",
     "Fail",
+    "Hooks",
     "JobContext",
     "JobEvent",
     "JobNotFound",

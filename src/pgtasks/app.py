@@ -1,44 +1,40 @@
-"""`App`: configuration, the connection pool, the task registry, and enqueueing.
+"""`App`: the composition root. It holds the settings and builds the parts from them: a
+`Database` (``db/``), the task registry (``tasks/``), the producer side (``client/``), the
+operator side (``admin/``), the hooks, and workers (``worker/``) on demand; its methods
+delegate to those parts.
 
 The DSN comes from ``App(dsn=...)``, else ``PGTASKS_DSN``, else ``DATABASE_URL``, else the
 embedded server (the ``embedded`` extra). The pool opens on first use, on the running event
 loop; ``async with app:`` or ``await app.close()`` closes it. There is no global state
 except the registry of shared tasks (bare ``@pgtasks.task``), which every `App` includes,
-and the default app those tasks defer through.
+and the default app those tasks defer through (an app is the `Producer` its tasks defer
+through).
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
-import anyio
 import asyncpg
 from typing_extensions import ParamSpec, Self
 
-from . import registry, schema
-from ._db import admin
-from ._db.connect import (
-    DsnSource,
-    acquire_clean,
-    create_pool,
-    describe,
-    materialize,
-    resolve_dsn,
-)
-from ._db.queries import Connection
-from ._enqueue import Enqueuer
-from .dead_letters import DeadLetters
+from ._shared import Connection, OnSuccess
+from .admin import maintenance
+from .admin.dead_letters import DeadLetters
+from .client.enqueue import Enqueuer
+from .client.jobs import wait_for
+from .db import schema
+from .db.connect import DsnSource
+from .db.database import Database
 from .exceptions import ConfigurationError
-from .queues import QUEUE_NAME
-from .tasks import JobRef, OnSuccess, Signature, Task, TaskConfig
-
-if TYPE_CHECKING:
-    from .worker import Worker
+from .hooks import Hooks
+from .tasks import JobRef, Signature, Task, TaskConfig, registry
+from .tasks.config import check_lease, check_on_success
+from .worker import Worker, WorkerSettings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -95,20 +91,12 @@ class App:
         lease: float = 30.0,
         on_success: OnSuccess = "archive",
     ) -> None:
-        self._dsn_source: DsnSource | None = None
-        self._explicit_dsn = dsn
-        if pool_max_size < 1 or pool_min_size < 0 or pool_min_size > pool_max_size:
-            raise ConfigurationError(
-                f"pool sizes must satisfy 0 <= pool_min_size <= pool_max_size >= 1 "
-                f"(got {pool_min_size} and {pool_max_size})"
-            )
-        if statement_cache_size < 0:
-            raise ConfigurationError(
-                f"statement_cache_size must not be negative (got {statement_cache_size})"
-            )
-        self.pool_min_size = pool_min_size
-        self.pool_max_size = pool_max_size
-        self.statement_cache_size = statement_cache_size
+        self._database = Database(
+            dsn,
+            pool_min_size=pool_min_size,
+            pool_max_size=pool_max_size,
+            statement_cache_size=statement_cache_size,
+        )
         self.max_message_size = max_message_size
         self.key_retention = key_retention
         self.defaults = TaskConfig(
@@ -119,16 +107,16 @@ class App:
             retry_on=retry_on,
             dont_retry_on=dont_retry_on,
             timeout=timeout,
-            lease=registry.check_lease(lease),
-            on_success=registry.check_on_success(on_success),
+            lease=check_lease(lease),
+            on_success=check_on_success(on_success),
         )
         self._tasks: dict[str, Task[Any, Any]] = {}
-        self._pool: asyncpg.Pool | None = None
-        self._pool_loop: asyncio.AbstractEventLoop | None = None
-        self._pool_lock: asyncio.Lock | None = None
-        self._dsn: str | None = None
-        self._enqueuer = Enqueuer(self.pool, self._where, max_message_size, pool_max_size)
-        registry.register_app(self, default=default)
+        self.hooks = Hooks()
+        """Hooks around every enqueue and every run of this app's jobs; see `Hooks`."""
+        self._enqueuer = Enqueuer(
+            self._database, max_message_size=max_message_size, hooks=self.hooks
+        )
+        registry.register_producer(self, default=default)
 
     def __repr__(self) -> str:
         return f"<pgtasks.App tasks={len(self.tasks)}>"
@@ -211,55 +199,40 @@ class App:
         """Make this the app that shared tasks (``@pgtasks.task``) defer through."""
         registry.set_default(self)
 
-    # --- connections ----------------------------------------------------------------------
+    # --- the database -------------------------------------------------------------------
+
+    @property
+    def database(self) -> Database:
+        """The app's database handle: the DSN, the pool, dedicated connections."""
+        return self._database
+
+    @property
+    def pool_min_size(self) -> int:
+        return self._database.pool_min_size
+
+    @property
+    def pool_max_size(self) -> int:
+        return self._database.pool_max_size
+
+    @property
+    def statement_cache_size(self) -> int:
+        return self._database.statement_cache_size
 
     @property
     def dsn_source(self) -> DsnSource:
-        if self._dsn_source is None:
-            self._dsn_source = resolve_dsn(self._explicit_dsn)
-        return self._dsn_source
+        return self._database.dsn_source
 
     async def dsn(self) -> str:
         """The DSN in use (starting the embedded server if that is the source)."""
-        if self._dsn is None:
-            self._dsn = await materialize(self.dsn_source)
-        return self._dsn
+        return await self._database.dsn()
 
     async def pool(self) -> asyncpg.Pool:
         """The connection pool, opened on first use on the running event loop."""
-        loop = asyncio.get_running_loop()
-        if self._pool is not None and self._pool_loop is loop:
-            return self._pool
-        if self._pool_lock is None or self._pool_loop is not loop:
-            self._pool_lock = asyncio.Lock()
-            if self._pool is not None:  # opened on an event loop that is gone
-                self._pool.terminate()
-                self._pool = None
-            self._pool_loop = loop
-        async with self._pool_lock:
-            if self._pool is None:
-                dsn = await self.dsn()
-                self._pool = await create_pool(
-                    dsn,
-                    min_size=self.pool_min_size,
-                    max_size=self.pool_max_size,
-                    statement_cache_size=self.statement_cache_size,
-                )
-                logger.info(
-                    "using PostgreSQL at %s (from %s)",
-                    describe(dsn),
-                    self.dsn_source.origin,
-                )
-            return self._pool
-
-    def _where(self) -> str:
-        return describe(self._dsn) if self._dsn else "the database"
+        return await self._database.pool()
 
     async def close(self) -> None:
         """Close the pool (the embedded server, if any, stops when the process exits)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            await pool.close()
+        await self._database.close()
 
     async def __aenter__(self) -> Self:
         await self.pool()
@@ -294,7 +267,7 @@ class App:
     @property
     def dead_letters(self) -> DeadLetters:
         """Jobs that failed for good: list, inspect, retry, purge."""
-        return DeadLetters(self)
+        return DeadLetters(self._database)
 
     async def prune(
         self,
@@ -306,43 +279,26 @@ class App:
         error history of attempts older than ``errors_older_than`` (dead letters keep
         theirs) and, when ``archive_older_than`` is given, archived messages older than
         that. Returns how many rows of each kind were deleted."""
-        pool = await self.pool()
-        counts = {
-            "keys": await admin.keys_prune(pool),
-            "errors": await admin.errors_prune(pool, errors_older_than),
-            "archived": 0,
-        }
-        if archive_older_than is not None:
-            for queue in await admin.queue_list(pool):
-                if not QUEUE_NAME.fullmatch(queue):  # not one of ours
-                    continue
-                counts["archived"] += await admin.archive_prune(pool, queue, archive_older_than)
-        return counts
+        return await maintenance.prune(
+            self._database,
+            errors_older_than=errors_older_than,
+            archive_older_than=archive_older_than,
+        )
 
     async def wait_for(self, refs: Iterable[JobRef], *, poll: float = 0.05) -> None:
         """Wait until every one of these jobs has left its queue: acked after success, or
         moved to the dead letters, by any worker. Checks the queues every ``poll`` seconds;
         bound it with ``anyio.fail_after`` or ``asyncio.timeout``. Meant for scripts, tests
         and examples: a request handler should not wait on the jobs it defers."""
-        waiting: dict[str, set[int]] = {}
-        for ref in refs:
-            waiting.setdefault(ref.queue, set()).add(ref.id)
-        pool = await self.pool()
-        while waiting:
-            async with acquire_clean(pool) as conn:
-                for queue, ids in list(waiting.items()):
-                    left = await admin.messages_waiting(conn, queue, sorted(ids))
-                    if left:
-                        waiting[queue] = left
-                    else:
-                        del waiting[queue]
-            if waiting:
-                await anyio.sleep(poll)
+        await wait_for(self._database, refs, poll=poll)
 
     # --- enqueue --------------------------------------------------------------------------
 
-    async def _defer_one(self, sig: Signature) -> JobRef:
-        return await self._enqueuer.defer_one(sig)
+    async def defer(self, signature: Signature, /) -> JobRef:
+        """Enqueue one job from a signature (``task.s(...)``, ``task.options(...).s(...)``);
+        what ``task.defer(...)`` does. This makes the app the `Producer` its tasks defer
+        through."""
+        return await self._enqueuer.defer_one(signature)
 
     async def defer_many(
         self, signatures: Iterable[Signature], *, connection: Connection | None = None
@@ -366,14 +322,19 @@ class App:
         poll_interval: float = 5.0,
     ) -> Worker:
         """A worker for this app; see `pgtasks.Worker`."""
-        from .worker import Worker
-
         return Worker(
-            self,
+            self._database,
+            self.tasks,
+            WorkerSettings(
+                defaults=self.defaults,
+                key_retention=self.key_retention,
+                max_message_size=self.max_message_size,
+            ),
             queues=queues,
             concurrency=concurrency,
             burst=burst,
             shutdown_timeout=shutdown_timeout,
             listen=listen,
             poll_interval=poll_interval,
+            hooks=self.hooks,
         )

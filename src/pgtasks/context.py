@@ -1,9 +1,8 @@
-"""What a running job knows about itself (`current_job`), and the events a worker emits.
+"""What a running job knows about itself: `current_job` and its `JobContext`.
 
 `JobContext` is set in a context variable for the duration of one run, so task code (and
 anything it calls) can read ``pgtasks.current_job().attempt`` without threading it through.
-`JobEvent`s go to the callbacks registered with ``worker.subscribe``: tests wait on them
-instead of sleeping, and metrics can count them.
+(The events a worker emits about jobs are `worker.events.JobEvent`.)
 """
 
 from __future__ import annotations
@@ -12,12 +11,9 @@ import datetime as dt
 from collections.abc import Mapping
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-
-EventKind = Literal["started", "succeeded", "failed", "retried", "dead", "lost"]
+from ._shared import Connection
 
 
 class JobContext(NamedTuple):
@@ -43,7 +39,7 @@ class JobContext(NamedTuple):
     enqueued_at: dt.datetime
     idempotency_key: str | None = None
     headers: Mapping[str, Any] = MappingProxyType({})
-    connection: asyncpg.Connection | PoolConnectionProxy | None = None
+    connection: Connection | None = None
 
 
 _current: ContextVar[JobContext] = ContextVar("pgtasks_current_job")
@@ -57,23 +53,3 @@ def current_job() -> JobContext:
         raise RuntimeError(
             "pgtasks.current_job() was called outside a job run by a pgtasks worker"
         ) from None
-
-
-class JobEvent(NamedTuple):
-    """Something that happened to a job in a worker.
-
-    Kinds: ``started``; ``succeeded`` (acked); ``failed`` (an attempt raised; followed by
-    ``retried`` or ``dead``); ``retried`` (visible again after ``retry_in`` seconds);
-    ``dead`` (moved to the dead letters); ``lost`` (the lease was lost; another worker may
-    hold the message, and this one will not ack it). Immutable (a named tuple).
-    """
-
-    kind: EventKind
-    queue: str
-    msg_id: int
-    attempt: int
-    task: str | None
-    error: BaseException | None = None
-    duration: float | None = None
-    retry_in: float | None = None
-    reason: str | None = None

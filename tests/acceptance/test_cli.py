@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import schema
+from pgtasks.db import schema
 
 from ..conftest import with_database
 

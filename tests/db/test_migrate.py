@@ -16,7 +16,8 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks import MigrationError, QueueNameError, SchemaMissing, schema
+from pgtasks import MigrationError, QueueNameError, SchemaMissing
+from pgtasks.db import schema
 
 GRANT_STEP = "grant pgtasks_producer and pgtasks_worker their privileges"
 ROLES_STEP = "create the roles pgtasks_producer and pgtasks_worker"

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks._db import queries
+from pgtasks.db import jobs
 from tests.helpers import Events
 
 
@@ -530,14 +530,14 @@ async def test_a_replayed_release_cannot_touch_a_newer_claim(
     async def job() -> None: ...
 
     ref = await job.defer()
-    first = await queries.message_read(conn, "tokens", 30, 1, 1 << 20)
+    first = await jobs.message_read(conn, "tokens", 30, 1, 1 << 20)
     token = first[0].token
-    assert await queries.messages_release(conn, "tokens", [token], [True]) == [0]
-    second = await queries.message_read(conn, "tokens", 30, 1, 1 << 20)
+    assert await jobs.messages_release(conn, "tokens", [token], [True]) == [0]
+    second = await jobs.message_read(conn, "tokens", 30, 1, 1 << 20)
     assert second[0].token[:2] == (ref.id, 2)  # a new token
     # the first release, replayed (an ambiguous commit retried, say), changes nothing
-    assert await queries.messages_release(conn, "tokens", [token], [True]) == []
-    acked = await queries.messages_ack(
+    assert await jobs.messages_release(conn, "tokens", [token], [True]) == []
+    acked = await jobs.messages_ack(
         conn, "tokens", [second[0].token], archive=True, key_retention=60
     )
     assert acked == [0]
@@ -585,7 +585,7 @@ async def test_the_completer_drops_an_extension_once_the_outcome_is_decided(
 
     await job.defer()
     await job.defer()
-    claimed = await queries.message_read(conn, "order", 30, 2, 1 << 20)
+    claimed = await jobs.message_read(conn, "order", 30, 2, 1 << 20)
     own = OwnConnection(lambda: asyncpg.connect(db_dsn))
     completer = Completer(own, key_retention=60, emit=lambda _e: None)
     try:
@@ -623,7 +623,7 @@ async def test_a_claim_whose_reply_was_lost_uses_an_attempt_that_never_ran(
         attempts.append(pgtasks.current_job().attempt)
 
     ref = await job.defer()
-    claimed = await queries.message_read(conn, "lostreply", 1, 1, 1 << 20)  # then "lost"
+    claimed = await jobs.message_read(conn, "lostreply", 1, 1, 1 << 20)  # then "lost"
     assert [m.msg_id for m in claimed] == [ref.id]
     async with app.worker(poll_interval=0.2) as worker:
         events = Events(worker)

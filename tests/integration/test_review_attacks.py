@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 
 import pgtasks
-from pgtasks._db import queries
+from pgtasks.serialization.envelope import HEADER_RELEASED
 from tests.helpers import Events
 
 # --- R1: a forged x-pgtasks-released header makes a poison message loop "forever" ---------------
@@ -37,7 +37,7 @@ async def test_a_forged_released_header_cannot_buy_endless_retries(
     await conn.execute(
         "SELECT pgmq.send('forged', $1::jsonb, $2::jsonb, 0)",
         json.dumps({"v": 1, "task": poison.name, "args": [], "kwargs": {}}),
-        json.dumps({queries.RELEASED_HEADER: 999_990}),
+        json.dumps({HEADER_RELEASED: 999_990}),
     )
     async with app.worker(poll_interval=0.05) as worker:
         events = Events(worker)

@@ -1,5 +1,5 @@
 """The message format: encoding a call, decoding and validating a body, and restoring argument
-types from the task's hints (the table in the `pgtasks.envelope` docstring)."""
+types from the task's hints (the table in docs/messages.md)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgtasks import EnvelopeError, MessageTooLarge, SerializationError, Task, envelope
+from pgtasks import EnvelopeError, MessageTooLarge, SerializationError, Task
+from pgtasks.serialization import envelope, hints
 
 MiB = 1024 * 1024
 # Text JSON and jsonb can hold: no NUL (jsonb refuses it), no lone surrogates (not UTF-8).
@@ -401,7 +402,7 @@ def test_sets_and_models_are_encoded_as_json() -> None:
 
 
 def test_an_optional_specific_type_refuses_a_value_it_cannot_take() -> None:
-    load = envelope.shape_for(dt.datetime | None).load
+    load = hints.shape_for(dt.datetime | None).load
     assert load is not None
     assert load(None) is None
     assert load("2026-01-02T03:04:05+00:00") == dt.datetime(
@@ -412,7 +413,7 @@ def test_an_optional_specific_type_refuses_a_value_it_cannot_take() -> None:
 
 
 def test_a_union_with_a_json_native_member_keeps_other_values() -> None:
-    load = envelope.shape_for(dt.datetime | str).load
+    load = hints.shape_for(dt.datetime | str).load
     assert load is not None
     assert load("not a date") == "not a date"
 

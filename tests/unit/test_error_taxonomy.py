@@ -6,7 +6,7 @@ import asyncpg
 import pytest
 
 from pgtasks import DatabaseError, DatabaseUnavailable, PermissionDenied, SchemaMissing
-from pgtasks._db.errors import ErrorKind, classify, translate
+from pgtasks.db.errors import ErrorKind, classify, translate
 
 
 def _pg(cls: type[asyncpg.PostgresError], message: str = "boom") -> asyncpg.PostgresError:

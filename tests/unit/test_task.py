@@ -17,7 +17,8 @@ import orjson
 import pytest
 
 import pgtasks
-from pgtasks import App, ConfigurationError, QueueNameError, Signature, Task, TaskCall, registry
+from pgtasks import App, ConfigurationError, QueueNameError, Signature, Task, TaskCall
+from pgtasks.tasks import registry
 
 # An address nothing listens on: a test that reaches the network here fails loudly.
 NOWHERE = "postgresql://root@127.0.0.1:1/nowhere"
@@ -30,22 +31,22 @@ def isolated_registry() -> Iterator[None]:
     """Shared tasks, live apps and the default app are process-wide: start each test with
     none of them and put back what was there afterwards."""
     shared = dict(registry.shared_tasks)
-    apps = list(registry._apps)
-    default = registry._default_app
+    apps = list(registry._producers)
+    default = registry._default
     registry.shared_tasks.clear()
     for a in apps:
-        registry._apps.discard(a)
-    registry._default_app = None
+        registry._producers.discard(a)
+    registry._default = None
     try:
         yield
     finally:
         registry.shared_tasks.clear()
         registry.shared_tasks.update(shared)
-        for a in list(registry._apps):
-            registry._apps.discard(a)
+        for a in list(registry._producers):
+            registry._producers.discard(a)
         for a in apps:
-            registry._apps.add(a)
-        registry._default_app = default
+            registry._producers.add(a)
+        registry._default = default
 
 
 @pytest.fixture
@@ -513,7 +514,7 @@ async def test_defer_checks_arguments_before_touching_the_database(app: App) -> 
 
     with pytest.raises(pgtasks.SerializationError, match="argument 'blob'"):
         await upload.defer(object())
-    assert app._pool is None  # never connected
+    assert app.database._pool is None  # never connected
 
 
 # --- argument types -----------------------------------------------------------------------
@@ -658,7 +659,7 @@ async def test_the_issues_examples_are_refused_before_anything_is_sent(app: App)
         await task.apply_async((1,), {"b": None})
     with pytest.raises(TypeError, match="argument 'a' must be int"):
         await app.defer_many([task.s(1, 2), task.s({1}, 2)])  # type: ignore[arg-type]
-    assert app._pool is None  # never connected
+    assert app.database._pool is None  # never connected
 
 
 async def shaped(a: int, /, *rest: int, **named: str) -> None: ...

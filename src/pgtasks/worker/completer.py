@@ -13,7 +13,7 @@ stale extension can never overwrite a retry's delay; an extension whose row did 
 back means the lease was lost, and the job is cancelled for that reason, unless its outcome
 was decided meanwhile (a transactional job that committed its own ack).
 
-Failures are classified once (`_db.errors.classify`). Transient ones keep the batch and
+Failures are classified once (`db.errors.classify`). Transient ones keep the batch and
 retry it after a short backoff. Anything else is isolated: the batch is written statement by
 statement, then item by item; an item the database refuses is written in a reduced form
 (without the task's text) and, if even that fails, given up on with an error in the log: its
@@ -33,10 +33,10 @@ from contextlib import nullcontext
 import anyio
 import asyncpg
 
-from .._db import queries
-from .._db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
-from ..context import JobEvent
+from ..db import attempt_errors, jobs
+from ..db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from .connection import OwnConnection
+from .events import JobEvent
 from .job import CancelReason, Job
 from .outcome import Outcome, OutcomeKind
 
@@ -238,9 +238,7 @@ class Completer:
                 by_queue[o.queue].append(o)
         for queue, items in by_queue.items():
             async with self._conn.use() as conn:
-                archived = await queries.messages_archived(
-                    conn, queue, [o.job.token for o in items]
-                )
+                archived = await jobs.messages_archived(conn, queue, [o.job.token for o in items])
             written.update(id(o) for o in items if o.job.token in archived)
 
     def _reduce(
@@ -287,15 +285,15 @@ class Completer:
         owned = [o.job.token for o in items]
         held: list[int]
         if kind == "ack":
-            held = await queries.messages_ack(
+            held = await jobs.messages_ack(
                 conn, queue, owned, archive=archive, key_retention=self._key_retention
             )
         elif kind in ("retry", "extend"):
-            held = await queries.messages_set_vt(conn, queue, owned, [o.delay for o in items])
+            held = await jobs.messages_set_vt(conn, queue, owned, [o.delay for o in items])
         elif kind == "release":
-            held = await queries.messages_release(conn, queue, owned, [o.give_back for o in items])
+            held = await jobs.messages_release(conn, queue, owned, [o.give_back for o in items])
         else:
-            held = await queries.messages_dead_letter(
+            held = await jobs.messages_dead_letter(
                 conn,
                 queue,
                 owned,
@@ -306,7 +304,7 @@ class Completer:
         done = [items[i] for i in held]
         errors = [o.attempt_error for o in done if o.attempt_error is not None]
         if errors:
-            await queries.attempt_errors_insert(conn, queue, self._worker_id, errors)
+            await attempt_errors.attempt_errors_insert(conn, queue, self._worker_id, errors)
         return done
 
     # --- after a flush ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 
-from .._db.errors import ErrorKind, classify
+from ..db.errors import ErrorKind, classify
 
 
 class OwnConnection:

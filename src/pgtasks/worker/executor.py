@@ -8,6 +8,9 @@ every one of them (``SystemExit``, ``KeyboardInterrupt``, a ``CancelledError`` t
 raised itself) is a failed attempt, except a cancellation whose reason the worker set
 (see `job.py`): a stop hands the message back, a lost lease writes nothing.
 
+The app's execute hooks (`pgtasks.hooks`), if any, run around the task's function, inside
+the job boundary: what a hook raises is the job's failure.
+
 Poison messages never loop: a body that is not an envelope, is over the size limit, or whose
 arguments do not bind goes to the dead letters at once; an unknown task is retried with
 backoff (a rolling deploy may bring a worker that knows it), then dead-lettered; a message
@@ -26,17 +29,17 @@ from typing import Any
 
 import anyio
 import asyncpg
-import orjson
 from asyncpg.pool import PoolConnectionProxy
 
-from .. import envelope
-from .._db import queries
-from .._db.connect import acquire
-from ..context import JobContext, JobEvent, _current
+from ..context import JobContext, _current
+from ..db import jobs
+from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
-from ..retry import Fail, Retry, RetryPolicy
-from ..tasks import Task, TaskConfig
-from .job import CancelReason, Job
+from ..hooks import ExecuteHook, run_with_hooks
+from ..serialization import envelope
+from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
+from .events import JobEvent
+from .job import CancelReason, Job, JobTimeout, claimed
 from .outcome import (
     Outcome,
     attempt_error,
@@ -44,29 +47,15 @@ from .outcome import (
     clean_text,
     describe_error,
     error_json,
+    missing_body,
 )
 
 logger = logging.getLogger("pgtasks")
 
 
-class JobTimeout(TimeoutError):
-    """A run exceeded its task's time limit."""
-
-
 class _LeaseLost(Exception):
     """Raised inside a transactional job's transaction when its ack finds the message gone
     or taken: the transaction, and so the task's own writes, roll back."""
-
-
-def attempt_of(msg: queries.Message, headers: dict[str, Any]) -> int:
-    """The attempt a claim is: claims made (``read_ct``) less the attempts worker stops gave
-    back. The count given back is trusted only below ``read_ct`` (what pgtasks itself
-    writes), so a forged header can neither make an attempt number below 1 nor buy a
-    poison message endless runs (the SQL's `queries._released` is the same rule)."""
-    given_back = headers.get(queries.RELEASED_HEADER)
-    if type(given_back) is not int or not 0 <= given_back < msg.read_ct:
-        given_back = 0
-    return msg.read_ct - given_back
 
 
 class Executor:
@@ -81,6 +70,7 @@ class Executor:
         transactional_slots: asyncio.Semaphore | None,
         key_retention: float,
         max_message_size: int,
+        hooks: list[ExecuteHook] | None = None,
     ) -> None:
         self._tasks = tasks
         self._defaults = defaults
@@ -92,17 +82,15 @@ class Executor:
         self._key_retention = key_retention
         self._max_message_size = max_message_size
         self._policies: dict[str, RetryPolicy] = {}
+        self._hooks: list[ExecuteHook] = hooks if hooks is not None else []
 
     def lease_for(self, task_name: str | None) -> float:
         task = self._tasks.get(task_name or "")
         lease = task.config.lease if task is not None else None
         return lease or self._defaults.lease or 30.0
 
-    def new_job(self, queue: str, msg: queries.Message, lease: float) -> Job:
-        if msg.headers is None:  # the common case
-            return Job(queue, msg, lease, msg.read_ct, msg.token)
-        headers = _headers(msg.headers)
-        return Job(queue, msg, lease, attempt_of(msg, headers), msg.token, headers)
+    def new_job(self, queue: str, msg: jobs.Message, lease: float) -> Job:
+        return claimed(queue, msg, lease)
 
     async def run(self, job: Job) -> None:
         """Run one job to its outcome. Never raises: this is the job boundary."""
@@ -141,7 +129,7 @@ class Executor:
         msg = job.message
         headers = job.headers
         if msg.body is None:
-            self._dead(job, None, _missing_body(msg.size, self._max_message_size), None)
+            self._dead(job, None, missing_body(msg.size, self._max_message_size), None)
             return
         try:
             env = envelope.decode(msg.body)
@@ -283,7 +271,10 @@ class Executor:
             else:
                 token = _current.set(ctx)
                 try:
-                    await task.fn(*args, **kwargs)
+                    if self._hooks:
+                        await run_with_hooks(self._hooks, ctx, lambda: task.fn(*args, **kwargs))
+                    else:
+                        await task.fn(*args, **kwargs)
                 finally:
                     _current.reset(token)
         except _LeaseLost:  # the ack found the message gone: the transaction rolled back
@@ -331,14 +322,18 @@ class Executor:
         job's outcome is decided before the ack is sent, so a lease extension that meets
         the commit cannot report it lost."""
         async with conn.transaction():
-            token = _current.set(ctx._replace(connection=conn))
+            job_ctx = ctx._replace(connection=conn)
+            token = _current.set(job_ctx)
             try:
-                await task.fn(*args, **kwargs)
+                if self._hooks:
+                    await run_with_hooks(self._hooks, job_ctx, lambda: task.fn(*args, **kwargs))
+                else:
+                    await task.fn(*args, **kwargs)
             finally:
                 _current.reset(token)
             if not job.finish():  # its lease was lost while it ran: roll back
                 raise _LeaseLost
-            acked = await queries.messages_ack(
+            acked = await jobs.messages_ack(
                 conn,
                 job.queue,
                 [job.token],
@@ -416,22 +411,3 @@ class Executor:
                 event=event,
             )
         )
-
-
-def _missing_body(size: int | None, limit: int) -> str:
-    if size is None:
-        return "malformed message: the message body is NULL"
-    return (
-        f"the message body is {size:,} bytes, over the limit of {limit:,} bytes "
-        "(App(max_message_size=...)); it was not loaded"
-    )
-
-
-def _headers(text: str | None) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}

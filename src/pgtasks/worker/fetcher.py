@@ -1,7 +1,7 @@
 """The fetcher: claims messages, never more than there are free slots.
 
 Each pass visits the worker's queues round-robin from a rotating start and claims with one
-statement per queue (pgmq.read's claim, prepared, in vt order: `queries.message_read`) for
+statement per queue (pgmq.read's claim, prepared, in vt order: `jobs.message_read`) for
 that queue's share of the free slots, so a claimed message never waits for a slot while its
 lease runs and no queue starves another. A queue that returned fewer than asked is drained.
 When every queue is drained the fetcher sleeps until the first of: a wake-up (a
@@ -9,7 +9,7 @@ notification, enough freed slots, a stop), the next message becoming visible (mi
 its queues: delayed jobs, retries and expired leases do not notify), or the safety poll
 interval.
 
-Errors are classified (`_db.errors.classify`). A transient one (the connection, the server)
+Errors are classified (`db.errors.classify`). A transient one (the connection, the server)
 ends the pass and the worker's fetch loop backs off. Any other is the queue's own problem (a
 dropped queue, a missing grant): that queue alone backs off, from 1 s up to a minute, with an
 error in the log, while the others are served.
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import anyio
 import anyio.lowlevel
 
-from .._db import queries
-from .._db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
+from ..db import jobs
+from ..db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from .connection import OwnConnection
 
 logger = logging.getLogger("pgtasks")
@@ -71,7 +71,7 @@ class Fetcher:
         read_vt: dict[str, int],
         *,
         free_slots: Callable[[], int],
-        claimed: Callable[[str, list[queries.Message]], None],
+        claimed: Callable[[str, list[jobs.Message]], None],
         poll_interval: float,
         max_message_size: int,
         max_batch: int = 1000,
@@ -133,14 +133,14 @@ class Fetcher:
                 drained = False
         return total, drained
 
-    async def _claim(self, queue: _Queue, qty: int) -> tuple[list[queries.Message], bool]:
+    async def _claim(self, queue: _Queue, qty: int) -> tuple[list[jobs.Message], bool]:
         # Once the server has claimed messages they must reach jobs (which run, or are
         # released at shutdown): a soft stop must not abandon a read in flight, or its
         # messages would wait out their leases. A forced stop may (`cancel_claim`).
-        messages: list[queries.Message] = []
+        messages: list[jobs.Message] = []
         with anyio.CancelScope(shield=True) as self._claim_scope:
             async with self._conn.use() as conn:
-                messages = await queries.message_read(
+                messages = await jobs.message_read(
                     conn, queue.name, queue.read_vt, qty, self._max_message_size
                 )
             if messages:
@@ -186,7 +186,7 @@ class Fetcher:
         if open_names:
             try:
                 async with self._conn.use() as conn:
-                    next_visible = await queries.queues_next_visible(conn, open_names)
+                    next_visible = await jobs.queues_next_visible(conn, open_names)
             except Exception as exc:  # the claims will meet it too, and deal with it
                 logger.debug("could not look up the next visible message: %s", exc)
         if next_visible is not None:

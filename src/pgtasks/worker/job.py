@@ -29,8 +29,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._db.queries import Message, Token
-from ..retry import RetryPolicy
+import orjson
+
+from ..db.jobs import Message, Token
+from ..serialization.envelope import HEADER_RELEASED
+from ..tasks import RetryPolicy
 
 
 class JobState(enum.IntEnum):
@@ -38,6 +41,10 @@ class JobState(enum.IntEnum):
     RUNNING = 1
     FINISHING = 2
     DONE = 3
+
+
+class JobTimeout(TimeoutError):
+    """A run exceeded its task's time limit (the failure a TIMEOUT cancellation becomes)."""
 
 
 class CancelReason(enum.Enum):
@@ -69,7 +76,7 @@ class Job:
     message: Message
     lease: float
     attempt: int
-    token: Token  # the ownership guard of every write (see `queries.Message`)
+    token: Token  # the ownership guard of every write (see `db.jobs.Message`)
     headers: dict[str, Any] = field(default_factory=dict)
     state: JobState = JobState.CLAIMED
     cancel_reason: CancelReason | None = None
@@ -123,3 +130,32 @@ class Job:
         (untrusted: repr), id, attempt, queue."""
         name = repr(self.task_name) if self.task_name is not None else "message"
         return f"{name} (id {self.msg_id}, attempt {self.attempt}, queue {self.queue})"
+
+
+def claimed(queue: str, msg: Message, lease: float) -> Job:
+    """The job of a message just claimed (see `attempt_of` for its attempt)."""
+    if msg.headers is None:  # the common case
+        return Job(queue, msg, lease, msg.read_ct, msg.token)
+    headers = _headers(msg.headers)
+    return Job(queue, msg, lease, attempt_of(msg, headers), msg.token, headers)
+
+
+def attempt_of(msg: Message, headers: dict[str, Any]) -> int:
+    """The attempt a claim is: claims made (``read_ct``) less the attempts worker stops gave
+    back. The count given back is trusted only below ``read_ct`` (what pgtasks itself
+    writes), so a forged header can neither make an attempt number below 1 nor buy a
+    poison message endless runs (`db.jobs._released` is the same rule in SQL)."""
+    given_back = headers.get(HEADER_RELEASED)
+    if type(given_back) is not int or not 0 <= given_back < msg.read_ct:
+        given_back = 0
+    return msg.read_ct - given_back
+
+
+def _headers(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -19,8 +19,8 @@ from typing import Any
 import anyio
 from anyio.abc import TaskStatus
 
-from .._db.connect import connect
-from .._db.queries import NOTIFY_CHANNEL
+from ..db.connect import connect, ping
+from ..db.sql import NOTIFY_CHANNEL
 
 logger = logging.getLogger("pgtasks")
 
@@ -91,7 +91,7 @@ class Listener:
                 if lost.is_set():
                     raise OSError("the LISTEN connection was closed")
                 with anyio.fail_after(5):
-                    await conn.execute("SELECT 1")
+                    await ping(conn)
         finally:
             if not conn.is_closed():
                 conn.terminate()

@@ -19,14 +19,14 @@ from typing import Literal
 
 import orjson
 
-from .. import tasks
-from .._db.queries import AttemptError
-from ..context import JobEvent
+from .._shared import MAX_DELAY as _MAX_DELAY
+from ..db.attempt_errors import AttemptError
+from .events import JobEvent
 from .job import Job
 
 OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]
 
-MAX_DELAY = tasks.MAX_DELAY.total_seconds()  # a retry further ahead than this is clamped
+MAX_DELAY = _MAX_DELAY.total_seconds()  # a retry further ahead than this is clamped
 MAX_MESSAGE = 2_000  # characters of an exception message or reason kept
 MAX_TRACEBACK = 8_000  # characters of a traceback kept (its end)
 
@@ -124,6 +124,16 @@ def attempt_error(job: Job, task_name: str | None, error: BaseException) -> Atte
         clean_text(type(error).__qualname__, 200),
         clean_text(error),
         clean_text(tb, MAX_TRACEBACK, keep_end=True) or None,
+    )
+
+
+def missing_body(size: int | None, limit: int) -> str:
+    """The reason a message without a loaded body is dead-lettered."""
+    if size is None:
+        return "malformed message: the message body is NULL"
+    return (
+        f"the message body is {size:,} bytes, over the limit of {limit:,} bytes "
+        "(App(max_message_size=...)); it was not loaded"
     )
 
 

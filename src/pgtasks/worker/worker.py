@@ -28,57 +28,57 @@ import math
 import os
 import random
 import socket
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any
 
 import anyio
-import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 from typing_extensions import Self
 
-from .. import schema
-from .._db import admin, queries
-from .._db.connect import APPLICATION_NAME, connect
-from ..context import JobEvent
-from ..exceptions import ConfigurationError
-from ..queues import check_queue_name
+from ..db import jobs, queues, schema
+from ..db.database import Database
+from ..hooks import Hooks
+from ..tasks import Task
 from .completer import Completer
 from .connection import OwnConnection
+from .events import Events, JobEvent
 from .executor import Executor
 from .fetcher import Fetcher
 from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
-
-if TYPE_CHECKING:
-    from ..app import App
+from .settings import WorkerSettings, check_number, checked_queues, transactional_slots
 
 logger = logging.getLogger("pgtasks")
 
 CANCEL_GRACE = 3.0  # seconds a cancelled job gets to unwind before it is left behind
 FLUSH_BUDGET = 7.0  # seconds the last outcomes get to be written at shutdown
-LOCK_TIMEOUT = "2s"  # of the loops' own connections
 
 
 class Worker:
     """Runs the jobs of an `App`; create with `App.worker`.
 
     Args:
-        app: the app whose tasks it runs.
+        database: the database it claims from (`App.database`).
+        tasks: the tasks it runs, by name (`App.tasks`).
+        settings: the app-wide settings it runs them with (task defaults, key retention,
+            message size limit).
         queues: the queues to serve; default every registered task's queue.
         concurrency: jobs run at once (and so messages claimed at most).
         burst: exit once the queues have no visible messages and nothing is running.
         shutdown_timeout: seconds running jobs get to finish after a stop.
         listen: wake on NOTIFY; False polls only (e.g. behind PgBouncer in transaction mode).
         poll_interval: the safety poll, in seconds.
+        hooks: the hooks to run around every job (`App.hooks`).
     """
 
     def __init__(
         self,
-        app: App,
+        database: Database,
+        tasks: Mapping[str, Task[Any, Any]],
+        settings: WorkerSettings,
         *,
         queues: Sequence[str] | None = None,
         concurrency: int = 10,
@@ -86,30 +86,29 @@ class Worker:
         shutdown_timeout: float = 20.0,
         listen: bool = True,
         poll_interval: float = 5.0,
+        hooks: Hooks | None = None,
     ) -> None:
-        _check_number("concurrency", concurrency, 1, 100_000, integer=True)
-        _check_number("shutdown_timeout", shutdown_timeout, 0, 86_400)
-        _check_number("poll_interval", poll_interval, 0.01, 3_600)
-        self.app = app
-        self.queues = [check_queue_name(q) for q in (queues or app.queues)]
-        if not self.queues:
-            raise ConfigurationError(
-                "the worker has no queues: register a task with @app.task or pass queues=[...]"
-            )
+        check_number("concurrency", concurrency, 1, 100_000, integer=True)
+        check_number("shutdown_timeout", shutdown_timeout, 0, 86_400)
+        check_number("poll_interval", poll_interval, 0.01, 3_600)
+        self._database = database
+        self._settings = settings
+        self._hooks = hooks
+        self._tasks = dict(tasks)
+        self.queues = checked_queues(queues, self._tasks)
         self.concurrency = concurrency
         self.burst = burst
         self.shutdown_timeout = float(shutdown_timeout)
         self.listen = listen
         self.poll_interval = float(poll_interval)
-        self.stats: Counter[str] = Counter()
-        self._subscribers: list[Callable[[JobEvent], None]] = []
+        self._events = Events()
+        self.stats = self._events.stats
         self._jobs: set[Job] = set()
         self._stopping = anyio.Event()
         self._fetch_scope: anyio.CancelScope | None = None
         self._force = False
         self._fetcher: Fetcher | None = None
         self._completer: Completer | None = None
-        self._tasks = app.tasks
         self._background: TaskGroup | None = None
         self._done = anyio.Event()
         self.listener: Listener | None = None
@@ -120,8 +119,7 @@ class Worker:
     def subscribe(self, callback: Callable[[JobEvent], None]) -> Callable[[], None]:
         """Call ``callback(event)`` for every job event; returns a function that unsubscribes.
         Callbacks run on the event loop and must not block; their errors are logged."""
-        self._subscribers.append(callback)
-        return lambda: self._subscribers.remove(callback)
+        return self._events.subscribe(callback)
 
     def stop(self, *, force: bool = False) -> None:
         """Stop fetching; running jobs get ``shutdown_timeout`` (none with ``force``)."""
@@ -149,21 +147,8 @@ class Worker:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until stopped (or, with ``burst``, until there is nothing left to do)."""
-        app = self.app
-        dsn = await app.dsn()
-
-        async def open_connection() -> asyncpg.Connection:
-            return await connect(
-                dsn,
-                statement_cache_size=app.statement_cache_size,
-                # a claim or an outcome that waits on a lock (a VACUUM FULL or ALTER of a
-                # queue table, say) gives up after LOCK_TIMEOUT instead of stalling its loop
-                server_settings={
-                    "application_name": APPLICATION_NAME,
-                    "lock_timeout": LOCK_TIMEOUT,
-                },
-            )
-
+        await self._database.dsn()  # resolved (or the embedded server started) up front
+        open_connection = self._database.connect
         fetch_conn, complete_conn = OwnConnection(open_connection), OwnConnection(open_connection)
         try:
             await self._serve(fetch_conn, complete_conn, task_status)
@@ -197,22 +182,26 @@ class Worker:
     ) -> None:
         async with fetch_conn.use() as conn:
             await schema.check_installed(conn)  # one line "run migrate", not a traceback
-            await self._ensure_queues(conn)
+            await queues.queues_ensure(conn, self.queues)
+        settings = self._settings
         executor = Executor(
             self._tasks,
-            self.app.defaults,
+            settings.defaults,
             self._submit,
-            self._emit,
-            pool=self.app.pool,
-            transactional_slots=self._transactional_slots(),
-            key_retention=self.app.key_retention.total_seconds(),
-            max_message_size=self.app.max_message_size,
+            self._events.emit,
+            pool=self._database.pool,
+            transactional_slots=transactional_slots(
+                self._tasks, self.queues, self._database.pool_max_size
+            ),
+            key_retention=settings.key_retention.total_seconds(),
+            max_message_size=settings.max_message_size,
+            hooks=self._hooks.execute if self._hooks is not None else None,
         )
         read_vt = {q: self._read_vt(executor, q) for q in self.queues}
         self._completer = Completer(
             complete_conn,
-            key_retention=self.app.key_retention.total_seconds(),
-            emit=self._emit,
+            key_retention=settings.key_retention.total_seconds(),
+            emit=self._events.emit,
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
             requeued=lambda: self._on_notify(None),
         )
@@ -223,7 +212,7 @@ class Worker:
             free_slots=lambda: self.concurrency - len(self._jobs),
             claimed=lambda q, msgs: self._start_jobs(executor, q, msgs, read_vt[q]),
             poll_interval=self.poll_interval,
-            max_message_size=self.app.max_message_size,
+            max_message_size=settings.max_message_size,
         )
         # a lease is extended once a third of it has passed: tick often enough that even
         # the shortest lease of these queues is extended well before it runs out
@@ -234,7 +223,7 @@ class Worker:
                 service.start_soon(self._completer.run)
                 service.start_soon(leases.run)
                 if self.listen:
-                    self.listener = Listener(self.app.dsn, self._on_notify)
+                    self.listener = Listener(self._database.dsn, self._on_notify)
                     await service.start(self.listener.run)
                 logger.info(
                     "worker started: queues %s, concurrency %d%s",
@@ -250,34 +239,7 @@ class Worker:
                 service.cancel_scope.cancel()
         finally:
             self._done.set()
-            logger.info(
-                "worker stopped: %d succeeded, %d failed attempts, %d retried, "
-                "%d dead-lettered, %d released",
-                self.stats["succeeded"],
-                self.stats["failed"],
-                self.stats["retried"],
-                self.stats["dead"],
-                self.stats["released"],
-            )
-
-    def _transactional_slots(self) -> asyncio.Semaphore | None:
-        """At most pool_max_size - 1 transactional jobs at once: each holds a pooled
-        connection for its whole run, and one must stay free for everything else."""
-        served = [
-            t.name
-            for t in self._tasks.values()
-            if t.config.transactional and t.queue in self.queues
-        ]
-        if not served:
-            return None
-        limit = self.app.pool_max_size - 1
-        if limit < 1:
-            raise ConfigurationError(
-                f"transactional tasks ({', '.join(sorted(served))}) need App(pool_max_size=...) "
-                f"of at least 2 (got {self.app.pool_max_size}): each running one holds a "
-                "pooled connection, and one must stay free for the rest"
-            )
-        return asyncio.Semaphore(limit)
+            logger.info("worker stopped: %s", self._events.summary())
 
     async def _work(self) -> None:
         assert self._fetcher is not None
@@ -391,7 +353,7 @@ class Worker:
             logger.info("burst: the queues are empty, stopping")
 
     def _start_jobs(
-        self, executor: Executor, queue: str, messages: list[queries.Message], read_vt: int
+        self, executor: Executor, queue: str, messages: list[jobs.Message], read_vt: int
     ) -> None:
         loop = asyncio.get_running_loop()
         for msg in messages:
@@ -418,12 +380,6 @@ class Worker:
     def _read_vt(self, executor: Executor, queue: str) -> int:
         return math.ceil(max(self._leases(executor, queue)))
 
-    async def _ensure_queues(self, conn: asyncpg.Connection) -> None:
-        existing = set(await admin.queue_list(conn))
-        for queue in self.queues:
-            if queue not in existing:
-                await admin.queue_ensure(conn, queue)
-
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:
             self._fetcher.wakeup.set()
@@ -433,28 +389,3 @@ class Worker:
         if outcome.kind == "release":
             self.stats["released"] += 1
         self._completer.submit(outcome)
-
-    def _emit(self, event: JobEvent) -> None:
-        self.stats[event.kind] += 1
-        for callback in list(self._subscribers):
-            try:
-                callback(event)
-            except Exception:
-                logger.exception("an event subscriber failed on %s", event.kind)
-
-
-def _check_number(
-    name: str, value: object, low: float, high: float, *, integer: bool = False
-) -> None:
-    """Refuse a worker option outside [low, high] (or not a number), naming it."""
-    kind = int if integer else (int, float)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kind)
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        expected = "a whole number" if integer else "a number"
-        raise ConfigurationError(
-            f"worker option {name} must be {expected} from {low:g} to {high:g} (got {value!r})"
-        )

@@ -1,11 +1,6 @@
-"""The SQL of a job's life: enqueue, claim, and the outcomes of a run (admin.py holds the
-statements for queues, dead letters and pruning).
-
-Each statement is a named constant (or, where it names a queue's table, a cached builder)
-beside one small typed function taking a connection or pool. No business logic here.
-
-JSON crosses the wire as text (``$n::text::jsonb`` in, ``::text`` out): no codec is
-registered, so a caller's own connection (transactional enqueue) behaves like ours.
+"""The SQL of a job's life once it is in its queue: the claim, and the outcomes of a run
+(ack, retry, release, dead letter) and lease extensions, each for a batch of jobs of one
+queue. (Enqueueing is `send`; the error history `attempt_errors`.)
 
 pgmq's ``delete``/``archive``/``set_vt`` do not check who holds a message. Acks, releases
 and lease extensions therefore go straight to the queue table, guarded by ``msg_id`` AND the
@@ -20,17 +15,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TypeAlias
 
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
-
-from ..queues import check_queue_name
-
-# A connection: the caller's own, or one from a pool.
-Connection: TypeAlias = "asyncpg.Connection | PoolConnectionProxy"
-# Where a statement can run: a connection or the pool.
-Executor: TypeAlias = "asyncpg.Connection | PoolConnectionProxy | asyncpg.Pool"
-
-NOTIFY_CHANNEL = "pgtasks"
+from ..serialization.envelope import HEADER_RELEASED
+from .sql import Executor, table
 
 # A claim token: (msg_id, read_ct, enqueued_at), the guard of every write to a claimed
 # message. read_ct only grows, so a token never repeats within a queue; enqueued_at tells a
@@ -38,139 +24,15 @@ NOTIFY_CHANNEL = "pgtasks"
 Token: TypeAlias = "tuple[int, int, dt.datetime]"
 
 
-def table(prefix: str, queue: str) -> str:
-    """The quoted name of a queue's table in schema pgmq: ``q`` (queue) or ``a`` (archive)."""
-    return '"' + prefix + "_" + check_queue_name(queue) + '"'
-
-
-# --- enqueue --------------------------------------------------------------------------------
-
-MESSAGE_SEND = """
-SELECT msg_id, deduplicated, queue
-FROM pgtasks.send($1::text, $2::text::jsonb, $3::text::jsonb, $4::float8, $5::timestamptz)
-"""
-
-# Bodies arrive as one JSON array ($2), split here in order: one parameter instead of one
-# array element per message (see envelope.encode_many).
-MESSAGE_SEND_BATCH = """
-SELECT msg_id, deduplicated, queue
-FROM pgtasks.send_batch(
-    $1::text,
-    ARRAY(SELECT b.body FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS b(body, i)
-          ORDER BY b.i),
-    $3::text[]::jsonb[], $4::float8, $5::timestamptz)
-"""
-
-
-async def message_send(
-    conn: Executor,
-    queue: str,
-    body: str,
-    headers: str | None,
-    delay: float,
-    eta: dt.datetime | None,
-) -> tuple[int, bool, str]:
-    """(msg_id, deduplicated, queue): a deduplicated job is the key holder, maybe in
-    another queue."""
-    row = await conn.fetchrow(MESSAGE_SEND, queue, body, headers, delay, eta)
-    assert row is not None
-    return row[0], row[1], row[2]
-
-
-@lru_cache(maxsize=256)
-def _insert_sql(queue: str) -> str:
-    # pgmq.send's own INSERT, prepared once per connection (pgmq.send plans it anew on every
-    # call through EXECUTE), with the wake-up NOTIFY in the same statement
-    return f"""
-WITH m AS (
-    INSERT INTO pgmq.{table("q", queue)} (vt, message, headers)
-    VALUES (coalesce($4::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)),
-            $1::text::jsonb, $2::text::jsonb)
-    RETURNING msg_id
-)
-SELECT msg_id, pg_notify('{NOTIFY_CHANNEL}', $5::text) FROM m
-"""
-
-
-async def message_insert(
-    conn: Executor,
-    queue: str,
-    body: str,
-    headers: str | None,
-    delay: float,
-    eta: dt.datetime | None,
-) -> int:
-    """Send one message without an idempotency key straight into an existing queue's table,
-    with the wake-up NOTIFY. Raises `asyncpg.UndefinedTableError` when the queue does not
-    exist (`message_send` creates it)."""
-    row = await conn.fetchrow(_insert_sql(queue), body, headers, delay, eta, queue)
-    assert row is not None
-    msg_id: int = row[0]
-    return msg_id
-
-
-@lru_cache(maxsize=256)
-def _insert_batch_sql(queue: str) -> str:
-    # pgmq.send_batch's INSERT (one vt for the batch), prepared; bodies as one JSON array as
-    # in MESSAGE_SEND_BATCH. The ids come back as one array in input order (identity values
-    # are drawn in insert order), with one NOTIFY.
-    return f"""
-WITH m AS (
-    INSERT INTO pgmq.{table("q", queue)} (vt, message, headers)
-    SELECT (SELECT coalesce($4::timestamptz,
-                            clock_timestamp() + make_interval(secs => $3::float8))),
-           t.body, t.headers::jsonb
-    FROM ROWS FROM (jsonb_array_elements($1::text::jsonb), unnest($2::text[])) AS t(body, headers)
-    RETURNING msg_id
-)
-SELECT array_agg(msg_id ORDER BY msg_id), pg_notify('{NOTIFY_CHANNEL}', $5::text) FROM m
-"""
-
-
-async def message_insert_batch(
-    conn: Executor,
-    queue: str,
-    bodies: str,
-    headers: Sequence[str | None] | None,
-    delay: float,
-    eta: dt.datetime | None,
-) -> list[int]:
-    """`message_insert` for many messages without keys, all visible at one time: ``bodies``
-    is a JSON array of envelopes; returns their msg_ids in input order."""
-    ids: list[int] | None = await conn.fetchval(
-        _insert_batch_sql(queue), bodies, headers, delay, eta, queue
-    )
-    assert ids is not None  # bodies is never empty
-    return ids
-
-
-async def message_send_batch(
-    conn: Executor,
-    queue: str,
-    bodies: str,
-    headers: Sequence[str | None] | None,
-    delay: float,
-    eta: dt.datetime | None,
-) -> list[asyncpg.Record]:
-    """One (msg_id, deduplicated, queue) record per message, in input order."""
-    rows: list[asyncpg.Record] = await conn.fetch(
-        MESSAGE_SEND_BATCH, queue, bodies, headers, delay, eta
-    )
-    return rows
-
-
 # --- claim ----------------------------------------------------------------------------------
-
-
-RELEASED_HEADER = "x-pgtasks-released"
 
 
 def _released(headers: str, read_ct: str) -> str:
     """SQL for the attempts given back to a message: the header's count when it is a
     number below the claims made (what pgtasks itself writes), else 0, so that a
     producer's garbage or forgery can neither break the statement nor buy extra runs.
-    `worker.executor.released` is the same rule in Python."""
-    value = f"({headers} ->> '{RELEASED_HEADER}')"
+    `worker.job.attempt_of` is the same rule in Python."""
+    value = f"({headers} ->> '{HEADER_RELEASED}')"
     return (
         f"(CASE WHEN {value} ~ '^[0-9]{{1,9}}$' AND {value}::bigint < {read_ct} "
         f"THEN {value}::integer ELSE 0 END)"
@@ -347,10 +209,10 @@ UPDATE pgmq.{table("q", queue)} AS m
 SET vt = least(m.enqueued_at, clock_timestamp()),
     headers = CASE
         WHEN t.give_back AND m.headers IS NULL
-            THEN jsonb_build_object('{RELEASED_HEADER}', 1)
+            THEN jsonb_build_object('{HEADER_RELEASED}', 1)
         WHEN t.give_back AND jsonb_typeof(m.headers) = 'object'
             THEN m.headers || jsonb_build_object(
-                '{RELEASED_HEADER}', {_released("m.headers", "m.read_ct")} + 1)
+                '{HEADER_RELEASED}', {_released("m.headers", "m.read_ct")} + 1)
         ELSE m.headers END  -- headers that are not an object: the attempt is not given back
 FROM unnest($1::bigint[], $2::integer[], $3::boolean[], $4::timestamptz[]) WITH ORDINALITY
     AS t(id, ct, give_back, enq, i)
@@ -435,46 +297,3 @@ async def messages_dead_letter(
 
 def _split(owned: Sequence[Token]) -> tuple[list[int], list[int], list[dt.datetime]]:
     return [t[0] for t in owned], [t[1] for t in owned], [t[2] for t in owned]
-
-
-# --- failures -------------------------------------------------------------------------------
-
-ATTEMPT_ERRORS_INSERT = """
-INSERT INTO pgtasks.attempt_errors
-    (queue, msg_id, task, attempt, error_type, message, traceback, worker)
-SELECT $1::text, t.msg_id, t.task, t.attempt, t.error_type, t.message, t.traceback, $2::text
-FROM unnest($3::bigint[], $4::text[], $5::integer[], $6::text[], $7::text[], $8::text[])
-    AS t(msg_id, task, attempt, error_type, message, traceback)
-WHERE NOT EXISTS (  -- a write replayed after its reply was lost records nothing twice
-    SELECT 1 FROM pgtasks.attempt_errors AS e
-    WHERE e.queue = $1::text AND e.msg_id = t.msg_id AND e.attempt = t.attempt
-)
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptError:
-    """A failed attempt, as recorded in pgtasks.attempt_errors."""
-
-    msg_id: int
-    task: str | None
-    attempt: int
-    error_type: str
-    message: str
-    traceback: str | None
-
-
-async def attempt_errors_insert(
-    conn: Executor, queue: str, worker: str, errors: Sequence[AttemptError]
-) -> None:
-    await conn.execute(
-        ATTEMPT_ERRORS_INSERT,
-        queue,
-        worker,
-        [e.msg_id for e in errors],
-        [e.task for e in errors],
-        [e.attempt for e in errors],
-        [e.error_type for e in errors],
-        [e.message for e in errors],
-        [e.traceback for e in errors],
-    )

@@ -19,8 +19,8 @@ import anyio
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from .. import _embedded
 from ..exceptions import ConfigurationError, DatabaseUnavailable
+from . import embedded
 
 logger = logging.getLogger("pgtasks")
 
@@ -41,7 +41,7 @@ def resolve_dsn(explicit: str | None) -> DsnSource:
         value = os.environ.get(var)
         if value:
             return DsnSource(value, var)
-    if _embedded.available():
+    if embedded.available():
         return DsnSource(None, "embedded")
     raise ConfigurationError(
         "no database configured: pass App(dsn='postgresql://user@host:5432/db'), set "
@@ -54,7 +54,7 @@ async def materialize(source: DsnSource) -> str:
     """The DSN to connect with; starts the embedded server when that is the source."""
     if source.dsn is not None:
         return source.dsn
-    return await anyio.to_thread.run_sync(_embedded.start)
+    return await anyio.to_thread.run_sync(embedded.start)
 
 
 def describe(dsn: str) -> str:
@@ -116,6 +116,14 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _CONNECT_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError)
+
+
+PING = "SELECT 1"
+
+
+async def ping(conn: asyncpg.Connection) -> None:
+    """A round trip that proves the connection works (the listener's health check)."""
+    await conn.execute(PING)
 
 
 async def connect(dsn: str, **kwargs: Any) -> asyncpg.Connection:

@@ -29,16 +29,18 @@ import importlib.metadata
 import importlib.resources
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import asyncpg
 
-from ._db import admin
-from ._db.queries import Connection, Executor
-from .exceptions import MigrationError, SchemaMissing
-from .queues import check_queue_name
+from .._shared import Connection
+from ..exceptions import MigrationError, SchemaMissing
+from ..queues import check_queue_name
+from .queues import queue_list
+from .sql import Executor
 
 logger = logging.getLogger("pgtasks")
 
@@ -75,6 +77,53 @@ END $$;"""
 
 MIGRATE_HINT = "run 'python -m pgtasks migrate --app ...'"
 
+# --- the schema's state and the roles' --------------------------------------------------
+
+SCHEMA_PRESENT = """
+SELECT to_regclass('pgmq.meta') IS NOT NULL AND to_regclass('pgtasks.migrations') IS NOT NULL
+"""
+SCHEMA_VERSION = "SELECT coalesce(max(version), 0) FROM pgtasks.migrations"
+
+
+async def schema_version(conn: Executor) -> int | None:
+    """The newest pgtasks migration applied, or None when pgmq or the pgtasks schema is
+    missing."""
+    if not await conn.fetchval(SCHEMA_PRESENT):
+        return None
+    version: int = await conn.fetchval(SCHEMA_VERSION)
+    return version
+
+
+ROLES_STATE = """
+SELECT count(*) = cardinality($1::text[]) AS exist,
+       (SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user) AS can_create
+FROM pg_roles WHERE rolname = ANY($1::text[])
+"""
+# what grant_roles() gives, in one probe per side
+ROLES_GRANTED = """
+SELECT has_table_privilege($1::text, 'pgtasks.idempotency_keys', 'INSERT')
+   AND has_function_privilege($1::text, 'pgtasks.ensure_queue(text)', 'EXECUTE')
+   AND has_table_privilege($2::text, 'pgtasks.dead_letters', 'DELETE')
+"""
+
+
+class RolesState(NamedTuple):
+    exist: bool
+    can_create: bool
+    granted: bool
+
+
+async def roles_state(conn: Connection, roles: Sequence[str], *, granted_probe: bool) -> RolesState:
+    """Whether the group roles (producer first, worker last) exist, whether the current role
+    may create roles, and (only with ``granted_probe``, which needs the schema) whether they
+    hold their privileges in this database."""
+    row = await conn.fetchrow(ROLES_STATE, list(roles))
+    assert row is not None
+    granted = False
+    if row["exist"] and granted_probe:
+        granted = bool(await conn.fetchval(ROLES_GRANTED, roles[0], roles[-1]))
+    return RolesState(bool(row["exist"]), bool(row["can_create"]), granted)
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -94,7 +143,7 @@ class Step:
 def migrations() -> list[Migration]:
     """The migrations shipped in the package, in order."""
     found = []
-    for entry in importlib.resources.files("pgtasks.migrations").iterdir():
+    for entry in importlib.resources.files("pgtasks.db.migrations").iterdir():
         match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
@@ -134,7 +183,7 @@ async def _role_steps(conn: Connection, *, pending: bool, applied: bool) -> list
     grants is about to run / has run (neither: nothing to grant with)."""
     if not (pending or applied):
         return []
-    state = await admin.roles_state(conn, ROLES, granted_probe=applied)
+    state = await roles_state(conn, ROLES, granted_probe=applied)
     steps = []
     if not state.exist:
         if not state.can_create:
@@ -181,7 +230,7 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
     )
     existing: set[str] = set()
     if pgmq is None:
-        existing = set(await admin.queue_list(conn))
+        existing = set(await queue_list(conn))
     for queue in sorted(set(queues) - existing):
         check_queue_name(queue)
         # as the owner of ensure_queue, like a queue created on demand
@@ -192,7 +241,7 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
 async def check_installed(conn: Executor) -> None:
     """Raise `SchemaMissing` unless pgmq and every pgtasks migration of this version are
     installed: one or two cheap queries, for a command or a worker about to start."""
-    version = await admin.schema_version(conn)
+    version = await schema_version(conn)
     if version is None:
         raise SchemaMissing(f"the database has no pgtasks schema; {MIGRATE_HINT}")
     latest = migrations()[-1].version

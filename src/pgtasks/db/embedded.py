@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .exceptions import ConfigurationError
+from ..exceptions import ConfigurationError
 
 logger = logging.getLogger("pgtasks")
 

@@ -1,11 +1,16 @@
 """Enqueueing: one job or many, on the caller's connection or a pooled one.
 
 Everything goes through the SQL functions pgtasks.send / pgtasks.send_batch (keys, queue
-creation and the wake-up NOTIFY ride in the same round trip). Arguments are encoded and
-checked before anything is sent. Errors are classified once (`pgtasks._db.errors`):
-transient ones (a broken connection, a deadlock) become `DatabaseUnavailable`, saying whether
-the job may have been enqueued, and are retried only where that cannot duplicate; the others
-become what a user can act on (`SchemaMissing`, `PermissionDenied`, `DatabaseError`).
+creation and the wake-up NOTIFY ride in the same round trip), or, in the common case, a
+prepared INSERT. Arguments are encoded and checked before anything is sent. Errors are
+classified once (`pgtasks.db.errors`): transient ones (a broken connection, a deadlock)
+become `DatabaseUnavailable`, saying whether the job may have been enqueued, and are
+retried only where that cannot duplicate; the others become what a user can act on
+(`SchemaMissing`, `PermissionDenied`, `DatabaseError`).
+
+The app's enqueue hooks (`pgtasks.hooks`), if any, run around the send: one call per
+``defer`` and per ``defer_many``, before anything is sent. With none, the only addition is
+a check of an empty list.
 """
 
 from __future__ import annotations
@@ -15,19 +20,21 @@ import datetime as dt
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar, cast
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from . import envelope
-from ._db import queries
-from ._db.connect import acquire, connection_cause, mark_session_clean
-from ._db.errors import ErrorKind, classify, sqlstate, translate
-from ._db.queries import Connection
-from .exceptions import DatabaseUnavailable, PgTasksError
-from .tasks import JobRef, Signature
+from .._shared import Connection
+from ..db.connect import acquire, connection_cause, mark_session_clean
+from ..db.database import Database
+from ..db.errors import ErrorKind, classify, sqlstate, translate
+from ..db.send import message_insert, message_insert_batch, message_send, message_send_batch
+from ..exceptions import DatabaseUnavailable, PgTasksError
+from ..hooks import EnqueueCall, EnqueueHook, Hooks, compose
+from ..serialization import envelope
+from ..tasks import JobRef, Signature
 
 T = TypeVar("T")
 logger = logging.getLogger("pgtasks")
@@ -47,43 +54,29 @@ class _Sending:
 
 
 class Enqueuer:
+    """The producer side of a database: sends signatures (``defer_one``, ``defer_many``),
+    through the enqueue hooks when there are any (``hooks``, read at every call)."""
+
     def __init__(
-        self,
-        pool: Callable[[], Awaitable[asyncpg.Pool]],
-        where: Callable[[], str],
-        max_message_size: int,
-        pool_max_size: int,
+        self, database: Database, *, max_message_size: int, hooks: Hooks | None = None
     ) -> None:
-        self._pool = pool
-        self._pool_max_size = pool_max_size
-        self._where = where
+        self._pool = database.pool
+        self._pool_max_size = database.pool_max_size
+        self._where = database.where
         self._max_message_size = max_message_size
+        self._hooks: list[EnqueueHook] = hooks.enqueue if hooks is not None else []
 
     async def defer_one(self, sig: Signature) -> JobRef:
-        body = sig.body(self._max_message_size)
-        headers = sig.headers()
-        opts = sig.options
-
-        async def send(conn: queries.Connection, sending: _Sending) -> tuple[int, bool, str]:
-            # with an idempotency key a repeat is deduplicated, so a retry is always safe
-            sending.ambiguous = opts.idempotency_key is None
-            if sending.pooled and opts.idempotency_key is None:
-                # The common case, a third cheaper than pgtasks.send: a prepared INSERT into
-                # the queue's table. A queue that does not exist yet fails the statement
-                # (nothing sent) and pgtasks.send below creates it. Not on the caller's
-                # connection, where that failure would abort their transaction.
-                try:
-                    msg_id = await queries.message_insert(
-                        conn, sig.queue, body, headers, opts.delay, opts.eta
-                    )
-                    return msg_id, False, sig.queue
-                except asyncpg.UndefinedTableError:
-                    pass
-            return await queries.message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
-
-        what = f"deferring {sig.task.name!r} to {sig.queue!r}"
-        msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
-        return JobRef(msg_id, queue, sig.task.name, dedup)
+        if self._hooks:
+            call = EnqueueCall((sig,), sig.options.connection)
+            refs = await compose(self._hooks, self._send_call)(call)
+            if len(refs) != 1:
+                raise TypeError(
+                    f"the around_enqueue hooks returned {len(refs)} job refs for one job; "
+                    "a hook should return what next() returned"
+                )
+            return refs[0]
+        return await self._send_one(sig)
 
     async def defer_many(
         self, signatures: Iterable[Signature], connection: Connection | None
@@ -92,6 +85,55 @@ class Enqueuer:
         delay); returns their refs in input order. Built with ``task.s(...)`` or
         ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
         of ``connection`` here."""
+        if self._hooks:
+            call = EnqueueCall(tuple(signatures), connection)
+            return list(await compose(self._hooks, self._send_batch)(call))
+        return await self._send_many(signatures, connection)
+
+    async def _send_call(self, call: EnqueueCall) -> list[JobRef]:
+        """The end of the hooks of a ``defer``: one job alone, else a batch."""
+        if len(call.signatures) != 1:
+            return await self._send_batch(call)
+        sig = call.signatures[0]
+        if sig.options.connection is not call.connection:  # a hook chose another
+            sig = Signature(
+                sig.task, sig.args, sig.kwargs, replace(sig.options, connection=call.connection)
+            )
+        return [await self._send_one(sig)]
+
+    async def _send_batch(self, call: EnqueueCall) -> list[JobRef]:
+        """The end of the hooks of a ``defer_many``."""
+        return await self._send_many(call.signatures, call.connection)
+
+    async def _send_one(self, sig: Signature) -> JobRef:
+        body = sig.body(self._max_message_size)
+        headers = sig.headers()
+        opts = sig.options
+
+        async def send(conn: Connection, sending: _Sending) -> tuple[int, bool, str]:
+            # with an idempotency key a repeat is deduplicated, so a retry is always safe
+            sending.ambiguous = opts.idempotency_key is None
+            if sending.pooled and opts.idempotency_key is None:
+                # The common case, a third cheaper than pgtasks.send: a prepared INSERT into
+                # the queue's table. A queue that does not exist yet fails the statement
+                # (nothing sent) and pgtasks.send below creates it. Not on the caller's
+                # connection, where that failure would abort their transaction.
+                try:
+                    msg_id = await message_insert(
+                        conn, sig.queue, body, headers, opts.delay, opts.eta
+                    )
+                    return msg_id, False, sig.queue
+                except asyncpg.UndefinedTableError:
+                    pass
+            return await message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
+
+        what = f"deferring {sig.task.name!r} to {sig.queue!r}"
+        msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
+        return JobRef(msg_id, queue, sig.task.name, dedup)
+
+    async def _send_many(
+        self, signatures: Iterable[Signature], connection: Connection | None
+    ) -> list[JobRef]:
         # One pass that keeps what is sent, not the signatures: a generator's items are
         # freed as they go, which spares the garbage collector thousands of live objects.
         calls: list[envelope.Call] = []
@@ -142,7 +184,7 @@ class Enqueuer:
         n = len(calls)
         refs: list[JobRef | None] = [None] * n
 
-        async def send(conn: queries.Connection, sending: _Sending) -> None:
+        async def send(conn: Connection, sending: _Sending) -> None:
             if not sending.pooled and len(batches) == 1:
                 # one statement in the caller's transaction (or autocommit): atomic as it is
                 sending.ambiguous = True
@@ -171,7 +213,7 @@ class Enqueuer:
 
     async def _send_in_transaction(
         self,
-        conn: queries.Connection,
+        conn: Connection,
         batches: Sequence[_Batch],
         refs: list[JobRef | None],
         direct: bool,
@@ -185,7 +227,7 @@ class Enqueuer:
     async def _on_connection(
         self,
         connection: Connection | None,
-        work: Callable[[queries.Connection, _Sending], Awaitable[T]],
+        work: Callable[[Connection, _Sending], Awaitable[T]],
         what: str,
     ) -> T:
         """Run ``work`` on the caller's connection, else on a pooled one, turning transient
@@ -312,17 +354,17 @@ class _Batch:
             hs if any(h is not None for h in hs) else None,
         )
 
-    async def send(self, conn: queries.Connection, refs: list[JobRef | None], direct: bool) -> None:
+    async def send(self, conn: Connection, refs: list[JobRef | None], direct: bool) -> None:
         """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
         key), which raises `asyncpg.UndefinedTableError` when the queue does not exist."""
         if direct:
-            ids = await queries.message_insert_batch(
+            ids = await message_insert_batch(
                 conn, self.queue, self.bodies, self.headers, self.delay, self.eta
             )
             for i, name, msg_id in zip(self.positions, self.names, ids, strict=True):
                 refs[i] = JobRef(msg_id, self.queue, name)
             return
-        rows = await queries.message_send_batch(
+        rows = await message_send_batch(
             conn, self.queue, self.bodies, self.headers, self.delay, self.eta
         )
         for i, name, (msg_id, dedup, queue) in zip(self.positions, self.names, rows, strict=True):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from .tasks import TaskConfig
+    from .config import TaskConfig
 
 T = TypeVar("T")
 

@@ -4,77 +4,52 @@ Tasks made with ``@app.task`` belong to that app. Shared tasks (bare ``@pgtasks.
 Celery's ``shared_task``) belong to every `App` in the process and defer through the default
 app: the one marked ``App(default=True)`` or ``app.set_default()``, else the only live one.
 This module holds the only process-wide state pgtasks has.
+
+It knows apps only as `Producer`s (what a task defers through), and holds them weakly: an app
+nobody keeps is not kept alive by being registered.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
-from .exceptions import ConfigurationError
-from .queues import check_queue_name
-from .tasks import OnSuccess, Task, TaskConfig
-
-if TYPE_CHECKING:
-    from .app import App
+from .._shared import OnSuccess
+from ..exceptions import ConfigurationError
+from ..queues import check_queue_name
+from .config import TASK_OPTIONS, TaskConfig, check_lease, check_on_success
+from .task import Producer, Task
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 shared_tasks: dict[str, Task[Any, Any]] = {}
-_apps: weakref.WeakSet[App] = weakref.WeakSet()
-_default_app: weakref.ReferenceType[App] | None = None
+_producers: weakref.WeakSet[Producer] = weakref.WeakSet()
+_default: weakref.ReferenceType[Producer] | None = None
 
 
-def register_app(app: App, *, default: bool) -> None:
-    _apps.add(app)
+def register_producer(producer: Producer, *, default: bool) -> None:
+    """A producer (an app) that shared tasks may defer through."""
+    _producers.add(producer)
     if default:
-        set_default(app)
+        set_default(producer)
 
 
-def set_default(app: App) -> None:
-    global _default_app
-    _default_app = weakref.ref(app)
-
-
-def check_lease(lease: float) -> float:
-    if lease < 1:
-        raise ConfigurationError(f"lease must be at least 1 second (got {lease})")
-    return lease
-
-
-def check_on_success(value: str) -> OnSuccess:
-    if value not in ("archive", "delete"):
-        raise ConfigurationError(f"on_success must be 'archive' or 'delete' (got {value!r})")
-    return value  # type: ignore[return-value]
-
-
-_TASK_OPTIONS = frozenset(
-    {
-        "max_retries",
-        "retry_backoff",
-        "retry_backoff_max",
-        "retry_jitter",
-        "retry_on",
-        "dont_retry_on",
-        "timeout",
-        "lease",
-        "on_success",
-        "transactional",
-    }
-)
+def set_default(producer: Producer) -> None:
+    global _default
+    _default = weakref.ref(producer)
 
 
 def make_task(
-    fn: Callable[P, Awaitable[R]], app: App | None, options: dict[str, Any]
+    fn: Callable[P, Awaitable[R]], app: Producer | None, options: dict[str, Any]
 ) -> Task[P, R]:
-    unknown = set(options) - _TASK_OPTIONS - {"name", "queue"}
+    unknown = set(options) - TASK_OPTIONS - {"name", "queue"}
     if unknown:
         raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
-    config = {k: v for k, v in options.items() if k in _TASK_OPTIONS}
+    config = {k: v for k, v in options.items() if k in TASK_OPTIONS}
     if config.get("lease") is not None:
         check_lease(config["lease"])
     if config.get("on_success") is not None:
@@ -127,16 +102,17 @@ def task(
     return register(fn) if fn is not None else register
 
 
-def default_app(*, for_task: str) -> App:
+def default_producer(*, for_task: str) -> Producer:
     """The app shared tasks defer through: the one marked default, else the only one."""
-    if _default_app is not None:
-        app = _default_app()
-        if app is not None:
-            return app
-    apps = list(_apps)
-    if len(apps) == 1:
-        return apps[0]
+    if _default is not None:
+        producer = _default()
+        if producer is not None:
+            return producer
+    producers = list(_producers)
+    if len(producers) == 1:
+        return producers[0]
     raise ConfigurationError(
         f"shared task {for_task!r} needs an app to defer through, and there are "
-        f"{len(apps)}: create one App, or mark one with App(default=True) or app.set_default()"
+        f"{len(producers)}: create one App, or mark one with App(default=True) or "
+        "app.set_default()"
     )

@@ -14,17 +14,15 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import orjson
 
-from ._db import admin
-from .exceptions import JobNotFound
-from .tasks import JobRef
-
-if TYPE_CHECKING:
-    from .app import App
+from ..db import dead_letters
+from ..db.database import Database
+from ..exceptions import JobNotFound
+from ..tasks import JobRef
 
 
 @dataclass(frozen=True)
@@ -89,19 +87,19 @@ def _not_found(ids: Sequence[int], queue: str | None, *, retried: bool = False) 
 class DeadLetters:
     """The dead letters of an app's database; get it as ``app.dead_letters``."""
 
-    def __init__(self, app: App) -> None:
-        self._app = app
+    def __init__(self, database: Database) -> None:
+        self._database = database
 
     async def list(
         self, *, queue: str | None = None, task: str | None = None, limit: int = 100
     ) -> Sequence[DeadLetter]:
         """The newest dead letters, optionally of one queue or task."""
-        rows = await admin.dead_list(await self._app.pool(), queue, task, limit)
+        rows = await dead_letters.dead_list(await self._database.pool(), queue, task, limit)
         return [_summary(r) for r in rows]
 
     async def get(self, dead_id: int) -> DeadLetter:
         """One dead letter with its payload and the error of every attempt."""
-        row, history = await admin.dead_get(await self._app.pool(), dead_id)
+        row, history = await dead_letters.dead_get(await self._database.pool(), dead_id)
         if row is None:
             raise JobNotFound(_not_found([dead_id], None))
         return _summary(
@@ -139,9 +137,9 @@ class DeadLetters:
         """`retry` (with ``ids=None``, `retry_all`), returning each dead letter's id with
         the job it became."""
         ids = None if ids is None else list(ids)
-        pool = await self._app.pool()
+        pool = await self._database.pool()
         async with pool.acquire() as conn, conn.transaction():
-            rows = await admin.dead_retry(conn, ids, queue)
+            rows = await dead_letters.dead_retry(conn, ids, queue)
             if ids is not None:
                 missing = sorted(set(ids) - {r["id"] for r in rows})
                 if missing:  # rolls the others back: all or nothing
@@ -151,9 +149,13 @@ class DeadLetters:
             for r in rows
         ]
 
+    async def count(self, *, queue: str | None = None) -> int:
+        """How many dead letters there are (of ``queue``, if given)."""
+        return await dead_letters.dead_count(await self._database.pool(), queue)
+
     async def purge(
         self, *, older_than: dt.timedelta | None = None, queue: str | None = None
     ) -> int:
         """Delete dead letters (failed before ``older_than`` ago, of ``queue``); returns how
         many."""
-        return await admin.dead_purge(await self._app.pool(), older_than, queue)
+        return await dead_letters.dead_purge(await self._database.pool(), older_than, queue)

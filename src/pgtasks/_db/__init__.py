@@ -1,1 +1,0 @@
-"""Database access: connections (`connect`) and every SQL statement pgtasks runs (`queries`)."""

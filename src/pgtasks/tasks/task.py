@@ -1,0 +1,198 @@
+"""Tasks: what ``@app.task`` returns, and the calls built from one.
+
+A `Task[P, R]` wraps an ``async def``. Calling it runs the function directly; ``defer`` (and
+its Celery alias ``delay``) enqueues a job with arguments checked against the function's own
+signature, by the type checker (ParamSpec) and again at run time before anything is sent
+(`binding`; the worker's `Task.bind_message` uses the same shapes on what arrives). Options
+that cannot share that call (PEP 612) go through ``task.options(...)``, which returns a
+`TaskCall` with the same typed ``defer`` and ``s``. ``s(...)`` builds a `Signature` (a call
+not yet sent) for ``app.defer_many``.
+
+A task sends nothing itself: it defers through a `Producer` it is given at registration (the
+`App` of ``@app.task``), or, for a shared task, the default producer the registry names.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+from typing_extensions import ParamSpec
+
+from .._shared import Connection
+from ..queues import check_queue_name
+from ..serialization import envelope
+from .binding import Arguments, Bound
+from .config import TaskConfig
+from .retry import RetryPolicy
+from .signature import CallOptions, JobRef, Signature
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Producer(Protocol):
+    """What a task defers through: anything that sends one `Signature` and returns its
+    `JobRef`. An `App` is one; a task is given its producer when it is registered."""
+
+    async def defer(self, signature: Signature, /) -> JobRef:
+        """Send ``signature`` as one job."""
+        ...
+
+
+class _Deferrer(Generic[P, R]):
+    """What `Task` and `TaskCall` share: typed ``defer``/``delay``/``s`` under options."""
+
+    _task: Task[P, R]
+    _options: CallOptions
+
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature:
+        """A signature of this call for ``app.defer_many``; arguments are checked now."""
+        task = self._task
+        bound_args, bound_kwargs = task._bind(args, kwargs)
+        return Signature(task, bound_args, bound_kwargs, self._options)
+
+    async def defer(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
+        """Enqueue one job. Returns once the message is in the queue (or, with
+        ``options(connection=...)``, once it is part of the caller's transaction)."""
+        return await self._task.app.defer(self.s(*args, **kwargs))
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
+        """Celery's name for `defer`."""
+        return await self.defer(*args, **kwargs)
+
+    def options(
+        self,
+        *,
+        queue: str | None = None,
+        delay: float | dt.timedelta | None = None,
+        eta: dt.datetime | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        connection: Connection | None = None,
+    ) -> TaskCall[P, R]:
+        """Options for the next ``defer`` or ``s``.
+
+        Args:
+            queue: send to this queue instead of the task's own.
+            delay: seconds (or a ``timedelta``) before the job becomes visible, counted on
+                the database clock.
+            eta: a timezone-aware ``datetime`` at which the job becomes visible.
+            idempotency_key: while a job holding this key waits, runs, or has succeeded
+                (within the app's ``key_retention``), deferring the same key sends nothing
+                and returns that job's ref with ``deduplicated=True``.
+            headers: extra pgmq headers (JSON-serializable), readable by the job as
+                ``current_job().headers``.
+            connection: an asyncpg connection; the job is enqueued in its current
+                transaction and exists only if that transaction commits.
+        """
+        merged = self._options.merge(
+            queue=queue,
+            delay=delay,
+            eta=eta,
+            idempotency_key=idempotency_key,
+            headers=headers,
+            connection=connection,
+        )
+        return TaskCall(self._task, merged)
+
+
+class TaskCall(_Deferrer[P, R]):
+    """A task with call options applied; see `Task.options`."""
+
+    def __init__(self, task: Task[P, R], options: CallOptions) -> None:
+        self._task = task
+        self._options = options
+
+    def __repr__(self) -> str:
+        return f"<TaskCall {self._task.name} {self._options}>"
+
+
+class Task(_Deferrer[P, R]):
+    """A registered task. Calling it runs the function directly.
+
+    ``app`` is what it defers through: the `App` of ``@app.task`` (any `Producer` will
+    do); without one (a shared task) it defers through the default app.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, Awaitable[R]],
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        config: TaskConfig = TaskConfig(),
+        app: Producer | None = None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise TypeError(
+                f"@task needs an async function, and {fn.__qualname__} is not one: write "
+                "`async def`, and run blocking code with `await anyio.to_thread.run_sync(...)`"
+            )
+        self.fn = fn
+        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.queue = check_queue_name(queue)
+        self.config = config
+        self._app = app
+        self._arguments = Arguments(self.name, fn)
+        # the check of every call (`s`, `defer`), bound once: no extra call on the hot path
+        self._bind: Callable[[tuple[Any, ...], dict[str, Any]], Bound] = self._arguments.bind
+        self._task = self
+        self._options = CallOptions()
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} queue={self.queue}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def app(self) -> Producer:
+        """The app this task defers through (for a shared task, the default app): the
+        `Producer` it was registered with."""
+        if self._app is not None:
+            return self._app
+        from .registry import default_producer
+
+        return default_producer(for_task=self.name)
+
+    async def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: dt.datetime | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        connection: Connection | None = None,
+    ) -> JobRef:
+        """Celery's ``apply_async``: arguments as a tuple and a dict (checked at run time
+        only; prefer ``options(...).defer(...)`` for typed calls)."""
+        call = self.options(
+            queue=queue,
+            delay=countdown,
+            eta=eta,
+            idempotency_key=idempotency_key,
+            headers=headers,
+            connection=connection,
+        )
+        bound_args, bound_kwargs = self._bind(tuple(args), dict(kwargs or {}))
+        return await self.app.defer(Signature(self, bound_args, bound_kwargs, call._options))
+
+    def retry_policy(self, defaults: TaskConfig) -> RetryPolicy:
+        """This task's retry policy, with the app's defaults filled in."""
+        return RetryPolicy.from_config(self.config, defaults)
+
+    def bind_message(self, env: envelope.Envelope) -> Bound:
+        """The positional and named arguments to call the function with, from a decoded
+        message: bound to the signature, checked against the hints, and converted to the
+        hinted types. Where a parameter needs a number exactly (``int``, ``Decimal``) and
+        orjson read it as a double, the body is read again exactly. Raises `TypeError` or
+        `ValueError` naming the argument and what is wrong with it."""
+        return self._arguments.bind_message(env)
