@@ -26,13 +26,14 @@ from ._shared import Connection, OnSuccess
 from .admin import maintenance
 from .admin.dead_letters import DeadLetters
 from .client.enqueue import Enqueuer
-from .client.jobs import wait_for
+from .client.jobs import JobClient, wait_for
 from .db import schema
 from .db.connect import DsnSource
 from .db.database import Database
 from .exceptions import ConfigurationError
 from .hooks import Hooks
-from .tasks import JobRef, Signature, Task, TaskConfig, registry
+from .queues import check_queue_name
+from .tasks import CancelOutcome, JobRef, Signature, Task, TaskConfig, registry
 from .tasks.config import check_lease, check_on_success
 from .worker import Worker, WorkerSettings
 
@@ -67,8 +68,13 @@ class App:
         timeout: default seconds a run may take (None: no limit).
         lease: default visibility timeout kept while a job runs, in seconds.
         on_success: default ``"archive"`` or ``"delete"`` of a succeeded message.
+        keep_result: default for whether a task's return value is kept (None: by its
+            annotation: ``-> None`` keeps nothing; see `App.task`).
+        result_ttl: how long a job's result (or its cancellation or expiry) is kept.
+        max_result_size: largest result kept, in bytes (encoded); a larger one is not
+            kept, and ``result()`` says why.
 
-    Each of the last nine can be overridden per task; see `App.task`.
+    Each of max_retries to result_ttl can be overridden per task; see `App.task`.
     """
 
     def __init__(
@@ -90,6 +96,9 @@ class App:
         timeout: float | None = None,
         lease: float = 30.0,
         on_success: OnSuccess = "archive",
+        keep_result: bool | None = None,
+        result_ttl: dt.timedelta = dt.timedelta(days=7),
+        max_result_size: int = 1024 * 1024,
     ) -> None:
         self._database = Database(
             dsn,
@@ -109,12 +118,18 @@ class App:
             timeout=timeout,
             lease=check_lease(lease),
             on_success=check_on_success(on_success),
+            keep_result=keep_result,
+            result_ttl=result_ttl.total_seconds(),
         )
+        self.max_result_size = max_result_size
         self._tasks: dict[str, Task[Any, Any]] = {}
         self.hooks = Hooks()
         """Hooks around every enqueue and every run of this app's jobs; see `Hooks`."""
+        self._jobs = JobClient(
+            self._database, lambda: self.tasks, record_ttl=result_ttl.total_seconds()
+        )
         self._enqueuer = Enqueuer(
-            self._database, max_message_size=max_message_size, hooks=self.hooks
+            self._database, max_message_size=max_message_size, hooks=self.hooks, jobs=self._jobs
         )
         registry.register_producer(self, default=default)
 
@@ -143,6 +158,8 @@ class App:
         lease: float | None = None,
         on_success: OnSuccess | None = None,
         transactional: bool = False,
+        keep_result: bool | None = None,
+        result_ttl: float | None = None,
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
     def task(
@@ -167,6 +184,11 @@ class App:
                 marks its idempotency key): the task writes through
                 ``current_job().connection``, and its writes and the ack commit together
                 or not at all. Each running transactional job holds a pool connection.
+            keep_result: whether the return value is kept for ``ref.result()``. Default
+                (None): by the return annotation: ``-> None`` keeps nothing and costs
+                nothing more per job; another annotation keeps every result; none keeps
+                what is not None.
+            result_ttl: seconds the job's result is kept (default: the app's).
         """
 
         def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -231,7 +253,9 @@ class App:
         return await self._database.pool()
 
     async def close(self) -> None:
-        """Close the pool (the embedded server, if any, stops when the process exits)."""
+        """Close the pool and the connection that waits for results (the embedded server,
+        if any, stops when the process exits)."""
+        await self._jobs.close()
         await self._database.close()
 
     async def __aenter__(self) -> Self:
@@ -285,16 +309,25 @@ class App:
             archive_older_than=archive_older_than,
         )
 
-    async def wait_for(self, refs: Iterable[JobRef], *, poll: float = 0.05) -> None:
+    async def wait_for(self, refs: Iterable[JobRef[Any]], *, poll: float = 0.05) -> None:
         """Wait until every one of these jobs has left its queue: acked after success, or
         moved to the dead letters, by any worker. Checks the queues every ``poll`` seconds;
         bound it with ``anyio.fail_after`` or ``asyncio.timeout``. Meant for scripts, tests
         and examples: a request handler should not wait on the jobs it defers."""
         await wait_for(self._database, refs, poll=poll)
 
+    def job(self, queue: str, id: int) -> JobRef[Any]:
+        """A handle on a job from its stored queue and id (a later request, another
+        process): ``await app.job(queue, id).status()``, ``.result()``, ``.cancel()``."""
+        return self._jobs.ref(check_queue_name(queue), id)
+
+    async def cancel(self, refs: Iterable[JobRef[Any]]) -> list[CancelOutcome]:
+        """Cancel many jobs (see `JobRef.cancel`); the outcomes in the order given."""
+        return await self._jobs.cancel(list(refs))
+
     # --- enqueue --------------------------------------------------------------------------
 
-    async def defer(self, signature: Signature, /) -> JobRef:
+    async def defer(self, signature: Signature, /) -> JobRef[Any]:
         """Enqueue one job from a signature (``task.s(...)``, ``task.options(...).s(...)``);
         what ``task.defer(...)`` does. This makes the app the `Producer` its tasks defer
         through."""
@@ -302,7 +335,7 @@ class App:
 
     async def defer_many(
         self, signatures: Iterable[Signature], *, connection: Connection | None = None
-    ) -> list[JobRef]:
+    ) -> list[JobRef[Any]]:
         """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
         delay); returns their refs in input order. Built with ``task.s(...)`` or
         ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
@@ -329,6 +362,7 @@ class App:
                 defaults=self.defaults,
                 key_retention=self.key_retention,
                 max_message_size=self.max_message_size,
+                max_result_size=self.max_result_size,
             ),
             queues=queues,
             concurrency=concurrency,

@@ -16,6 +16,20 @@ from typing import Any, NamedTuple
 from ._shared import Connection
 
 
+class JobControl:
+    """What changes about a running job while it runs: for now, whether someone asked to
+    cancel it. The worker cancels the run too; a task that computes in long loops (or a
+    plain ``def`` task in a thread) checks `cancel_requested` to stop early."""
+
+    __slots__ = ("cancel_requested",)
+
+    def __init__(self) -> None:
+        self.cancel_requested = False
+
+
+_NO_CONTROL = JobControl()
+
+
 class JobContext(NamedTuple):
     """The job being run (immutable: a named tuple, as the worker makes one per job).
 
@@ -30,6 +44,7 @@ class JobContext(NamedTuple):
         connection: for a ``transactional=True`` task, the connection whose open
             transaction also acks the job: write through it and your writes commit with
             the ack, or not at all.
+        control: what changes while the job runs (see `cancel_requested`).
     """
 
     id: int
@@ -40,6 +55,13 @@ class JobContext(NamedTuple):
     idempotency_key: str | None = None
     headers: Mapping[str, Any] = MappingProxyType({})
     connection: Connection | None = None
+    control: JobControl = _NO_CONTROL
+
+    @property
+    def cancel_requested(self) -> bool:
+        """Whether someone asked to cancel this job (``ref.cancel()``, ``pgtasks cancel``)
+        while it runs."""
+        return self.control.cancel_requested
 
 
 _current: ContextVar[JobContext] = ContextVar("pgtasks_current_job")

@@ -15,7 +15,11 @@ catches them all::
     │   └── MessageTooLarge
     ├── EnvelopeError               a message body that is not a pgtasks envelope
     ├── UnknownTask                 a message names a task this process does not know
-    └── JobNotFound                 an id that names no job
+    ├── JobNotFound                 an id that names no job
+    ├── JobFailed                   the job awaited ended in the dead letters
+    ├── JobCancelled                the job awaited was cancelled
+    │   └── JobExpired              ... or expired before it started
+    └── ResultUnavailable           the job succeeded, and no result was kept
 
 `Retry` and `Fail` are signals a task raises to steer its own retries. They are not errors
 and live in `pgtasks.retry`, outside this tree.
@@ -77,3 +81,43 @@ class UnknownTask(PgTasksError):
 
 class JobNotFound(PgTasksError):
     """No job with that id exists (any more) where it was looked for."""
+
+
+class JobFailed(PgTasksError):
+    """The job whose result was awaited failed for good (it is in the dead letters).
+
+    Attributes:
+        error_type: the type name of its last attempt's exception (or None).
+        error_message: that exception's message.
+        traceback: its traceback, as text.
+        reason: why it was dead-lettered (e.g. "retries exhausted after 4 attempt(s)").
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        traceback: str | None = None,
+        reason: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.error_message = error_message
+        self.traceback = traceback
+        self.reason = reason
+
+
+class JobCancelled(PgTasksError):
+    """The job whose result was awaited was cancelled."""
+
+
+class JobExpired(JobCancelled):
+    """The job whose result was awaited expired before it started (``options(expires=)``)."""
+
+
+class ResultUnavailable(PgTasksError):
+    """The job succeeded, and no result of it was kept: its task keeps none
+    (``keep_result=False``), the result was too large or could not be encoded, or its
+    record was pruned after ``result_ttl``."""

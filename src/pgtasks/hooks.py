@@ -5,7 +5,7 @@ A hook is middleware, as in ASGI or httpx: an ``async def`` that receives the ca
 ``next``, and decides what happens around it::
 
     @app.hooks.around_enqueue
-    async def tag(call: pgtasks.EnqueueCall, next: pgtasks.EnqueueNext) -> list[pgtasks.JobRef]:
+    async def tag(call: pgtasks.EnqueueCall, next: pgtasks.EnqueueNext) -> list[JobRef[Any]]:
         return await next(call.with_headers({"request_id": request_id.get()}))
 
     @app.hooks.around_execute
@@ -25,7 +25,7 @@ succeeded).
 
 **Around an enqueue**, a hook sees one `EnqueueCall` per ``defer`` (one signature) and per
 ``defer_many`` (all of its signatures, in order), and returns what ``next`` returned: one
-`JobRef` per signature. It runs before anything is sent, so a hook that raises fails the
+`JobRef[Any]` per signature. It runs before anything is sent, so a hook that raises fails the
 defer and nothing is sent.
 
 **Around a run**, a hook sees the job's `JobContext` and runs inside the job boundary, under
@@ -75,13 +75,13 @@ class EnqueueCall:
 class EnqueueNext(Protocol):
     """What follows an enqueue hook: the next hook, or the send itself."""
 
-    def __call__(self, call: EnqueueCall, /) -> Awaitable[list[JobRef]]: ...
+    def __call__(self, call: EnqueueCall, /) -> Awaitable[list[JobRef[Any]]]: ...
 
 
 class EnqueueHook(Protocol):
-    """``async def hook(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]``."""
+    """``async def hook(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]``."""
 
-    def __call__(self, call: EnqueueCall, next: EnqueueNext, /) -> Awaitable[list[JobRef]]: ...
+    def __call__(self, call: EnqueueCall, next: EnqueueNext, /) -> Awaitable[list[JobRef[Any]]]: ...
 
 
 class ExecuteNext(Protocol):

@@ -538,7 +538,7 @@ async def test_concurrent_defers_of_one_key_send_exactly_one_message(
     ready = 0
     all_ready, start = asyncio.Event(), asyncio.Event()
 
-    async def one(caller: asyncpg.Connection, n: int) -> JobRef:
+    async def one(caller: asyncpg.Connection, n: int) -> JobRef[Any]:
         nonlocal ready
         async with caller.transaction():
             await caller.execute("SELECT 1")  # the transaction is open on the server

@@ -5,6 +5,8 @@ or the job (a failed attempt, retried and dead-lettered by the task's policy).""
 
 from __future__ import annotations
 
+from typing import Any
+
 import asyncpg
 import pytest
 
@@ -21,7 +23,7 @@ async def test_hooks_see_every_defer_and_every_run(app: pgtasks.App) -> None:
     async def work(n: int) -> None: ...
 
     @app.hooks.around_enqueue
-    async def count(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]:
+    async def count(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]:
         sizes.append(len(call.signatures))
         refs = await next(call)
         assert [r.task for r in refs] == [s.task.name for s in call.signatures]
@@ -48,7 +50,7 @@ async def test_headers_an_enqueue_hook_adds_reach_the_job(app: pgtasks.App) -> N
         seen.append(dict(pgtasks.current_job().headers))
 
     @app.hooks.around_enqueue
-    async def tag(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]:
+    async def tag(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]:
         return await next(call.with_headers({"tenant": "acme"}))
 
     @app.hooks.around_execute
@@ -105,7 +107,7 @@ async def test_hooks_run_in_the_order_they_were_registered(app: pgtasks.App) -> 
 
         async def around_enqueue(
             call: EnqueueCall, next: EnqueueNext, name: str = name
-        ) -> list[JobRef]:
+        ) -> list[JobRef[Any]]:
             order.append(f"enqueue {name}>")
             refs = await next(call)
             order.append(f"enqueue <{name}")
@@ -142,7 +144,7 @@ async def test_an_enqueue_hook_that_raises_sends_nothing(
     async def work(n: int) -> None: ...
 
     @app.hooks.around_enqueue
-    async def refuse(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]:
+    async def refuse(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]:
         raise PermissionError("no sending today")
 
     await app.migrate()  # the queue exists, so that it can be seen empty

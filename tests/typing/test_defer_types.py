@@ -16,7 +16,7 @@ import asyncpg
 from typing_extensions import assert_type
 
 import pgtasks
-from pgtasks import JobRef, Signature, Task, TaskCall
+from pgtasks import CancelOutcome, JobRef, JobStatus, Signature, Task, TaskCall
 
 
 async def _checks(app: pgtasks.App, conn: asyncpg.Connection) -> None:
@@ -34,20 +34,30 @@ async def _checks(app: pgtasks.App, conn: asyncpg.Connection) -> None:
     assert_type(send_welcome_email.name, str)
 
     # defer / delay / s / options(...) take exactly the task's arguments
-    assert_type(await send_welcome_email.defer(1), JobRef)
-    assert_type(await send_welcome_email.defer(user_id=1, lang="fr"), JobRef)
-    assert_type(await send_welcome_email.delay(1, "fr"), JobRef)
+    assert_type(await send_welcome_email.defer(1), JobRef[bool])
+    assert_type(await send_welcome_email.defer(user_id=1, lang="fr"), JobRef[bool])
+    assert_type(await send_welcome_email.delay(1, "fr"), JobRef[bool])
     assert_type(send_welcome_email.s(1), Signature)
     call: TaskCall[[int, str], bool] = send_welcome_email.options(delay=5)
     wrong_call: TaskCall[[str], bool]
     wrong_call = send_welcome_email.options(delay=5)  # type: ignore[assignment]
-    assert_type(await send_welcome_email.options(delay=5).defer(1), JobRef)
-    assert_type(await send_welcome_email.options(queue="x").delay(1), JobRef)
+    assert_type(await send_welcome_email.options(delay=5).defer(1), JobRef[bool])
+    assert_type(await send_welcome_email.options(queue="x").delay(1), JobRef[bool])
     assert_type(send_welcome_email.options(queue="x").options(eta=None).s(1), Signature)
-    assert_type(await send_welcome_email.options(connection=conn).defer(1), JobRef)
-    assert_type(await build_report.defer(dt.date.today(), fmt="pdf"), JobRef)
-    assert_type(await send_welcome_email.apply_async((1,), {"lang": "fr"}), JobRef)
-    as_callable: Callable[[int, str], Coroutine[Any, Any, JobRef]] = send_welcome_email.defer
+    assert_type(await send_welcome_email.options(connection=conn).defer(1), JobRef[bool])
+    assert_type(await build_report.defer(dt.date.today(), fmt="pdf"), JobRef[None])
+    assert_type(await send_welcome_email.apply_async((1,), {"lang": "fr"}), JobRef[bool])
+    as_callable: Callable[[int, str], Coroutine[Any, Any, JobRef[bool]]] = send_welcome_email.defer
+
+    # a ref's result is typed as the task's return value
+    ref = await send_welcome_email.defer(1)
+    assert_type(await ref.result(), bool)
+    assert_type(await ref.result(timeout=5), bool)
+    assert_type(await (await build_report.defer(dt.date.today(), fmt="x")).result(), None)
+    assert_type(await ref.status(), JobStatus)
+    assert_type(await ref.cancel(), CancelOutcome)
+    assert_type(app.job("email", 1), JobRef[Any])
+    wrong_result_type: str = await ref.result()  # type: ignore[assignment]
 
     # calling the task runs the function
     assert_type(send_welcome_email(1), Awaitable[bool])
@@ -83,7 +93,7 @@ async def _checks(app: pgtasks.App, conn: asyncpg.Connection) -> None:
 
     # defer_many takes signatures, not coroutines
     sigs = [send_welcome_email.s(1), build_report.s(dt.date.today(), fmt="x")]
-    assert_type(await app.defer_many(sigs), list[JobRef])
+    assert_type(await app.defer_many(sigs), list[JobRef[Any]])
     await app.defer_many([send_welcome_email.defer(1)])  # type: ignore[list-item]
 
     # a non-async function is not a task

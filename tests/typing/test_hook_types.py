@@ -5,6 +5,7 @@ type error. Each ``# type: ignore[code]`` marks a line that must be an error."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from typing_extensions import assert_type
 
@@ -22,9 +23,9 @@ async def plain_next(job: JobContext) -> object:
 
 async def _checks(app: pgtasks.App) -> None:
     @app.hooks.around_enqueue
-    async def tag(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]:
+    async def tag(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]:
         refs = await next(call.with_headers({"tenant": "acme"}))
-        assert_type(refs, list[JobRef])
+        assert_type(refs, list[JobRef[Any]])
         return refs
 
     @app.hooks.around_execute
@@ -40,13 +41,13 @@ async def _checks(app: pgtasks.App) -> None:
     assert_type(await tunable(timed_job(), plain_next, factor=2), object)
 
     async def plain_callable(
-        call: EnqueueCall, next: Callable[[EnqueueCall], Awaitable[list[JobRef]]]
-    ) -> list[JobRef]:
+        call: EnqueueCall, next: Callable[[EnqueueCall], Awaitable[list[JobRef[Any]]]]
+    ) -> list[JobRef[Any]]:
         return await next(call)
 
     app.hooks.around_enqueue(plain_callable)  # a Callable for next is fine too
 
-    async def wrong_result(call: EnqueueCall, next: EnqueueNext) -> JobRef:
+    async def wrong_result(call: EnqueueCall, next: EnqueueNext) -> JobRef[Any]:
         return (await next(call))[0]
 
     app.hooks.around_enqueue(wrong_result)  # type: ignore[type-var]

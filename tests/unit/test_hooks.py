@@ -4,6 +4,7 @@ enqueue hook runs before anything is sent (the app below never opens its pool)."
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ async def test_an_enqueue_hook_runs_before_anything_is_sent() -> None:
     async def work(n: int) -> None: ...
 
     @app.hooks.around_enqueue
-    async def refuse(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]:
+    async def refuse(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]:
         raise LookupError(f"refused {len(call.signatures)}")
 
     with pytest.raises(LookupError, match="refused 1"):
@@ -78,7 +79,7 @@ async def test_an_enqueue_hook_must_return_one_ref_per_defer() -> None:
     async def work() -> None: ...
 
     @app.hooks.around_enqueue
-    async def swallow(call: EnqueueCall, next: EnqueueNext) -> list[JobRef]:
+    async def swallow(call: EnqueueCall, next: EnqueueNext) -> list[JobRef[Any]]:
         return []
 
     with pytest.raises(TypeError, match="returned 0 job refs for one job"):

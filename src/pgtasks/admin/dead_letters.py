@@ -120,20 +120,20 @@ class DeadLetters:
             ],
         )
 
-    async def retry(self, ids: Sequence[int], *, queue: str | None = None) -> Sequence[JobRef]:
+    async def retry(self, ids: Sequence[int], *, queue: str | None = None) -> Sequence[JobRef[Any]]:
         """Enqueue these dead letters again, as new jobs with fresh attempts, and remove
         them from the dead letters, in one transaction; the refs are in the order of the
         dead letters' ids. Raises `JobNotFound`, naming them, if any id is not a dead letter
         (of ``queue``, if given); nothing is retried then."""
         return [ref for _, ref in await self.retry_by_id(ids, queue=queue)]
 
-    async def retry_all(self, *, queue: str | None = None) -> Sequence[JobRef]:
+    async def retry_all(self, *, queue: str | None = None) -> Sequence[JobRef[Any]]:
         """`retry` every dead letter (of ``queue``, if given)."""
         return [ref for _, ref in await self.retry_by_id(None, queue=queue)]
 
     async def retry_by_id(
         self, ids: Sequence[int] | None, *, queue: str | None = None
-    ) -> Sequence[tuple[int, JobRef]]:
+    ) -> Sequence[tuple[int, JobRef[Any]]]:
         """`retry` (with ``ids=None``, `retry_all`), returning each dead letter's id with
         the job it became."""
         ids = None if ids is None else list(ids)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from typing import Any
 
 from ..app import App
 from ..exceptions import ConfigurationError
+from ..tasks import JobRef
 from .output import dead_table, print_json, print_letter, summary_json
 
 
@@ -34,7 +36,7 @@ async def retry_letters(app: App, args: argparse.Namespace) -> int:
         raise ConfigurationError("dead retry: give dead letter ids, or --all")
     pairs = await app.dead_letters.retry_by_id(None if args.all else args.ids, queue=args.queue)
     if args.json:
-        print_json({"retried": [{"dead_letter": i, **ref._asdict()} for i, ref in pairs]})
+        print_json({"retried": [{"dead_letter": i, **_ref_fields(ref)} for i, ref in pairs]})
         return 0
     for dead_id, ref in pairs:
         note = " (deduplicated: its idempotency key is held)" if ref.deduplicated else ""
@@ -59,3 +61,7 @@ async def purge_letters(app: App, args: argparse.Namespace) -> int:
     count = await app.dead_letters.purge(older_than=args.older_than, queue=args.queue)
     print(f"pgtasks: {count} dead letter(s) deleted")
     return 0
+
+
+def _ref_fields(ref: JobRef[Any]) -> dict[str, Any]:
+    return {"id": ref.id, "queue": ref.queue, "task": ref.task, "deduplicated": ref.deduplicated}

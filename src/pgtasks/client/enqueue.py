@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -34,7 +34,7 @@ from ..db.send import message_insert, message_insert_batch, message_send, messag
 from ..exceptions import DatabaseUnavailable, PgTasksError
 from ..hooks import EnqueueCall, EnqueueHook, Hooks, compose
 from ..serialization import envelope
-from ..tasks import JobRef, Signature
+from ..tasks import JobRef, Jobs, Signature
 
 T = TypeVar("T")
 logger = logging.getLogger("pgtasks")
@@ -58,15 +58,21 @@ class Enqueuer:
     through the enqueue hooks when there are any (``hooks``, read at every call)."""
 
     def __init__(
-        self, database: Database, *, max_message_size: int, hooks: Hooks | None = None
+        self,
+        database: Database,
+        *,
+        max_message_size: int,
+        hooks: Hooks | None = None,
+        jobs: Jobs | None = None,
     ) -> None:
+        self._jobs = jobs  # what the refs it returns ask about their jobs
         self._pool = database.pool
         self._pool_max_size = database.pool_max_size
         self._where = database.where
         self._max_message_size = max_message_size
         self._hooks: list[EnqueueHook] = hooks.enqueue if hooks is not None else []
 
-    async def defer_one(self, sig: Signature) -> JobRef:
+    async def defer_one(self, sig: Signature) -> JobRef[Any]:
         if self._hooks:
             call = EnqueueCall((sig,), sig.options.connection)
             refs = await compose(self._hooks, self._send_call)(call)
@@ -80,7 +86,7 @@ class Enqueuer:
 
     async def defer_many(
         self, signatures: Iterable[Signature], connection: Connection | None
-    ) -> list[JobRef]:
+    ) -> list[JobRef[Any]]:
         """Enqueue many jobs in one transaction, with one ``send_batch`` per queue (and
         delay); returns their refs in input order. Built with ``task.s(...)`` or
         ``task.options(...).s(...)``; a per-item ``connection`` option is ignored in favour
@@ -90,7 +96,7 @@ class Enqueuer:
             return list(await compose(self._hooks, self._send_batch)(call))
         return await self._send_many(signatures, connection)
 
-    async def _send_call(self, call: EnqueueCall) -> list[JobRef]:
+    async def _send_call(self, call: EnqueueCall) -> list[JobRef[Any]]:
         """The end of the hooks of a ``defer``: one job alone, else a batch."""
         if len(call.signatures) != 1:
             return await self._send_batch(call)
@@ -101,11 +107,11 @@ class Enqueuer:
             )
         return [await self._send_one(sig)]
 
-    async def _send_batch(self, call: EnqueueCall) -> list[JobRef]:
+    async def _send_batch(self, call: EnqueueCall) -> list[JobRef[Any]]:
         """The end of the hooks of a ``defer_many``."""
         return await self._send_many(call.signatures, call.connection)
 
-    async def _send_one(self, sig: Signature) -> JobRef:
+    async def _send_one(self, sig: Signature) -> JobRef[Any]:
         body = sig.body(self._max_message_size)
         headers = sig.headers()
         opts = sig.options
@@ -129,11 +135,11 @@ class Enqueuer:
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
         msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
-        return JobRef(msg_id, queue, sig.task.name, dedup)
+        return JobRef(msg_id, queue, sig.task.name, dedup, jobs=self._jobs)
 
     async def _send_many(
         self, signatures: Iterable[Signature], connection: Connection | None
-    ) -> list[JobRef]:
+    ) -> list[JobRef[Any]]:
         # One pass that keeps what is sent, not the signatures: a generator's items are
         # freed as they go, which spares the garbage collector thousands of live objects.
         calls: list[envelope.Call] = []
@@ -182,13 +188,13 @@ class Enqueuer:
             for start in range(0, len(positions), BATCH_CHUNK)
         ]
         n = len(calls)
-        refs: list[JobRef | None] = [None] * n
+        refs: list[JobRef[Any] | None] = [None] * n
 
         async def send(conn: Connection, sending: _Sending) -> None:
             if not sending.pooled and len(batches) == 1:
                 # one statement in the caller's transaction (or autocommit): atomic as it is
                 sending.ambiguous = True
-                await batches[0].send(conn, refs, direct=False)
+                await batches[0].send(conn, refs, False, self._jobs)
                 return
             # Otherwise in a transaction, also for one statement on a pooled connection: a
             # connection that breaks before COMMIT (one killed while idle in the pool, say)
@@ -208,20 +214,20 @@ class Enqueuer:
         for i, first in repeats.items():
             ref = refs[first]
             assert ref is not None
-            refs[i] = JobRef(ref.id, ref.queue, ref.task, deduplicated=True)
-        return cast("list[JobRef]", refs)  # every position is set by now
+            refs[i] = ref._replace(deduplicated=True)
+        return cast("list[JobRef[Any]]", refs)  # every position is set by now
 
     async def _send_in_transaction(
         self,
         conn: Connection,
         batches: Sequence[_Batch],
-        refs: list[JobRef | None],
+        refs: list[JobRef[Any] | None],
         direct: bool,
         sending: _Sending,
     ) -> None:
         async with conn.transaction():
             for batch in batches:
-                await batch.send(conn, refs, direct)
+                await batch.send(conn, refs, direct, self._jobs)
             sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
 
     async def _on_connection(
@@ -354,7 +360,13 @@ class _Batch:
             hs if any(h is not None for h in hs) else None,
         )
 
-    async def send(self, conn: Connection, refs: list[JobRef | None], direct: bool) -> None:
+    async def send(
+        self,
+        conn: Connection,
+        refs: list[JobRef[Any] | None],
+        direct: bool,
+        jobs: Jobs | None,
+    ) -> None:
         """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
         key), which raises `asyncpg.UndefinedTableError` when the queue does not exist."""
         if direct:
@@ -362,10 +374,10 @@ class _Batch:
                 conn, self.queue, self.bodies, self.headers, self.delay, self.eta
             )
             for i, name, msg_id in zip(self.positions, self.names, ids, strict=True):
-                refs[i] = JobRef(msg_id, self.queue, name)
+                refs[i] = JobRef(msg_id, self.queue, name, jobs=jobs)
             return
         rows = await message_send_batch(
             conn, self.queue, self.bodies, self.headers, self.delay, self.eta
         )
         for i, name, (msg_id, dedup, queue) in zip(self.positions, self.names, rows, strict=True):
-            refs[i] = JobRef(msg_id, queue, name, dedup)
+            refs[i] = JobRef(msg_id, queue, name, dedup, jobs=jobs)

@@ -134,8 +134,19 @@ async def queues_next_visible(conn: Executor, queues: Sequence[str]) -> float | 
 # --- outcomes (ownership-guarded) -----------------------------------------------------------
 
 
+DONE_CHANNEL = "pgtasks_done"
+"""Told once per statement that ends jobs of a queue (acked, dead-lettered, cancelled,
+expired); the payload is the queue's name. Waiters for results listen to it."""
+
+# Every statement that ends jobs notifies the waiters once: a CTE referenced by the final
+# SELECT (so it runs) that calls pg_notify once when anything ended.
+_NOTIFY_DONE = f"""notified AS (
+    SELECT pg_notify('{DONE_CHANNEL}', $4::text) FROM (SELECT 1 FROM done LIMIT 1) AS one
+)"""
+
+
 @lru_cache(maxsize=256)
-def _ack_sql(queue: str, archive: bool) -> str:
+def _ack_sql(queue: str, archive: bool, results: bool) -> str:
     q, a = table("q", queue), table("a", queue)
     archived = (
         f""", archived AS (
@@ -145,6 +156,22 @@ def _ack_sql(queue: str, archive: bool) -> str:
         if archive
         else ""
     )
+    # a batch that keeps results writes them in the same statement as the ack; one that
+    # keeps none (a task annotated -> None) does not pay for it
+    kept = (
+        f""", kept AS (
+    {RESULTS_INSERT}
+    SELECT $4::text, d.msg_id, d.enqueued_at, 'succeeded', d.message ->> 'task',
+           x.result::jsonb, x.error::jsonb, now() + make_interval(secs => x.ttl)
+    FROM done AS d
+    JOIN unnest($6::text[], $7::text[], $8::float8[]) WITH ORDINALITY
+        AS x(result, error, ttl, i) ON x.i = d.i
+    WHERE x.result IS NOT NULL OR x.error IS NOT NULL
+    {RESULTS_UPSERT}
+)"""
+        if results
+        else ""
+    )
     return f"""
 WITH done AS (
     DELETE FROM pgmq.{q} AS m
@@ -152,15 +179,27 @@ WITH done AS (
         AS t(id, ct, enq, i)
     WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
     RETURNING m.*, t.i
-){archived}, keys AS (
+){archived}{kept}, keys AS (
     UPDATE pgtasks.idempotency_keys AS k
     SET expires_at = now() + make_interval(secs => $3::float8)
     FROM done
     WHERE k.key = done.headers ->> 'idempotency_key' AND k.msg_id = done.msg_id
       AND k.queue = $4::text
-)
-SELECT i FROM done
+), {_NOTIFY_DONE}
+SELECT done.i FROM done LEFT JOIN notified ON true
 """
+
+
+RESULTS_INSERT = """INSERT INTO pgtasks.job_results AS r
+        (queue, msg_id, enqueued_at, state, task, result, error, expires_at)"""
+"""The head of a job's terminal record (see `db.results` and the 0004 migration)."""
+
+RESULTS_UPSERT = """ON CONFLICT (queue, msg_id) DO UPDATE SET
+        enqueued_at = EXCLUDED.enqueued_at, state = EXCLUDED.state, task = EXCLUDED.task,
+        result = EXCLUDED.result, error = EXCLUDED.error, finished_at = now(),
+        expires_at = EXCLUDED.expires_at"""
+"""A queue dropped and created again restarts its ids: its new job's record replaces the
+old one's."""
 
 
 async def messages_ack(
@@ -170,11 +209,23 @@ async def messages_ack(
     *,
     archive: bool,
     key_retention: float,
+    results: Sequence[tuple[str | None, str | None, float]] | None = None,
 ) -> list[int]:
-    """Archive (or delete) the messages still held at these (msg_id, read_ct) tokens; mark
-    their idempotency keys succeeded, in the same statement. Returns the tokens acked."""
+    """Archive (or delete) the messages still held at these tokens; mark their idempotency
+    keys succeeded and, with ``results`` (per message: the result as JSON text, or an
+    error as JSON text saying why none was kept, and how many seconds to keep the record),
+    keep their results, all in one statement. Returns the positions (in ``owned``) of the
+    messages acked."""
     ids, cts, enqs = _split(owned)
-    rows = await conn.fetch(_ack_sql(queue, archive), ids, cts, key_retention, queue, enqs)
+    if results is None:
+        sql = _ack_sql(queue, archive, False)
+        rows = await conn.fetch(sql, ids, cts, key_retention, queue, enqs)
+    else:
+        sql = _ack_sql(queue, archive, True)
+        values = [r[0] for r in results]
+        errors = [r[1] for r in results]
+        ttls = [r[2] for r in results]
+        rows = await conn.fetch(sql, ids, cts, key_retention, queue, enqs, values, errors, ttls)
     return [r[0] - 1 for r in rows]
 
 
@@ -272,8 +323,8 @@ WITH t AS (
     SELECT $6::text, msg_id, task, message, headers,
            read_ct - {_released("headers", "read_ct")}, enqueued_at, reason, error
     FROM gone
-)
-SELECT i FROM gone
+), {_NOTIFY_DONE.replace("$4::text", "$6::text").replace("FROM done", "FROM gone")}
+SELECT gone.i FROM gone LEFT JOIN notified ON true
 """
 
 

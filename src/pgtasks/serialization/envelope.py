@@ -22,7 +22,10 @@ number exact (`Envelope.exactly`). Ordinary messages are read once, by orjson.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import enum
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
@@ -34,6 +37,7 @@ from ..exceptions import EnvelopeError, MessageTooLarge, SerializationError
 VERSION = 1
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
 HEADER_RELEASED = "x-pgtasks-released"
+HEADER_EXPIRES = "x-pgtasks-expires"  # seconds after the enqueue, or an ISO time
 """Attempts given back to a message by worker stops (``read_ct`` only grows, so a release
 counts them here instead)."""
 RESERVED_HEADER_PREFIX = "x-pgtasks-"
@@ -52,8 +56,31 @@ def _default(value: Any) -> Any:
 
 
 def dumps(value: Any) -> bytes:
-    """orjson with pgtasks' extra types."""
-    return orjson.dumps(value, default=_default)
+    """orjson with pgtasks' extra types; integers beyond 64 bits (which orjson refuses)
+    through the standard library's encoder, with the same conversions."""
+    try:
+        return orjson.dumps(value, default=_default)
+    except orjson.JSONEncodeError as exc:
+        if "64-bit" not in str(exc):
+            raise
+    try:
+        text = json.dumps(value, default=_default_wide, separators=(",", ":"), allow_nan=False)
+    except ValueError as exc:  # NaN or infinity beside a wide integer
+        raise TypeError(f"cannot encode {type(value).__qualname__}: {exc}") from None
+    return text.encode()
+
+
+def _default_wide(value: Any) -> Any:
+    """What orjson converts by itself, for the standard library's encoder."""
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return _default(value)
 
 
 # One call of a task: its name, positional and named arguments.
@@ -80,7 +107,7 @@ def encode(
     that cannot be encoded, or `MessageTooLarge` over ``max_size`` bytes."""
     body = _envelope(task, args, kwargs)
     try:
-        data = orjson.dumps(body, default=_default)
+        data = dumps(body)
     except (TypeError, orjson.JSONEncodeError) as exc:
         raise SerializationError(
             f"cannot encode the arguments of task {task!r}: {_culprit(args, kwargs)}: {exc}"

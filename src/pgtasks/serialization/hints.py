@@ -12,12 +12,15 @@ import dataclasses
 import enum
 import functools
 import inspect
+import json
 import types
 import typing
 from collections import abc
 from collections.abc import Callable, Iterable
+from decimal import Decimal
 from typing import Any
 
+import orjson
 import typing_extensions
 
 from .shapes import (
@@ -357,3 +360,26 @@ def signature_shapes(fn: Callable[..., Any]) -> dict[str, Shape]:
             shape = _mapping(dict, ANY, shape)  # the keys are parameter names
         shapes[name] = shape
     return shapes
+
+
+def load_value(text: str, hint: Any) -> Any:
+    """A JSON value (a job's result, as text) restored to what ``hint`` describes, as a
+    task's arguments are: read with orjson, and again with exact numbers where the hint
+    needs them (an ``int`` or ``Decimal`` beyond a double)."""
+    shape = shape_for(hint)
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:  # a number beyond a double: read it exactly
+        value = _loads_exact(text)
+        return shape.load_exact(value) if shape.load_exact is not None else json_floats(value)
+    if shape.load is None:
+        return value
+    try:
+        return shape.load(value)
+    except NeedsExact:
+        exact = _loads_exact(text)
+        return shape.load_exact(exact) if shape.load_exact is not None else value
+
+
+def _loads_exact(text: str) -> Any:
+    return json.loads(text, parse_float=Decimal, parse_int=int)

@@ -11,15 +11,20 @@ check of a call against the function's parameters and hints; `config` a task's s
 
 from .._shared import MAX_DELAY, OnSuccess
 from .config import TaskConfig
+from .handle import CancelOutcome, JobRef, Jobs, JobState, JobStatus
 from .registry import make_task, shared_tasks
 from .retry import Fail, Retry, RetryPolicy
-from .signature import CallOptions, JobRef, Signature
+from .signature import CallOptions, Signature
 from .task import Producer, Task, TaskCall
 
 __all__ = [
     "CallOptions",
+    "CancelOutcome",
     "Fail",
     "JobRef",
+    "JobState",
+    "JobStatus",
+    "Jobs",
     "MAX_DELAY",
     "OnSuccess",
     "Producer",

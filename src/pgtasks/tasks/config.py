@@ -21,6 +21,8 @@ TASK_OPTIONS = frozenset(
         "lease",
         "on_success",
         "transactional",
+        "keep_result",
+        "result_ttl",
     }
 )
 """The decorator's options that are a task's settings (`TaskConfig`'s fields)."""
@@ -40,6 +42,8 @@ class TaskConfig:
     lease: float | None = None
     on_success: OnSuccess | None = None
     transactional: bool = False
+    keep_result: bool | None = None  # None: keep what is not None
+    result_ttl: float | None = None  # seconds a job's record (its result) is kept
 
 
 def check_lease(lease: float) -> float:

@@ -82,6 +82,8 @@ def task(
     lease: float | None = None,
     on_success: OnSuccess | None = None,
     transactional: bool = False,
+    keep_result: bool | None = None,
+    result_ttl: float | None = None,
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
 

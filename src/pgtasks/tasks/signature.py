@@ -1,5 +1,5 @@
-"""A call of a task, not yet sent: its options (`CallOptions`), the call itself
-(`Signature`), and the `JobRef` a sent call becomes.
+"""A call of a task, not yet sent: its options (`CallOptions`) and the call itself
+(`Signature`); a sent call becomes a `handle.JobRef`.
 
 Options are checked where they are given (``task.options(...)``), so that ``defer`` raises
 only for what it sends: a queue name pgtasks accepts, a finite delay of at most ten years, a
@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from .._shared import MAX_DELAY, Connection
 from ..exceptions import SerializationError
@@ -27,20 +27,6 @@ if TYPE_CHECKING:
     from .task import Task
 
 
-class JobRef(NamedTuple):
-    """A job that was deferred: its pgmq message id and queue.
-
-    ``deduplicated`` is true when the idempotency key was already held, so nothing was sent
-    and ``id`` is the message of the job that holds the key. Immutable and hashable (a named
-    tuple: ``defer_many`` makes one per job, and a tuple is the cheapest such object).
-    """
-
-    id: int
-    queue: str
-    task: str
-    deduplicated: bool = False
-
-
 @dataclass(frozen=True)
 class CallOptions:
     """Per-call options; see `Task.options`."""
@@ -51,6 +37,7 @@ class CallOptions:
     idempotency_key: str | None = None
     headers: Mapping[str, Any] | None = None
     connection: Connection | None = None
+    expires: float | str | None = None  # seconds after the enqueue, or an ISO time
 
     def merge(
         self,
@@ -61,6 +48,7 @@ class CallOptions:
         idempotency_key: str | None = None,
         headers: Mapping[str, Any] | None = None,
         connection: Connection | None = None,
+        expires: float | dt.timedelta | dt.datetime | None = None,
     ) -> CallOptions:
         changes: dict[str, Any] = {}
         if queue is not None:
@@ -77,13 +65,15 @@ class CallOptions:
             changes["headers"] = _checked_headers(headers)
         if connection is not None:
             changes["connection"] = connection
+        if expires is not None:
+            changes["expires"] = _checked_expires(expires)
         merged = replace(self, **changes)
         if merged.eta is not None and merged.delay:  # in either order, over chained options()
             raise ValueError("pass either delay (or countdown) or eta, not both")
         return merged
 
 
-def _delay_seconds(delay: float | dt.timedelta) -> float:
+def _delay_seconds(delay: float | dt.timedelta, option: str = "delay") -> float:
     if isinstance(delay, dt.timedelta):
         seconds = delay.total_seconds()
     elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
@@ -92,31 +82,45 @@ def _delay_seconds(delay: float | dt.timedelta) -> float:
         except OverflowError:  # an int beyond a float's range
             seconds = math.inf
     else:
-        raise TypeError(f"delay must be a number of seconds or a timedelta (got {describe(delay)})")
+        raise TypeError(
+            f"{option} must be a number of seconds or a timedelta (got {describe(delay)})"
+        )
     if math.isnan(seconds):
-        raise ValueError("delay must be a number of seconds (got nan)")
+        raise ValueError(f"{option} must be a number of seconds (got nan)")
     if seconds < 0:
-        raise ValueError(f"delay must not be negative (got {seconds} seconds)")
+        raise ValueError(f"{option} must not be negative (got {seconds} seconds)")
     if seconds > MAX_DELAY.total_seconds():
         raise ValueError(
-            f"delay must be at most {MAX_DELAY.days:,} days (ten years), got {seconds:g} seconds"
+            f"{option} must be at most {MAX_DELAY.days:,} days (ten years), got {seconds:g} seconds"
         )
     return seconds
 
 
-def _checked_eta(eta: dt.datetime) -> dt.datetime:
+def _checked_expires(expires: float | dt.timedelta | dt.datetime) -> float | str:
+    """``expires`` as a header holds it: seconds after the enqueue (counted on the
+    database's clock), or a timezone-aware time in ISO form."""
+    if isinstance(expires, dt.datetime):
+        return _checked_eta(expires, "expires").isoformat()
+    seconds = _delay_seconds(expires, "expires")
+    if seconds <= 0:
+        raise ValueError(f"expires must be after the enqueue (got {seconds:g} seconds)")
+    return seconds
+
+
+def _checked_eta(eta: dt.datetime, option: str = "eta") -> dt.datetime:
     if not isinstance(eta, dt.datetime) or eta.utcoffset() is None:
         raise ValueError(
-            f"eta must be a timezone-aware datetime (got {eta!r}); "
+            f"{option} must be a timezone-aware datetime (got {eta!r}); "
             "use e.g. datetime.now(timezone.utc) + timedelta(minutes=5)"
         )
     try:
         eta.astimezone(dt.timezone.utc)  # year 1 or 9999 at an offset: beyond datetime in UTC
     except OverflowError:
-        raise ValueError(f"eta {eta.isoformat()} is out of range in UTC") from None
+        raise ValueError(f"{option} {eta.isoformat()} is out of range in UTC") from None
     if eta - dt.datetime.now(dt.timezone.utc) > MAX_DELAY:
         raise ValueError(
-            f"eta must be at most {MAX_DELAY.days:,} days (ten years) ahead, got {eta.isoformat()}"
+            f"{option} must be at most {MAX_DELAY.days:,} days (ten years) ahead, got "
+            f"{eta.isoformat()}"
         )
     return eta
 
@@ -164,11 +168,13 @@ class Signature:
 
     def headers(self) -> str | None:
         options = self.options
-        if options.headers is None and options.idempotency_key is None:
+        if options.headers is None and options.idempotency_key is None and not options.expires:
             return None
         headers = dict(options.headers or {})
         if options.idempotency_key is not None:
             headers[envelope.HEADER_IDEMPOTENCY_KEY] = options.idempotency_key
+        if options.expires is not None:
+            headers[envelope.HEADER_EXPIRES] = options.expires
         if not headers:
             return None
         try:

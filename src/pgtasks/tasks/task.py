@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -26,8 +27,9 @@ from ..queues import check_queue_name
 from ..serialization import envelope
 from .binding import Arguments, Bound
 from .config import TaskConfig
+from .handle import JobRef
 from .retry import RetryPolicy
-from .signature import CallOptions, JobRef, Signature
+from .signature import CallOptions, Signature
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -37,7 +39,7 @@ class Producer(Protocol):
     """What a task defers through: anything that sends one `Signature` and returns its
     `JobRef`. An `App` is one; a task is given its producer when it is registered."""
 
-    async def defer(self, signature: Signature, /) -> JobRef:
+    async def defer(self, signature: Signature, /) -> JobRef[Any]:
         """Send ``signature`` as one job."""
         ...
 
@@ -54,12 +56,14 @@ class _Deferrer(Generic[P, R]):
         bound_args, bound_kwargs = task._bind(args, kwargs)
         return Signature(task, bound_args, bound_kwargs, self._options)
 
-    async def defer(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
+    async def defer(self, *args: P.args, **kwargs: P.kwargs) -> JobRef[R]:
         """Enqueue one job. Returns once the message is in the queue (or, with
-        ``options(connection=...)``, once it is part of the caller's transaction)."""
-        return await self._task.app.defer(self.s(*args, **kwargs))
+        ``options(connection=...)``, once it is part of the caller's transaction); the
+        ref's ``result()`` is typed as this task's return value."""
+        ref: JobRef[R] = await self._task.app.defer(self.s(*args, **kwargs))
+        return ref
 
-    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> JobRef:
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> JobRef[R]:
         """Celery's name for `defer`."""
         return await self.defer(*args, **kwargs)
 
@@ -72,6 +76,7 @@ class _Deferrer(Generic[P, R]):
         idempotency_key: str | None = None,
         headers: Mapping[str, Any] | None = None,
         connection: Connection | None = None,
+        expires: float | dt.timedelta | dt.datetime | None = None,
     ) -> TaskCall[P, R]:
         """Options for the next ``defer`` or ``s``.
 
@@ -87,6 +92,10 @@ class _Deferrer(Generic[P, R]):
                 ``current_job().headers``.
             connection: an asyncpg connection; the job is enqueued in its current
                 transaction and exists only if that transaction commits.
+            expires: a job not started by then is not run: it ends as ``expired``
+                (neither retried nor dead-lettered). Seconds (or a ``timedelta``) after the
+                enqueue, counted on the database's clock, or a timezone-aware ``datetime``.
+                Applies to every attempt: a retry due after it does not run either.
         """
         merged = self._options.merge(
             queue=queue,
@@ -95,6 +104,7 @@ class _Deferrer(Generic[P, R]):
             idempotency_key=idempotency_key,
             headers=headers,
             connection=connection,
+            expires=expires,
         )
         return TaskCall(self._task, merged)
 
@@ -151,6 +161,21 @@ class Task(_Deferrer[P, R]):
         return self.fn(*args, **kwargs)
 
     @property
+    def returns(self) -> Any:
+        """The function's return annotation, resolved: None for ``-> None``, `typing.Any`
+        when it has none (or one that cannot be resolved)."""
+        try:
+            return self._returns
+        except AttributeError:
+            pass
+        try:
+            hint = typing.get_type_hints(self.fn).get("return", Any)
+        except Exception:  # a forward reference to a missing name: unknown
+            hint = Any
+        self._returns: Any = None if hint is type(None) else hint
+        return self._returns
+
+    @property
     def app(self) -> Producer:
         """The app this task defers through (for a shared task, the default app): the
         `Producer` it was registered with."""
@@ -171,7 +196,8 @@ class Task(_Deferrer[P, R]):
         idempotency_key: str | None = None,
         headers: Mapping[str, Any] | None = None,
         connection: Connection | None = None,
-    ) -> JobRef:
+        expires: float | dt.timedelta | dt.datetime | None = None,
+    ) -> JobRef[R]:
         """Celery's ``apply_async``: arguments as a tuple and a dict (checked at run time
         only; prefer ``options(...).defer(...)`` for typed calls)."""
         call = self.options(
@@ -181,9 +207,13 @@ class Task(_Deferrer[P, R]):
             idempotency_key=idempotency_key,
             headers=headers,
             connection=connection,
+            expires=expires,
         )
         bound_args, bound_kwargs = self._bind(tuple(args), dict(kwargs or {}))
-        return await self.app.defer(Signature(self, bound_args, bound_kwargs, call._options))
+        ref: JobRef[R] = await self.app.defer(
+            Signature(self, bound_args, bound_kwargs, call._options)
+        )
+        return ref
 
     def retry_policy(self, defaults: TaskConfig) -> RetryPolicy:
         """This task's retry policy, with the app's defaults filled in."""

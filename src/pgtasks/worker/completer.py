@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ from contextlib import nullcontext
 import anyio
 import asyncpg
 
-from ..db import attempt_errors, jobs
+from ..db import attempt_errors, jobs, results
 from ..db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from .connection import OwnConnection
 from .events import JobEvent
@@ -42,7 +43,7 @@ from .outcome import Outcome, OutcomeKind
 
 logger = logging.getLogger("pgtasks")
 
-_Group = tuple[OutcomeKind, str, bool]  # kind, queue, archive
+_Group = tuple[OutcomeKind, str, bool, bool]  # kind, queue, archive, keeps results
 
 
 class _Interrupted(Exception):
@@ -98,11 +99,17 @@ class Completer:
     async def run(self) -> None:
         """Flush forever; cancel to stop (then call `drain`)."""
         backoff = 0.05
+        last = -math.inf
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if len(self._pending) < self._batch_size:
-                await anyio.sleep(self._interval)
+            # At most one flush per interval, so that a busy worker writes its outcomes in
+            # batches; the first outcome after a quiet spell is written at once (a waiter
+            # for a result hears of it without the interval's delay).
+            wait = last + self._interval - time.monotonic()
+            if wait > 0 and len(self._pending) < self._batch_size:
+                await anyio.sleep(wait)
+            last = time.monotonic()
             try:
                 async with self._flushing:
                     await self._flush()
@@ -281,15 +288,37 @@ class Completer:
         self, conn: asyncpg.Connection, key: _Group, items: list[Outcome]
     ) -> list[Outcome]:
         """One statement for a group (plus its attempt errors); the outcomes it wrote."""
-        kind, queue, archive = key
+        kind, queue, archive, keeps_results = key
         owned = [o.job.token for o in items]
         held: list[int]
         if kind == "ack":
             held = await jobs.messages_ack(
-                conn, queue, owned, archive=archive, key_retention=self._key_retention
+                conn,
+                queue,
+                owned,
+                archive=archive,
+                key_retention=self._key_retention,
+                results=[(o.result, o.result_error, o.ttl) for o in items]
+                if keeps_results
+                else None,
             )
-        elif kind in ("retry", "extend"):
+        elif kind == "extend":
+            extended = await results.messages_extend(conn, queue, owned, [o.delay for o in items])
+            for i, requested in extended:
+                if requested:  # heard here by workers that do not listen, or missed it
+                    items[i].cancel_requested = True
+            held = [i for i, _ in extended]
+        elif kind == "retry":
             held = await jobs.messages_set_vt(conn, queue, owned, [o.delay for o in items])
+        elif kind in ("cancel", "expire"):
+            held = await results.messages_end(
+                conn,
+                queue,
+                owned,
+                "cancelled" if kind == "cancel" else "expired",
+                [o.error for o in items],
+                [o.ttl for o in items],
+            )
         elif kind == "release":
             held = await jobs.messages_release(conn, queue, owned, [o.give_back for o in items])
         else:
@@ -318,6 +347,8 @@ class Completer:
                 job.extension_pending = False
                 if id(o) in written:
                     job.extended_at = started
+                    if o.cancel_requested and job.request_cancel():
+                        logger.info("%s: cancelling, as requested", job)
                 elif not job.decided:
                     self._lost(job, "given up" if id(o) in given_up else "not held")
                 continue
@@ -357,7 +388,7 @@ def _without_stale_extensions(batch: Sequence[Outcome]) -> list[Outcome]:
     """Extensions of jobs whose outcome is decided are dropped (their flag cleared)."""
     kept: list[Outcome] = []
     for o in batch:
-        if o.kind == "extend" and (o.job.decided or o.job.cancel_reason is not None):
+        if o.kind == "extend" and (o.job.decided or o.job.cancel_reason is CancelReason.LOST_LEASE):
             o.job.extension_pending = False
             continue
         kept.append(o)
@@ -369,7 +400,8 @@ def _group(batch: Sequence[Outcome]) -> dict[_Group, list[Outcome]]:
     statement of every worker locks rows in the same order."""
     groups: dict[_Group, list[Outcome]] = defaultdict(list)
     for o in batch:
-        groups[(o.kind, o.queue, o.archive if o.kind == "ack" else False)].append(o)
+        ack = o.kind == "ack"
+        groups[(o.kind, o.queue, ack and o.archive, ack and o.keeps_result)].append(o)
     for items in groups.values():
         items.sort(key=lambda o: o.job.msg_id)
     return groups

@@ -15,7 +15,9 @@ from typing import Literal, NamedTuple
 
 logger = logging.getLogger("pgtasks")
 
-EventKind = Literal["started", "succeeded", "failed", "retried", "dead", "lost"]
+EventKind = Literal[
+    "started", "succeeded", "failed", "retried", "dead", "lost", "cancelled", "expired"
+]
 
 
 class JobEvent(NamedTuple):
@@ -24,7 +26,9 @@ class JobEvent(NamedTuple):
     Kinds: ``started``; ``succeeded`` (acked); ``failed`` (an attempt raised; followed by
     ``retried`` or ``dead``); ``retried`` (visible again after ``retry_in`` seconds);
     ``dead`` (moved to the dead letters); ``lost`` (the lease was lost; another worker may
-    hold the message, and this one will not ack it). Immutable (a named tuple).
+    hold the message, and this one will not ack it); ``cancelled`` (someone cancelled it
+    while it ran); ``expired`` (its ``expires`` passed before it started: not run).
+    Immutable (a named tuple).
     """
 
     kind: EventKind

@@ -6,7 +6,8 @@ transactional job's ack, which commits in the job's own transaction: every other
 goes to the completer. Broad exceptions are caught only here, at the job boundary, and
 every one of them (``SystemExit``, ``KeyboardInterrupt``, a ``CancelledError`` the task
 raised itself) is a failed attempt, except a cancellation whose reason the worker set
-(see `job.py`): a stop hands the message back, a lost lease writes nothing.
+(see `job.py`): a stop hands the message back, a lost lease writes nothing, a request
+records the job as cancelled. What becomes of a job is `decisions.py`'s to say.
 
 The app's execute hooks (`pgtasks.hooks`), if any, run around the task's function, inside
 the job boundary: what a hook raises is the job's failure.
@@ -15,13 +16,15 @@ Poison messages never loop: a body that is not an envelope, is over the size lim
 arguments do not bind goes to the dead letters at once; an unknown task is retried with
 backoff (a rolling deploy may bring a worker that knows it), then dead-lettered; a message
 whose attempts already exceed the policy (runs that crashed the worker or lost the lease) is
-dead-lettered before it runs again.
+dead-lettered before it runs again. A job whose ``expires`` passed before it started is
+recorded as expired, not run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,18 +40,11 @@ from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..hooks import ExecuteHook, run_with_hooks
 from ..serialization import envelope
-from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
+from ..tasks import RetryPolicy, Task, TaskConfig
+from .decisions import Decisions
 from .events import JobEvent
 from .job import CancelReason, Job, JobTimeout, claimed
-from .outcome import (
-    Outcome,
-    attempt_error,
-    clean_delay,
-    clean_text,
-    describe_error,
-    error_json,
-    missing_body,
-)
+from .outcome import Outcome, clean_text, describe_error, missing_body
 
 logger = logging.getLogger("pgtasks")
 
@@ -70,12 +66,12 @@ class Executor:
         transactional_slots: asyncio.Semaphore | None,
         key_retention: float,
         max_message_size: int,
+        max_result_size: int,
         hooks: list[ExecuteHook] | None = None,
     ) -> None:
         self._tasks = tasks
         self._defaults = defaults
         self._default_policy = RetryPolicy.from_config(TaskConfig(), defaults)
-        self._submit = submit
         self._emit = emit
         self._pool = pool
         self._tx_slots = transactional_slots
@@ -83,6 +79,7 @@ class Executor:
         self._max_message_size = max_message_size
         self._policies: dict[str, RetryPolicy] = {}
         self._hooks: list[ExecuteHook] = hooks if hooks is not None else []
+        self.decide = Decisions(defaults, submit, emit, max_result_size=max_result_size)
 
     def lease_for(self, task_name: str | None) -> float:
         task = self._tasks.get(task_name or "")
@@ -97,53 +94,52 @@ class Executor:
         try:
             await self._run(job)
         except BaseException as exc:  # a cancellation between the steps, or a pgtasks bug
-            if self._interrupted(job):
+            if self._interrupted(job, None, exc, 0.0):
                 return
             logger.error("pgtasks failed to process %s: %s", job, describe_error(exc))
-            self._failed(job, job.policy or self._default_policy, exc, 0.0)
+            self.decide.failed(job, job.policy or self._default_policy, exc, 0.0)
 
-    def _interrupted(self, job: Job) -> bool:
-        """Handle a run that ended by a cancellation with a reason; False if it had none."""
+    def _interrupted(
+        self, job: Job, task: Task[Any, Any] | None, error: BaseException | None, duration: float
+    ) -> bool:
+        """Handle a run that ended by a cancellation with a reason; False if it had none (or
+        a timeout: a failed attempt, which the caller records)."""
         reason = job.cancel_reason
         if reason is CancelReason.LOST_LEASE:
-            self._log_lost(job)
-            job.done()
+            self.decide.lost(job)
             return True
         if reason is CancelReason.STOP:
-            self._release(job, give_back=True)
+            self.decide.released(job, give_back=True)
+            return True
+        if reason is CancelReason.REQUESTED:
+            self.decide.cancelled(job, task, error, duration)
             return True
         return False
-
-    def _release(self, job: Job, *, give_back: bool) -> None:
-        if job.finish():
-            self._submit(Outcome("release", job, give_back=give_back))
-
-    def _log_lost(self, job: Job) -> None:
-        logger.warning(
-            "%s lost its lease; this run is not acked%s",
-            job,
-            " and its transaction was rolled back" if job.transactional else "",
-        )
 
     async def _run(self, job: Job) -> None:
         msg = job.message
         headers = job.headers
         if msg.body is None:
-            self._dead(job, None, missing_body(msg.size, self._max_message_size), None)
+            self.decide.dead(job, None, missing_body(msg.size, self._max_message_size), None)
             return
         try:
             env = envelope.decode(msg.body)
         except EnvelopeError as exc:
-            self._dead(job, None, f"malformed message: {clean_text(exc)}", exc)
+            self.decide.dead(job, None, f"malformed message: {clean_text(exc)}", exc)
             return
         job.task_name = env.task
         task = self._tasks.get(env.task)
+        # before the task's own lease replaces the claim's (which dates the claim)
+        expired = _expired(job) if envelope.HEADER_EXPIRES in headers else None
+        if expired is not None:
+            self.decide.expired(job, task, expired)
+            return
         if task is None:
             known = ", ".join(sorted(self._tasks)) or "none"
             unknown = UnknownTask(
                 f"task {env.task!r} is not registered in this worker (known: {known})"
             )
-            self._failed(job, self._default_policy, unknown, 0.0)
+            self.decide.failed(job, self._default_policy, unknown, 0.0)
             return
         job.lease = self.lease_for(env.task)
         policy = self._policies.get(env.task)
@@ -151,7 +147,7 @@ class Executor:
             policy = self._policies[env.task] = task.retry_policy(self._defaults)
         job.policy = policy
         if job.attempt > policy.max_retries + 1:
-            self._dead(
+            self.decide.dead(
                 job,
                 env.task,
                 f"attempt {job.attempt} exceeds max_retries={policy.max_retries}: the last "
@@ -164,7 +160,7 @@ class Executor:
             args, kwargs = task.bind_message(env)
         except BaseException as exc:  # the job boundary: type hints' converters run user code
             reason = clean_text(exc) if isinstance(exc, TypeError | ValueError) else None
-            self._dead(
+            self.decide.dead(
                 job,
                 env.task,
                 f"arguments do not fit the signature of {env.task!r}: "
@@ -181,28 +177,12 @@ class Executor:
             enqueued_at=msg.enqueued_at,
             idempotency_key=key if isinstance(key, str) else None,
             headers=headers,
+            control=job.control,
         )
         if msg.key_holder is not None:
-            self._skip_done(job, ctx, task, msg.key_holder)
+            self.decide.skip_done(job, ctx, task, msg.key_holder)
             return
         await self._execute(job, task, policy, ctx, args, kwargs)
-
-    def _skip_done(self, job: Job, ctx: JobContext, task: Task[Any, Any], holder: int) -> None:
-        """A job whose key another job already completed is acked without running."""
-        logger.info(
-            "%s skipped: idempotency key %r already succeeded with job %d",
-            job,
-            ctx.idempotency_key,
-            holder,
-        )
-        event = JobEvent(
-            "succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, reason="already done"
-        )
-        if job.finish():
-            self._submit(Outcome("ack", job, self._archive(task), event=event))
-
-    def _archive(self, task: Task[Any, Any]) -> bool:
-        return (task.config.on_success or self._defaults.on_success) != "delete"
 
     async def _execute(
         self,
@@ -265,6 +245,7 @@ class Executor:
             else None
         )
         error: BaseException | None = None
+        value: object = None
         try:
             if conn is not None:
                 await self._run_in_transaction(conn, job, task, ctx, args, kwargs)
@@ -272,17 +253,17 @@ class Executor:
                 token = _current.set(ctx)
                 try:
                     if self._hooks:
-                        await run_with_hooks(self._hooks, ctx, lambda: task.fn(*args, **kwargs))
+                        call = lambda: task.fn(*args, **kwargs)  # noqa: E731
+                        value = await run_with_hooks(self._hooks, ctx, call)
                     else:
-                        await task.fn(*args, **kwargs)
+                        value = await task.fn(*args, **kwargs)
                 finally:
                     _current.reset(token)
         except _LeaseLost:  # the ack found the message gone: the transaction rolled back
-            self._log_lost(job)
-            job.done()
+            self.decide.lost(job)
             return
         except BaseException as exc:  # the job boundary: whatever the task raised
-            if self._interrupted(job):
+            if self._interrupted(job, task, exc, time.monotonic() - started):
                 return
             error = exc
         finally:
@@ -290,24 +271,15 @@ class Executor:
                 timer.cancel()
         duration = time.monotonic() - started
         if job.cancel_reason is CancelReason.LOST_LEASE:  # it swallowed the cancellation
-            self._log_lost(job)
-            job.done()
-            return
-        if error is None:
-            self._succeeded(job, task, ctx, duration)
-            return
-        if job.cancel_reason is CancelReason.TIMEOUT:
-            error = JobTimeout(f"the run exceeded its time limit of {timeout:g}s")
-        self._failed(job, policy, error, duration)
-
-    def _succeeded(self, job: Job, task: Task[Any, Any], ctx: JobContext, duration: float) -> None:
-        logger.debug("%s succeeded in %.3fs", job, duration)
-        event = JobEvent("succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, None, duration)
-        if job.transactional:  # acked in its own transaction
-            job.done()
-            self._emit(event)
-        elif job.finish():
-            self._submit(Outcome("ack", job, self._archive(task), event=event))
+            self.decide.lost(job)
+        elif error is None and conn is not None:
+            self.decide.transactional_succeeded(job, ctx, duration)
+        elif error is None:
+            self.decide.succeeded(job, task, ctx, duration, value)
+        else:
+            if job.cancel_reason is CancelReason.TIMEOUT:
+                error = JobTimeout(f"the run exceeded its time limit of {timeout:g}s")
+            self.decide.failed(job, policy, error, duration)
 
     async def _run_in_transaction(
         self,
@@ -318,96 +290,56 @@ class Executor:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        """The task's writes, its ack and its key commit together, or not at all. The
-        job's outcome is decided before the ack is sent, so a lease extension that meets
-        the commit cannot report it lost."""
+        """The task's writes, its ack, its key and its result commit together, or not at
+        all. The job's outcome is decided before the ack is sent, so a lease extension that
+        meets the commit cannot report it lost."""
         async with conn.transaction():
             job_ctx = ctx._replace(connection=conn)
             token = _current.set(job_ctx)
             try:
                 if self._hooks:
-                    await run_with_hooks(self._hooks, job_ctx, lambda: task.fn(*args, **kwargs))
+                    call = lambda: task.fn(*args, **kwargs)  # noqa: E731
+                    value = await run_with_hooks(self._hooks, job_ctx, call)
                 else:
-                    await task.fn(*args, **kwargs)
+                    value = await task.fn(*args, **kwargs)
             finally:
                 _current.reset(token)
-            if not job.finish():  # its lease was lost while it ran: roll back
+            if not job.finish():  # its lease was lost (or it was cancelled) while it ran
                 raise _LeaseLost
+            result, result_error = self.decide.result(task, value)
             acked = await jobs.messages_ack(
                 conn,
                 job.queue,
                 [job.token],
-                archive=self._archive(task),
+                archive=self.decide.archive(task),
                 key_retention=self._key_retention,
+                results=[(result, result_error, self.decide.ttl(task))]
+                if result is not None or result_error is not None
+                else None,
             )
             if not acked:
                 raise _LeaseLost
 
-    def _failed(self, job: Job, policy: RetryPolicy, error: BaseException, duration: float) -> None:
-        # Decided now; a transactional job may be decided already, when its ack or its
-        # commit failed: whether it committed is then settled by the guard of the write
-        # below (a committed ack leaves nothing to retry).
-        job.finish()
-        name = job.task_name
-        failed = JobEvent("failed", job.queue, job.msg_id, job.attempt, name, error, duration)
-        self._emit(failed)
-        if policy.should_retry(error, job.attempt):
-            delay = clean_delay(error.delay) if isinstance(error, Retry) else None
-            if delay is None:
-                delay = policy.backoff(job.attempt)
-            logger.warning(
-                "%s failed after %.3fs: %s; retrying in %.2fs",
-                job,
-                duration,
-                describe_error(error),
-                delay,
-            )
-            event = JobEvent(
-                "retried", job.queue, job.msg_id, job.attempt, name, error, duration, delay
-            )
-            self._submit(
-                Outcome(
-                    "retry",
-                    job,
-                    delay=delay,
-                    attempt_error=attempt_error(job, name, error),
-                    event=event,
-                )
-            )
-            return
-        if isinstance(error, Fail):
-            reason = f"failed: {clean_text(error.reason)}"
-        elif policy.should_retry(error, 1):
-            reason = f"retries exhausted after {job.attempt} attempt(s): {describe_error(error)}"
-        else:
-            reason = f"not retryable: {describe_error(error)}"
-        self._dead(job, name, reason, error, duration, decided=True)
 
-    def _dead(
-        self,
-        job: Job,
-        task_name: str | None,
-        reason: str,
-        error: BaseException | None,
-        duration: float | None = None,
-        *,
-        decided: bool = False,
-    ) -> None:
-        if not job.finish() and not decided:
-            return
-        reason = clean_text(reason)
-        logger.error("%s moved to dead letters: %s", job, reason)
-        event = JobEvent(
-            "dead", job.queue, job.msg_id, job.attempt, task_name, error, duration, reason=reason
-        )
-        record = attempt_error(job, task_name, error) if error is not None else None
-        self._submit(
-            Outcome(
-                "dead",
-                job,
-                reason=reason,
-                error=error_json(record),
-                attempt_error=record,
-                event=event,
-            )
-        )
+def _expired(job: Job) -> str | None:
+    """When this job expired, if it did before this claim (on the database's clock: the
+    claim set vt to its time plus the lease); None if it has not, or the header is not a
+    number of seconds (after the enqueue) or an ISO time."""
+    value = job.headers.get(envelope.HEADER_EXPIRES)
+    msg = job.message
+    claimed_at = msg.vt - dt.timedelta(seconds=job.lease)  # the lease the claim took
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            deadline = msg.enqueued_at + dt.timedelta(seconds=value)
+        except (OverflowError, ValueError):
+            return None
+    elif isinstance(value, str):
+        try:
+            deadline = dt.datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        if deadline.tzinfo is None:
+            return None
+    else:
+        return None
+    return deadline.isoformat() if claimed_at > deadline else None

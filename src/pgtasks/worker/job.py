@@ -31,6 +31,7 @@ from typing import Any
 
 import orjson
 
+from ..context import JobControl
 from ..db.jobs import Message, Token
 from ..serialization.envelope import HEADER_RELEASED
 from ..tasks import RetryPolicy
@@ -86,6 +87,7 @@ class Job:
     task_name: str | None = None  # once the body is decoded
     policy: RetryPolicy | None = None  # once the task is known
     transactional: bool = False
+    control: JobControl = field(default_factory=JobControl)  # what the task can see change
 
     @property
     def msg_id(self) -> int:
@@ -124,6 +126,12 @@ class Job:
         if self.task is not None:
             self.task.cancel()
         return True
+
+    def request_cancel(self) -> bool:
+        """Someone asked to cancel this job: the task can see it (`cancel_requested`) and
+        its run is cancelled. Returns whether the run was still undecided."""
+        self.control.cancel_requested = True
+        return self.cancel(CancelReason.REQUESTED)
 
     def __str__(self) -> str:
         """For logs (``%s`` formats it only when the line is emitted): task name

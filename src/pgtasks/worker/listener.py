@@ -6,7 +6,9 @@ and a safety poll cover what never notifies (delays, retries, expired leases) an
 missed. The connection is watched two ways, a termination callback and a periodic
 ``SELECT 1``; when it dies the listener reconnects with backoff and, after every
 (re)connect, wakes the fetcher for a full read pass, since notifications sent while it was
-away are gone.
+away are gone. The same connection hears requests to cancel running jobs (channel
+``pgtasks_cancel``, payload ``queue:msg_id``); a missed one is caught at the job's next
+lease extension.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from ..db.connect import connect, ping
+from ..db.results import CANCEL_CHANNEL
 from ..db.sql import NOTIFY_CHANNEL
 
 logger = logging.getLogger("pgtasks")
@@ -30,12 +33,14 @@ class Listener:
         self,
         dsn: Callable[[], Awaitable[str]],
         on_wake: Callable[[str | None], None],
+        on_cancel: Callable[[str], None] = lambda _payload: None,
         *,
         health_interval: float = 10.0,
         max_backoff: float = 1.0,
     ) -> None:
         self._dsn = dsn
         self._on_wake = on_wake
+        self._on_cancel = on_cancel
         self._health_interval = health_interval
         self._max_backoff = max_backoff
         self.connected = False
@@ -73,12 +78,16 @@ class Listener:
         def on_notify(_c: Any, _pid: int, _channel: str, payload: object) -> None:
             self._on_wake(str(payload) if payload else None)
 
+        def on_cancel(_c: Any, _pid: int, _channel: str, payload: object) -> None:
+            self._on_cancel(str(payload))
+
         def on_terminate(_c: Any) -> None:
             lost.set()
 
         try:
             conn.add_termination_listener(on_terminate)
             await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+            await conn.add_listener(CANCEL_CHANNEL, on_cancel)
             self.connected = self.ever_connected = True
             if task_status is not None:
                 task_status.started()

@@ -24,7 +24,7 @@ from ..db.attempt_errors import AttemptError
 from .events import JobEvent
 from .job import Job
 
-OutcomeKind = Literal["ack", "retry", "release", "dead", "extend"]
+OutcomeKind = Literal["ack", "retry", "release", "dead", "extend", "cancel", "expire"]
 
 MAX_DELAY = _MAX_DELAY.total_seconds()  # a retry further ahead than this is clamped
 MAX_MESSAGE = 2_000  # characters of an exception message or reason kept
@@ -33,7 +33,8 @@ MAX_TRACEBACK = 8_000  # characters of a traceback kept (its end)
 
 @dataclass(slots=True)
 class Outcome:
-    """One write for one job: its end (ack, retry, release, dead) or a lease extension."""
+    """One write for one job: its end (ack, retry, release, dead, cancel, expire) or a
+    lease extension."""
 
     kind: OutcomeKind
     job: Job
@@ -41,7 +42,11 @@ class Outcome:
     delay: float = 0.0  # retry: seconds until visible again; extend: the lease
     give_back: bool = True  # release: the attempt did not count
     reason: str = ""  # dead
-    error: str | None = None  # dead: JSON text of the last error
+    error: str | None = None  # dead: the last error; cancel/expire: why (JSON text)
+    result: str | None = None  # ack: the result kept (JSON text)
+    result_error: str | None = None  # ack: why no result was kept (JSON text)
+    ttl: float = 0.0  # ack with a result, cancel, expire: seconds the record is kept
+    cancel_requested: bool = False  # extend: the write found a request to cancel the job
     attempt_error: AttemptError | None = None  # retry / dead: the failure to record
     event: JobEvent | None = None  # emitted once written
     tries: int = 0  # earlier flushes that failed with it (one may have written it)
@@ -64,7 +69,21 @@ class Outcome:
             return Outcome("retry", self.job, delay=self.delay, event=self.event)
         if self.kind == "release" and self.give_back:
             return Outcome("release", self.job, give_back=False, event=self.event)
+        if self.kind == "ack" and self.result is not None:
+            note = orjson.dumps({"type": "ResultNotStored", "message": "the database refused it"})
+            return Outcome(
+                "ack",
+                self.job,
+                self.archive,
+                result_error=note.decode(),
+                ttl=self.ttl,
+                event=self.event,
+            )
         return None
+
+    @property
+    def keeps_result(self) -> bool:
+        return self.result is not None or self.result_error is not None
 
 
 def clean_text(text: object, limit: int = MAX_MESSAGE, *, keep_end: bool = False) -> str:

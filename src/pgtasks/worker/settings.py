@@ -30,11 +30,13 @@ class WorkerSettings:
         key_retention: how long an idempotency key keeps deduplicating after its job
             succeeded.
         max_message_size: largest message body a claim loads, in bytes.
+        max_result_size: largest result kept, in bytes (encoded).
     """
 
     defaults: TaskConfig
     key_retention: dt.timedelta = dt.timedelta(days=7)
     max_message_size: int = 1024 * 1024
+    max_result_size: int = 1024 * 1024
 
 
 def check_number(

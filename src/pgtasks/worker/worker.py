@@ -195,6 +195,7 @@ class Worker:
             ),
             key_retention=settings.key_retention.total_seconds(),
             max_message_size=settings.max_message_size,
+            max_result_size=settings.max_result_size,
             hooks=self._hooks.execute if self._hooks is not None else None,
         )
         read_vt = {q: self._read_vt(executor, q) for q in self.queues}
@@ -223,7 +224,9 @@ class Worker:
                 service.start_soon(self._completer.run)
                 service.start_soon(leases.run)
                 if self.listen:
-                    self.listener = Listener(self._database.dsn, self._on_notify)
+                    self.listener = Listener(
+                        self._database.dsn, self._on_notify, on_cancel=self._on_cancel
+                    )
                     await service.start(self.listener.run)
                 logger.info(
                     "worker started: queues %s, concurrency %d%s",
@@ -379,6 +382,13 @@ class Worker:
 
     def _read_vt(self, executor: Executor, queue: str) -> int:
         return math.ceil(max(self._leases(executor, queue)))
+
+    def _on_cancel(self, payload: str) -> None:
+        """A request to cancel a job (``queue:msg_id``): cancel it if it runs here."""
+        queue, _, msg_id = payload.rpartition(":")
+        for job in self._jobs:
+            if job.queue == queue and str(job.msg_id) == msg_id and job.request_cancel():
+                logger.info("%s: cancelling, as requested", job)
 
     def _on_notify(self, queue: str | None) -> None:
         if (queue is None or queue in self.queues) and self._fetcher is not None:

@@ -1,0 +1,159 @@
+"""The SQL of what a job became: its status, its result, its cancellation and its expiry.
+
+A job ends in one of four places, each written in the statement that removes it from its
+queue: the queue's archive (acked; `jobs.messages_ack`, which also keeps a result when there
+is one), the dead letters (`jobs.messages_dead_letter`), or ``pgtasks.job_results`` with
+state ``cancelled`` or ``expired`` (`messages_end`, here). ``pgtasks.job_info`` reads all of
+them (and the queue) in one snapshot; ``pgtasks.cancel`` cancels jobs from anywhere (both
+in the 0004 migration). Statements that end jobs notify `jobs.DONE_CHANNEL` once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import NamedTuple
+
+from .jobs import _NOTIFY_DONE, RESULTS_INSERT, RESULTS_UPSERT, Token, _split
+from .sql import Executor, table
+
+CANCEL_CHANNEL = "pgtasks_cancel"
+"""Told of a request to cancel a running job; the payload is ``queue:msg_id``."""
+
+
+class JobInfo(NamedTuple):
+    """A row of ``pgtasks.job_info``: where a job is, or what it became."""
+
+    msg_id: int
+    state: str
+    task: str | None
+    attempts: int | None
+    enqueued_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    result: str | None  # JSON text
+    error: str | None  # JSON text
+    cancel_requested: bool
+
+
+JOB_INFO = """
+SELECT msg_id, state, task, attempts, enqueued_at, finished_at, result::text, error::text,
+       cancel_requested
+FROM pgtasks.job_info($1::text, $2::bigint[])
+"""
+
+
+async def job_info(conn: Executor, queue: str, ids: Sequence[int]) -> list[JobInfo]:
+    """Where each of these jobs of one queue is, or what it became (see the migration)."""
+    return [JobInfo(*r) for r in await conn.fetch(JOB_INFO, queue, list(ids))]
+
+
+JOBS_CANCEL = "SELECT msg_id, outcome FROM pgtasks.cancel($1::text, $2::bigint[], $3::float8)"
+
+
+async def jobs_cancel(
+    conn: Executor, queue: str, ids: Sequence[int], ttl: float
+) -> list[tuple[int, str]]:
+    """Cancel jobs of one queue: (msg_id, outcome) with outcome ``cancelled`` (removed,
+    recorded), ``requested`` (running: its worker is told), ``finished`` or ``unknown``."""
+    rows = await conn.fetch(JOBS_CANCEL, queue, list(ids), ttl)
+    return [(r[0], r[1]) for r in rows]
+
+
+@lru_cache(maxsize=256)
+def _end_sql(queue: str) -> str:
+    return f"""
+WITH done AS (
+    DELETE FROM pgmq.{table("q", queue)} AS m
+    USING unnest($1::bigint[], $2::integer[], $3::timestamptz[], $5::text[], $6::float8[])
+        WITH ORDINALITY AS t(id, ct, enq, error, ttl, i)
+    WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
+    RETURNING m.msg_id, m.enqueued_at, m.message, m.headers, t.error, t.ttl, t.i
+), keys AS (
+    DELETE FROM pgtasks.idempotency_keys AS k
+    USING done
+    WHERE k.key = done.headers ->> 'idempotency_key' AND k.msg_id = done.msg_id
+      AND k.queue = $4::text
+), requests AS (
+    DELETE FROM pgtasks.cancel_requests AS c
+    USING done
+    WHERE c.queue = $4::text AND c.msg_id = done.msg_id
+), recorded AS (
+    {RESULTS_INSERT}
+    SELECT $4::text, msg_id, enqueued_at, $7::text, message ->> 'task', NULL, error::jsonb,
+           now() + make_interval(secs => ttl)
+    FROM done
+    {RESULTS_UPSERT}
+), {_NOTIFY_DONE}
+SELECT done.i FROM done LEFT JOIN notified ON true
+"""
+
+
+async def messages_end(
+    conn: Executor,
+    queue: str,
+    owned: Sequence[Token],
+    state: str,
+    errors: Sequence[str | None],
+    ttls: Sequence[float],
+) -> list[int]:
+    """End messages still held at these tokens as ``cancelled`` or ``expired``: removed
+    from the queue and recorded, their keys released, in one statement. Returns the
+    positions (in ``owned``) of the messages ended."""
+    ids, cts, enqs = _split(owned)
+    rows = await conn.fetch(_end_sql(queue), ids, cts, enqs, queue, list(errors), list(ttls), state)
+    return [r[0] - 1 for r in rows]
+
+
+@lru_cache(maxsize=256)
+def _extend_sql(queue: str) -> str:
+    return f"""
+UPDATE pgmq.{table("q", queue)} AS m
+SET vt = clock_timestamp() + make_interval(secs => t.delay)
+FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::timestamptz[]) WITH ORDINALITY
+    AS t(id, ct, delay, enq, i)
+WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
+RETURNING t.i, EXISTS (SELECT 1 FROM pgtasks.cancel_requests AS c
+                       WHERE c.queue = $5::text AND c.msg_id = m.msg_id)
+"""
+
+
+async def messages_extend(
+    conn: Executor, queue: str, owned: Sequence[Token], leases: Sequence[float]
+) -> list[tuple[int, bool]]:
+    """Extend the leases of messages still held at these tokens; per message extended, its
+    position (in ``owned``) and whether cancelling it was requested (a worker that does not
+    listen learns of requests this way, within a third of a lease)."""
+    ids, cts, enqs = _split(owned)
+    rows = await conn.fetch(_extend_sql(queue), ids, cts, list(leases), enqs, queue)
+    return [(r[0] - 1, r[1]) for r in rows]
+
+
+RESULTS_PRUNE = """
+WITH gone AS (
+    DELETE FROM pgtasks.job_results WHERE expires_at < now() RETURNING 1
+) SELECT count(*) FROM gone
+"""
+
+
+async def results_prune(conn: Executor) -> int:
+    """Delete the records of jobs whose retention has passed."""
+    count: int = await conn.fetchval(RESULTS_PRUNE)
+    return count
+
+
+CANCEL_REQUESTS_PRUNE = """
+WITH gone AS (
+    DELETE FROM pgtasks.cancel_requests AS c
+    WHERE NOT pgtasks.message_exists(c.queue, c.msg_id)
+    RETURNING 1
+) SELECT count(*) FROM gone
+"""
+
+
+async def cancel_requests_prune(conn: Executor) -> int:
+    """Delete requests to cancel jobs that ended meanwhile without hearing of them (the
+    worker deletes the request with a cancelled job's record; a job that succeeded first
+    leaves it behind)."""
+    count: int = await conn.fetchval(CANCEL_REQUESTS_PRUNE)
+    return count
