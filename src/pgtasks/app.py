@@ -301,8 +301,10 @@ class App:
     ) -> dict[str, int]:
         """Delete what has outlived its use: idempotency keys past their retention, the
         error history of attempts older than ``errors_older_than`` (dead letters keep
-        theirs) and, when ``archive_older_than`` is given, archived messages older than
-        that. Returns how many rows of each kind were deleted."""
+        theirs), the records (results, cancellations, expiries) of jobs past their
+        ``result_ttl``, requests to cancel jobs that ended meanwhile and, when
+        ``archive_older_than`` is given, archived messages older than that. Returns how
+        many rows of each kind were deleted."""
         return await maintenance.prune(
             self._database,
             errors_older_than=errors_older_than,

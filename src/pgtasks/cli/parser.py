@@ -230,6 +230,65 @@ def build() -> argparse.ArgumentParser:
     )
     _json_option(prune)
 
+    job = sub.add_parser(
+        "job",
+        help="show one job, or list a queue's jobs by state",
+        description="Show one job in full, or list the newest jobs of a queue.",
+        epilog=f"example:\n  python -m pgtasks job show email 42\n\ndocs: {DOCS}#job",
+        formatter_class=_Formatter,
+    )
+    _add_common(job)
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    job_show = _command(
+        job_sub,
+        "show",
+        "one job: its state, message, every failed attempt, and its result",
+        "python -m pgtasks job show email 42",
+        "job",
+    )
+    job_show.add_argument("queue", help="the job's queue")
+    job_show.add_argument("id", type=int, help="the job's id (what defer returned)")
+    _json_option(job_show)
+    job_list = _command(
+        job_sub,
+        "list",
+        "the newest jobs of a queue, by state and task",
+        "python -m pgtasks job list --queue email --state failed",
+        "job",
+        "States: scheduled, waiting, running, retrying, succeeded, failed, cancelled,\n"
+        "expired. A state of the queue itself looks at its newest 20 x --limit messages.",
+    )
+    job_list.add_argument("--queue", required=True, help="the queue")
+    job_list.add_argument(
+        "--state",
+        choices=[
+            "scheduled",
+            "waiting",
+            "running",
+            "retrying",
+            "succeeded",
+            "failed",
+            "cancelled",
+            "expired",
+        ],
+        help="only jobs in this state",
+    )
+    job_list.add_argument("--task", help="only this task's")
+    job_list.add_argument("--limit", type=_positive, default=50, help="at most (default: 50)")
+    _json_option(job_list)
+
+    cancel = _command(
+        sub,
+        "cancel",
+        "cancel jobs: those not started are removed, running ones are asked to stop",
+        "python -m pgtasks cancel email 42 43",
+        "cancel",
+        "Exit status 1 when an id names no job.",
+    )
+    cancel.add_argument("queue", help="the jobs' queue")
+    cancel.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
+    _json_option(cancel)
+
     dead = sub.add_parser(
         "dead",
         help="list, show, retry and purge dead letters",

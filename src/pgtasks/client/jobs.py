@@ -24,6 +24,7 @@ import anyio
 import asyncpg
 import orjson
 
+from ..context import current_job
 from ..db.connect import acquire_clean, connect
 from ..db.database import Database
 from ..db.jobs import DONE_CHANNEL
@@ -69,6 +70,8 @@ class JobClient:
         return _status(info)
 
     async def result(self, ref: JobRef[R], /, *, timeout: float | None) -> R:  # noqa: ASYNC109
+        if timeout is None:
+            _warn_if_inside_own_queue(ref)
         with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
             info = await self._waiters_here().wait(ref.queue, ref.id)
         value: R = self._unpack(ref, info)
@@ -139,6 +142,32 @@ class JobClient:
             f"{what} succeeded, and no result of it is kept any more (its record outlived "
             "result_ttl and was pruned, or the job was skipped: its idempotency key had "
             "succeeded with another job)"
+        )
+
+
+_warned_inside = False
+
+
+def _warn_if_inside_own_queue(ref: JobRef[Any]) -> None:
+    """Waiting, inside a task, with no timeout, on a job of the task's own queue is how a
+    worker deadlocks: when every slot waits, nothing runs the jobs they wait for. It is
+    allowed (another worker may serve the queue), and said once per process."""
+    global _warned_inside
+    if _warned_inside:
+        return
+    try:
+        running = current_job()
+    except RuntimeError:
+        return
+    if running.queue == ref.queue:
+        _warned_inside = True
+        logger.warning(
+            "%r waits, with no timeout, for the result of job %d of its own queue %r: a "
+            "worker whose slots all wait like this runs nothing; pass a timeout, or chain "
+            "the jobs instead",
+            running.task,
+            ref.id,
+            ref.queue,
         )
 
 

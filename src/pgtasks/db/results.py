@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
+import asyncpg
+
 from .jobs import _NOTIFY_DONE, RESULTS_INSERT, RESULTS_UPSERT, Token, _split
 from .sql import Executor, table
 
@@ -157,3 +159,69 @@ async def cancel_requests_prune(conn: Executor) -> int:
     leaves it behind)."""
     count: int = await conn.fetchval(CANCEL_REQUESTS_PRUNE)
     return count
+
+
+@lru_cache(maxsize=256)
+def _candidates_sql(queue: str, sources: tuple[str, ...]) -> str:
+    """The newest ids of one queue's jobs, from the places that can hold a job in the
+    states asked for; ``pgtasks.job_info`` then says which state each is in."""
+    q, a = table("q", queue), table("a", queue)
+    parts = {
+        "queue": f"(SELECT msg_id FROM pgmq.{q} WHERE $1::text IS NULL "
+        "OR message ->> 'task' = $1 ORDER BY msg_id DESC LIMIT $2)",
+        "archive": f"(SELECT msg_id FROM pgmq.{a} WHERE $1::text IS NULL "
+        "OR message ->> 'task' = $1 ORDER BY msg_id DESC LIMIT $2)",
+        "dead": "(SELECT msg_id FROM pgtasks.dead_letters WHERE queue = $3 AND "
+        "($1::text IS NULL OR task = $1) ORDER BY id DESC LIMIT $2)",
+        "records": "(SELECT msg_id FROM pgtasks.job_results WHERE queue = $3 AND "
+        "($1::text IS NULL OR task = $1) ORDER BY finished_at DESC LIMIT $2)",
+    }
+    union = " UNION ".join(parts[s] for s in sources)
+    # ($3, the queue, is named here too: not every source needs it, every call passes it)
+    return f"SELECT DISTINCT msg_id FROM ({union}) AS c WHERE $3::text IS NOT NULL ORDER BY 1 DESC"
+
+
+STATE_SOURCES: dict[str | None, tuple[str, ...]] = {
+    None: ("queue", "archive", "dead", "records"),
+    "scheduled": ("queue",),
+    "waiting": ("queue",),
+    "running": ("queue",),
+    "retrying": ("queue",),
+    "succeeded": ("archive", "records"),
+    "failed": ("dead",),
+    "cancelled": ("records",),
+    "expired": ("records",),
+}
+
+
+async def jobs_list(
+    conn: Executor, queue: str, *, state: str | None, task: str | None, limit: int
+) -> list[JobInfo]:
+    """The newest jobs of one queue (in ``state``, of ``task``), at most ``limit``. A state
+    of the queue itself (waiting, running...) looks at the newest ``20 * limit`` messages."""
+    sources = STATE_SOURCES[state]
+    scan = limit * 20 if sources == ("queue",) else limit
+    ids = [r[0] for r in await conn.fetch(_candidates_sql(queue, sources), task, scan, queue)]
+    infos = await job_info(conn, queue, ids) if ids else []
+    return [i for i in infos if state is None or i.state == state][:limit]
+
+
+@lru_cache(maxsize=256)
+def _message_sql(queue: str) -> str:
+    q, a = table("q", queue), table("a", queue)
+    return f"""
+SELECT message::text, headers::text FROM pgmq.{q} WHERE msg_id = $1
+UNION ALL SELECT message::text, headers::text FROM pgmq.{a} WHERE msg_id = $1
+UNION ALL (SELECT message::text, headers::text FROM pgtasks.dead_letters
+           WHERE queue = $2 AND msg_id = $1 ORDER BY id DESC LIMIT 1)
+LIMIT 1
+"""
+
+
+async def job_message(conn: Executor, queue: str, msg_id: int) -> tuple[str | None, str | None]:
+    """A job's body and headers (JSON text), wherever it is; (None, None) when gone."""
+    try:
+        row = await conn.fetchrow(_message_sql(queue), msg_id, queue)
+    except asyncpg.UndefinedTableError:  # the queue was dropped
+        return None, None
+    return (row[0], row[1]) if row is not None else (None, None)
