@@ -22,6 +22,7 @@ from .exceptions import (
     SchemaMissing,
     SerializationError,
     UnknownTask,
+    WorkflowFailed,
 )
 from .hooks import EnqueueCall, EnqueueHook, EnqueueNext, ExecuteHook, ExecuteNext, Hooks
 from .tasks import (
@@ -33,8 +34,15 @@ from .tasks import (
     Retry,
     RetryPolicy,
     Signature,
+    StepStatus,
     Task,
     TaskCall,
+    Workflow,
+    WorkflowRef,
+    WorkflowStatus,
+    chain,
+    chord,
+    group,
 )
 from .tasks.registry import task
 from .worker import JobEvent, Worker
@@ -74,11 +82,19 @@ __all__ = [
     "SchemaMissing",
     "SerializationError",
     "Signature",
+    "StepStatus",
     "Task",
     "TaskCall",
     "UnknownTask",
     "Worker",
+    "Workflow",
+    "WorkflowFailed",
+    "WorkflowRef",
+    "WorkflowStatus",
     "__version__",
+    "chain",
+    "chord",
     "current_job",
+    "group",
     "task",
 ]

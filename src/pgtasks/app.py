@@ -27,6 +27,7 @@ from .admin import maintenance
 from .admin.dead_letters import DeadLetters
 from .client.enqueue import Enqueuer
 from .client.jobs import JobClient, wait_for
+from .client.workflows import WorkflowClient
 from .db import schema
 from .db.connect import DsnSource
 from .db.database import Database
@@ -34,6 +35,7 @@ from .exceptions import ConfigurationError
 from .hooks import Hooks
 from .queues import check_queue_name
 from .tasks import CancelOutcome, JobRef, Signature, Task, TaskConfig, registry
+from .tasks.canvas import Workflow, WorkflowKind, WorkflowRef
 from .tasks.config import check_lease, check_on_success
 from .worker import Worker, WorkerSettings
 
@@ -127,6 +129,13 @@ class App:
         """Hooks around every enqueue and every run of this app's jobs; see `Hooks`."""
         self._jobs = JobClient(
             self._database, lambda: self.tasks, record_ttl=result_ttl.total_seconds()
+        )
+        self._workflows = WorkflowClient(
+            self._database,
+            self._jobs,
+            lambda: self.tasks,
+            max_message_size=max_message_size,
+            record_ttl=result_ttl.total_seconds(),
         )
         self._enqueuer = Enqueuer(
             self._database, max_message_size=max_message_size, hooks=self.hooks, jobs=self._jobs
@@ -334,6 +343,17 @@ class App:
         what ``task.defer(...)`` does. This makes the app the `Producer` its tasks defer
         through."""
         return await self._enqueuer.defer_one(signature)
+
+    async def defer_workflow(
+        self, workflow: Workflow, /, *, connection: Connection | None = None
+    ) -> WorkflowRef:
+        """Send a workflow (``chain(...)``, ``group(...)``, ``chord(...)``); what its
+        ``defer()`` does. On ``connection``, in that transaction."""
+        return await self._workflows.defer(workflow, connection)
+
+    def workflow(self, id: int, kind: WorkflowKind) -> WorkflowRef:
+        """A handle on a workflow from its stored id (and kind)."""
+        return WorkflowRef(id, kind, self._workflows)
 
     async def defer_many(
         self, signatures: Iterable[Signature], *, connection: Connection | None = None

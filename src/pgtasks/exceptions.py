@@ -17,6 +17,7 @@ catches them all::
     ├── UnknownTask                 a message names a task this process does not know
     ├── JobNotFound                 an id that names no job
     ├── JobFailed                   the job awaited ended in the dead letters
+    │   └── WorkflowFailed          a step of the workflow awaited failed for good
     ├── JobCancelled                the job awaited was cancelled
     │   └── JobExpired              ... or expired before it started
     └── ResultUnavailable           the job succeeded, and no result was kept
@@ -121,3 +122,23 @@ class ResultUnavailable(PgTasksError):
     """The job succeeded, and no result of it was kept: its task keeps none
     (``keep_result=False``), the result was too large or could not be encoded, or its
     record was pruned after ``result_ttl``."""
+
+
+class WorkflowFailed(JobFailed):
+    """A step of the workflow whose result was awaited failed for good (or expired).
+
+    Attributes:
+        step: the step's place in the workflow (0 is the first).
+        error: its error (``type``, ``message``, ``reason``, ``outcome``).
+    """
+
+    def __init__(self, message: str, *, step: int | None, error: dict[str, object]) -> None:
+        super().__init__(
+            message,
+            error_type=str(error["type"]) if "type" in error else None,
+            error_message=str(error["message"]) if "message" in error else None,
+            traceback=str(error["traceback"]) if "traceback" in error else None,
+            reason=str(error["reason"]) if "reason" in error else None,
+        )
+        self.step = step
+        self.error = error

@@ -155,6 +155,8 @@ class Enqueuer:
         last_group: list[int] = []
         for i, s in enumerate(signatures):
             task, opts = s.task, s.options
+            if s.receives is not None:
+                s.body(0)  # raises: it is one argument short
             calls.append((task.name, s.args, s.kwargs))
             if opts is last_opts and task is last_task:
                 headers.append(last_headers)

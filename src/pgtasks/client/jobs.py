@@ -17,7 +17,7 @@ import contextlib
 import logging
 import typing
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
@@ -36,6 +36,7 @@ from ..tasks import CancelOutcome, JobRef, JobStatus, Task
 from ..tasks.handle import FINAL_STATES
 
 R = TypeVar("R")
+Lookup = Callable[[Sequence[int]], Awaitable[dict[int, Any]]]
 logger = logging.getLogger("pgtasks")
 
 SAFETY_POLL = 1.0  # seconds: a notification that was missed costs at most this much
@@ -56,6 +57,8 @@ class JobClient:
         self._tasks = tasks
         self._record_ttl = record_ttl
         self._waiters: _Waiters | None = None
+        # what a topic of waiting other than a queue's looks up (see `_Waiters`)
+        self.lookups: dict[str, Lookup] = {}
 
     def ref(self, queue: str, msg_id: int, task: str = "") -> JobRef[Any]:
         return JobRef(msg_id, queue, task, jobs=self)
@@ -73,7 +76,7 @@ class JobClient:
         if timeout is None:
             _warn_if_inside_own_queue(ref)
         with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
-            info = await self._waiters_here().wait(ref.queue, ref.id)
+            info = await self.wait(ref.queue, ref.id)
         value: R = self._unpack(ref, info)
         return value
 
@@ -97,8 +100,24 @@ class JobClient:
     def _waiters_here(self) -> _Waiters:
         loop = asyncio.get_running_loop()
         if self._waiters is None or self._waiters.loop is not loop:
-            self._waiters = _Waiters(self._database, self.info, loop)
+            self._waiters = _Waiters(self._database, self._ended, loop)
         return self._waiters
+
+    async def _ended(self, topic: str, ids: Sequence[int]) -> dict[int, Any]:
+        """The jobs (or, for another topic, the things) of these ids that are over."""
+        lookup = self.lookups.get(topic)
+        if lookup is not None:
+            return await lookup(ids)
+        return {
+            i.msg_id: i
+            for i in await self.info(topic, ids)
+            if i.state in FINAL_STATES or i.state == "unknown"
+        }
+
+    async def wait(self, topic: str, id: int) -> Any:
+        """Until the thing ``id`` of ``topic`` (a job of a queue, or another topic with a
+        lookup of its own) is over: what its lookup said of it."""
+        return await self._waiters_here().wait(topic, id)
 
     def _unpack(self, ref: JobRef[Any], info: JobInfo) -> Any:
         what = f"job {ref.id} in queue {ref.queue!r}"
@@ -189,19 +208,19 @@ class _Waiters:
     def __init__(
         self,
         database: Database,
-        info: Callable[[str, Sequence[int]], Any],
+        ended: Callable[[str, Sequence[int]], Awaitable[dict[int, Any]]],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.loop = loop
         self._database = database
-        self._info = info
-        self._pending: dict[str, dict[int, list[asyncio.Future[JobInfo]]]] = defaultdict(dict)
+        self._ended = ended
+        self._pending: dict[str, dict[int, list[asyncio.Future[Any]]]] = defaultdict(dict)
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._pump: asyncio.Task[None] | None = None
 
-    async def wait(self, queue: str, msg_id: int) -> JobInfo:
-        future: asyncio.Future[JobInfo] = self.loop.create_future()
+    async def wait(self, queue: str, msg_id: int) -> Any:
+        future: asyncio.Future[Any] = self.loop.create_future()
         self._pending[queue].setdefault(msg_id, []).append(future)
         self._dirty.add(queue)  # it may have ended already: look once it is listening
         self._wake.set()
@@ -275,11 +294,10 @@ class _Waiters:
             waiting = self._pending.get(queue)
             if not waiting:
                 continue
-            for info in await self._info(queue, list(waiting)):
-                if info.state in FINAL_STATES or info.state == "unknown":
-                    for future in waiting.get(info.msg_id, []):
-                        if not future.done():
-                            future.set_result(info)
+            for key, info in (await self._ended(queue, list(waiting))).items():
+                for future in waiting.get(key, []):
+                    if not future.done():
+                        future.set_result(info)
 
 
 async def wait_for(database: Database, refs: Iterable[JobRef[Any]], *, poll: float = 0.05) -> None:

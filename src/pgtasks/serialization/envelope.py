@@ -38,6 +38,7 @@ VERSION = 1
 HEADER_IDEMPOTENCY_KEY = "idempotency_key"
 HEADER_RELEASED = "x-pgtasks-released"
 HEADER_EXPIRES = "x-pgtasks-expires"  # seconds after the enqueue, or an ISO time
+HEADER_WORKFLOW = "x-pgtasks-workflow"  # {"id": workflow, "step": its place}
 """Attempts given back to a message by worker stops (``read_ct`` only grows, so a release
 counts them here instead)."""
 RESERVED_HEADER_PREFIX = "x-pgtasks-"

@@ -10,6 +10,16 @@ check of a call against the function's parameters and hints; `config` a task's s
 """
 
 from .._shared import MAX_DELAY, OnSuccess
+from .canvas import (
+    StepStatus,
+    Workflow,
+    WorkflowRef,
+    Workflows,
+    WorkflowStatus,
+    chain,
+    chord,
+    group,
+)
 from .config import TaskConfig
 from .handle import CancelOutcome, JobRef, Jobs, JobState, JobStatus
 from .registry import make_task, shared_tasks
@@ -36,4 +46,12 @@ __all__ = [
     "TaskConfig",
     "make_task",
     "shared_tasks",
+    "StepStatus",
+    "Workflow",
+    "WorkflowRef",
+    "WorkflowStatus",
+    "Workflows",
+    "chain",
+    "chord",
+    "group",
 ]

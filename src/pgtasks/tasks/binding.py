@@ -49,6 +49,9 @@ class PlainParams:
         return kwargs.keys() <= self.accepted and self.required.issubset(kwargs)
 
 
+_RECEIVED = object()  # where a workflow step's received result will go
+
+
 class Arguments:
     """The parameters of one task function: checks a producer's call against them, and binds
     a message's arguments to them. The shapes are compiled on first use, not at decoration: a
@@ -101,6 +104,27 @@ class Arguments:
             else:
                 named[name] = value
         return tuple(positional), named
+
+    def bind_receiving(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], count: int = 1
+    ) -> Bound:
+        """Check a call that is to receive ``count`` more positional arguments first: a
+        chain's step, given the result of the step before it (a chord's callback, the list
+        of results; a workflow's error callback, the failed step and its error). Returns the
+        arguments as given, for those to go in front of at run time."""
+        try:
+            bound = self._signature.bind(*[_RECEIVED] * count, *args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"task {self.name!r}: {exc}") from None
+        given: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if value is _RECEIVED:
+                continue
+            if isinstance(value, tuple):  # *args: what is received is among them
+                value = tuple(v for v in value if v is not _RECEIVED)
+            given[name] = value
+        self.check(given)
+        return tuple(args), dict(kwargs)
 
     def check(self, arguments: Mapping[str, Any]) -> None:
         """Raise `TypeError` naming the task, the argument, the type its hint expects and the

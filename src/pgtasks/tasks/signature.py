@@ -24,6 +24,7 @@ from ..serialization.envelope import RESERVED_HEADER_PREFIX
 from ..serialization.shapes import describe
 
 if TYPE_CHECKING:
+    from .canvas import Workflow
     from .task import Task
 
 
@@ -158,12 +159,26 @@ class Signature:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: CallOptions = field(default_factory=CallOptions)
+    immutable: bool = False  # in a workflow: takes no result from the step before
+    receives: str | None = None  # one argument short (why): a result is to go in front
 
     @property
     def queue(self) -> str:
         return self.options.queue or self.task.queue
 
+    def __or__(self, other: Signature | Workflow) -> Workflow:
+        """``a.s() | b.s()``: a chain, ``b`` receiving ``a``'s result (see `pgtasks.chain`)."""
+        from .canvas import chain
+
+        return chain(self, other)
+
     def body(self, max_size: int) -> str:
+        if self.receives is not None:
+            raise TypeError(
+                f"{self.receives} (a signature one argument short receives the result of "
+                "the step before it: it can only follow another step in a chain, or be a "
+                "chord's callback)"
+            )
         return envelope.encode(self.task.name, self.args, self.kwargs, max_size=max_size)
 
     def headers(self) -> str | None:
@@ -190,4 +205,4 @@ class Signature:
         uses to attach metadata (a trace context, a request id) to a job."""
         added = _checked_headers(headers)
         merged = self.options.merge(headers={**(self.options.headers or {}), **added})
-        return Signature(self.task, self.args, self.kwargs, merged)
+        return Signature(self.task, self.args, self.kwargs, merged, self.immutable, self.receives)

@@ -18,7 +18,7 @@ import datetime as dt
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Protocol, TypeVar
 
 from typing_extensions import ParamSpec
 
@@ -31,7 +31,11 @@ from .handle import JobRef
 from .retry import RetryPolicy
 from .signature import CallOptions, Signature
 
+if TYPE_CHECKING:
+    from .canvas import Workflow, WorkflowRef
+
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
 
 
@@ -43,6 +47,12 @@ class Producer(Protocol):
         """Send ``signature`` as one job."""
         ...
 
+    async def defer_workflow(
+        self, workflow: Workflow, /, *, connection: Connection | None = None
+    ) -> WorkflowRef:
+        """Send a workflow (see `pgtasks.chain`)."""
+        ...
+
 
 class _Deferrer(Generic[P, R]):
     """What `Task` and `TaskCall` share: typed ``defer``/``delay``/``s`` under options."""
@@ -51,10 +61,32 @@ class _Deferrer(Generic[P, R]):
     _options: CallOptions
 
     def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature:
-        """A signature of this call for ``app.defer_many``; arguments are checked now."""
+        """A signature of this call, for ``app.defer_many`` or a workflow (`pgtasks.chain`,
+        `pgtasks.group`, `pgtasks.chord`); arguments are checked now. A workflow step that
+        receives the result of the step before is `partial`."""
         task = self._task
         bound_args, bound_kwargs = task._bind(args, kwargs)
         return Signature(task, bound_args, bound_kwargs, self._options)
+
+    def partial(
+        self: _Deferrer[Concatenate[Any, P2], R], *args: P2.args, **kwargs: P2.kwargs
+    ) -> Signature:
+        """A signature of a workflow step that receives the result of the step before it (a
+        chord's callback: the list of the members' results) as its first positional
+        argument: give every argument but that one, type-checked as such (where Celery
+        writes ``add.s(10)``, write ``add.partial(10)``)."""
+        task = self._task
+        given = task._arguments.bind_receiving(args, kwargs)
+        return Signature(
+            task, *given, self._options, receives=f"task {task.name!r} is one argument short"
+        )
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature:
+        """An immutable signature: in a chain, it does not receive the result of the step
+        before (Celery's ``si``)."""
+        task = self._task
+        bound_args, bound_kwargs = task._bind(args, kwargs)
+        return Signature(task, bound_args, bound_kwargs, self._options, immutable=True)
 
     async def defer(self, *args: P.args, **kwargs: P.kwargs) -> JobRef[R]:
         """Enqueue one job. Returns once the message is in the queue (or, with

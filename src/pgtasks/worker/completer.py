@@ -34,7 +34,7 @@ from contextlib import nullcontext
 import anyio
 import asyncpg
 
-from ..db import attempt_errors, jobs, results
+from ..db import attempt_errors, jobs, results, workflows
 from ..db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from .connection import OwnConnection
 from .events import JobEvent
@@ -198,7 +198,9 @@ class Completer:
     async def _write_together(self, groups: dict[_Group, list[Outcome]], written: set[int]) -> None:
         # one statement (the common case: a batch of acks) needs no transaction of its own
         single = len(groups) == 1 and all(
-            o.attempt_error is None for items in groups.values() for o in items
+            o.attempt_error is None and o.step_end is None
+            for items in groups.values()
+            for o in items
         )
         async with self._conn.use() as conn, conn.transaction() if not single else nullcontext():
             done: list[Outcome] = []
@@ -334,6 +336,9 @@ class Completer:
         errors = [o.attempt_error for o in done if o.attempt_error is not None]
         if errors:
             await attempt_errors.attempt_errors_insert(conn, queue, self._worker_id, errors)
+        ends = [o.step_end for o in done if o.step_end is not None]
+        if ends:  # in this transaction: a workflow moves on exactly when its step's end is written
+            await workflows.steps_ended(conn, ends)
         return done
 
     # --- after a flush ---------------------------------------------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 
 from ..context import JobContext
+from ..db.attempt_errors import AttemptError
+from ..db.workflows import StepEnd
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
 from .events import JobEvent
@@ -70,14 +72,27 @@ class Decisions:
                 result_error=result_error,
                 ttl=self.ttl(task),
                 event=event,
+                step_end=self.step_succeeded(job, task, value),
             )
         )
+
+    def step_succeeded(self, job: Job, task: Task[Any, Any], value: object) -> StepEnd | None:
+        """For a workflow's step: its result, to pass on (always encoded, whatever the task
+        keeps), or why it cannot be."""
+        if job.workflow is None:
+            return None
+        result, error = self.encoded(task, value)
+        return StepEnd(*job.workflow, "succeeded", result, error)
 
     def result(self, task: Task[Any, Any], value: object) -> tuple[str | None, str | None]:
         """The result to keep as JSON text, or why none is kept (JSON text); (None, None)
         when nothing is to be kept: what a task annotated ``-> None`` costs."""
         if not keeps(task, self._defaults, value):
             return None, None
+        return self.encoded(task, value)
+
+    def encoded(self, task: Task[Any, Any], value: object) -> tuple[str | None, str | None]:
+        """``value`` as JSON text, or why it cannot be kept (JSON text)."""
         try:
             data = envelope.dumps(value)
         except (TypeError, orjson.JSONEncodeError) as exc:
@@ -178,6 +193,7 @@ class Decisions:
                 error=error_json(record),
                 attempt_error=record,
                 event=event,
+                step_end=_step_end(job, "failed", reason, record),
             )
         )
 
@@ -199,11 +215,10 @@ class Decisions:
             duration,
             reason="cancelled while it ran",
         )
-        note = {"reason": "cancelled while it ran"}
+        note = orjson.dumps({"reason": "cancelled while it ran"}).decode()
+        end = _step_end(job, "cancelled", "cancelled while it ran", None)
         self._submit(
-            Outcome(
-                "cancel", job, error=orjson.dumps(note).decode(), ttl=self.ttl(task), event=event
-            )
+            Outcome("cancel", job, error=note, ttl=self.ttl(task), event=event, step_end=end)
         )
 
     def expired(self, job: Job, task: Task[Any, Any] | None, when: str) -> None:
@@ -220,7 +235,10 @@ class Decisions:
             reason=f"expired at {when}",
         )
         note = orjson.dumps({"reason": f"expired at {when} before it started"}).decode()
-        self._submit(Outcome("expire", job, error=note, ttl=self.ttl(task), event=event))
+        end = _step_end(job, "expired", f"expired at {when} before it started", None)
+        self._submit(
+            Outcome("expire", job, error=note, ttl=self.ttl(task), event=event, step_end=end)
+        )
 
     def released(self, job: Job, *, give_back: bool) -> None:
         if job.finish():
@@ -233,6 +251,17 @@ class Decisions:
             " and its transaction was rolled back" if job.transactional else "",
         )
         job.done()
+
+
+def _step_end(job: Job, outcome: str, reason: str, record: AttemptError | None) -> StepEnd | None:
+    """For a workflow's step that did not succeed: how, for the workflow (and its error
+    callback)."""
+    if job.workflow is None:
+        return None
+    error: dict[str, Any] = {"reason": reason}
+    if record is not None:
+        error.update(type=record.error_type, message=record.message)
+    return StepEnd(*job.workflow, outcome, None, orjson.dumps(error).decode())
 
 
 def keeps(task: Task[Any, Any], defaults: TaskConfig, value: object) -> bool:

@@ -35,7 +35,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from ..context import JobContext, _current
-from ..db import jobs
+from ..db import jobs, workflows
 from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..hooks import ExecuteHook, run_with_hooks
@@ -319,6 +319,9 @@ class Executor:
             )
             if not acked:
                 raise _LeaseLost
+            end = self.decide.step_succeeded(job, task, value)
+            if end is not None:  # the next step, in this transaction
+                await workflows.steps_ended(conn, [end])
 
 
 def _expired(job: Job) -> str | None:

@@ -33,7 +33,7 @@ import orjson
 
 from ..context import JobControl
 from ..db.jobs import Message, Token
-from ..serialization.envelope import HEADER_RELEASED
+from ..serialization.envelope import HEADER_RELEASED, HEADER_WORKFLOW
 from ..tasks import RetryPolicy
 
 
@@ -88,6 +88,7 @@ class Job:
     policy: RetryPolicy | None = None  # once the task is known
     transactional: bool = False
     control: JobControl = field(default_factory=JobControl)  # what the task can see change
+    workflow: tuple[int, int] | None = None  # (workflow id, step), for a workflow's step
 
     @property
     def msg_id(self) -> int:
@@ -145,7 +146,13 @@ def claimed(queue: str, msg: Message, lease: float) -> Job:
     if msg.headers is None:  # the common case
         return Job(queue, msg, lease, msg.read_ct, msg.token)
     headers = _headers(msg.headers)
-    return Job(queue, msg, lease, attempt_of(msg, headers), msg.token, headers)
+    job = Job(queue, msg, lease, attempt_of(msg, headers), msg.token, headers)
+    place = headers.get(HEADER_WORKFLOW)
+    if isinstance(place, dict):
+        workflow, step = place.get("id"), place.get("step")
+        if type(workflow) is int and type(step) is int:
+            job.workflow = (workflow, step)
+    return job
 
 
 def attempt_of(msg: Message, headers: dict[str, Any]) -> int:

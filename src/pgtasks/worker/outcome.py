@@ -21,6 +21,7 @@ import orjson
 
 from .._shared import MAX_DELAY as _MAX_DELAY
 from ..db.attempt_errors import AttemptError
+from ..db.workflows import StepEnd
 from .events import JobEvent
 from .job import Job
 
@@ -47,6 +48,7 @@ class Outcome:
     result_error: str | None = None  # ack: why no result was kept (JSON text)
     ttl: float = 0.0  # ack with a result, cancel, expire: seconds the record is kept
     cancel_requested: bool = False  # extend: the write found a request to cancel the job
+    step_end: StepEnd | None = None  # a workflow's step: how it ended, for the workflow
     attempt_error: AttemptError | None = None  # retry / dead: the failure to record
     event: JobEvent | None = None  # emitted once written
     tries: int = 0  # earlier flushes that failed with it (one may have written it)
@@ -64,20 +66,25 @@ class Outcome:
                 self.job,
                 reason="(the reason could not be stored; see the worker's log)",
                 event=self.event,
+                step_end=self.step_end,
             )
         if self.kind == "retry" and self.attempt_error is not None:
             return Outcome("retry", self.job, delay=self.delay, event=self.event)
         if self.kind == "release" and self.give_back:
             return Outcome("release", self.job, give_back=False, event=self.event)
-        if self.kind == "ack" and self.result is not None:
-            note = orjson.dumps({"type": "ResultNotStored", "message": "the database refused it"})
+        end = self.step_end
+        if self.kind == "ack" and (self.result is not None or (end and end.result is not None)):
+            note = orjson.dumps(
+                {"type": "ResultNotStored", "message": "the database refused it"}
+            ).decode()
             return Outcome(
                 "ack",
                 self.job,
                 self.archive,
-                result_error=note.decode(),
+                result_error=note if self.keeps_result else None,
                 ttl=self.ttl,
                 event=self.event,
+                step_end=end._replace(result=None, error=note) if end is not None else None,
             )
         return None
 

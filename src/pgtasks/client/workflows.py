@@ -1,0 +1,173 @@
+"""Deferring workflows, and what their `WorkflowRef`s ask: status, results, cancellation.
+
+A workflow is sent by one call of ``pgtasks.workflow_start`` (its rows, and the steps that
+start it), on the caller's connection when given. Its results are waited for like a job's
+(`jobs.JobClient.wait`): a workflow that ends notifies ``pgtasks_done`` with the topic
+``@workflows``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import orjson
+
+from .._shared import Connection
+from ..db.connect import acquire_clean
+from ..db.database import Database
+from ..db.workflows import (
+    WorkflowRow,
+    workflow_cancel,
+    workflow_start,
+    workflow_steps,
+    workflows_get,
+)
+from ..exceptions import JobCancelled, JobNotFound, WorkflowFailed
+from ..serialization import envelope
+from ..serialization.hints import load_value
+from ..tasks import Signature, Task
+from ..tasks.canvas import StepStatus, Workflow, WorkflowRef, WorkflowStatus
+from .jobs import JobClient
+
+TOPIC = "@workflows"  # what workflows are waited for under (never a queue's name)
+
+
+class WorkflowClient:
+    """An app's `tasks.canvas.Workflows`: defers workflows and answers their refs."""
+
+    def __init__(
+        self,
+        database: Database,
+        jobs: JobClient,
+        tasks: Callable[[], Mapping[str, Task[Any, Any]]],
+        *,
+        max_message_size: int,
+        record_ttl: float,
+    ) -> None:
+        self._database = database
+        self._jobs = jobs
+        self._tasks = tasks
+        self._max_message_size = max_message_size
+        self._record_ttl = record_ttl
+        jobs.lookups[TOPIC] = self._ended
+
+    async def defer(self, workflow: Workflow, connection: Connection | None) -> WorkflowRef:
+        steps = orjson.dumps(
+            [self._step(workflow, i, sig) for i, sig in enumerate(workflow.steps)]
+        ).decode()
+        on_error = None
+        if workflow.on_error is not None:
+            on_error = orjson.dumps(self._call(workflow.on_error, receives=True)).decode()
+        if connection is not None:
+            workflow_id = await workflow_start(connection, workflow.kind, steps, on_error)
+        else:
+            pool = await self._database.pool()
+            async with acquire_clean(pool) as conn:
+                workflow_id = await workflow_start(conn, workflow.kind, steps, on_error)
+        return WorkflowRef(workflow_id, workflow.kind, self)
+
+    def _step(self, workflow: Workflow, i: int, sig: Signature) -> dict[str, Any]:
+        if sig.options.eta is not None:
+            raise ValueError(
+                f"step {i} of a {workflow.kind} has an eta: a step is sent when the one before "
+                "it ends, so give it a delay instead"
+            )
+        if sig.options.idempotency_key is not None:
+            raise ValueError(
+                f"step {i} of a {workflow.kind} has an idempotency key: a workflow's steps are "
+                "sent exactly once by their workflow already; give the key to the code that "
+                "defers the workflow instead"
+            )
+        return {
+            **self._call(sig, receives=workflow.passes_result(i)),
+            "task": sig.task.name,
+            "delay": sig.options.delay,
+            "pass_result": workflow.passes_result(i),
+        }
+
+    def _call(self, sig: Signature, *, receives: bool) -> dict[str, Any]:
+        if receives:  # its args as given: the result goes in front of them at run time
+            body = envelope.encode(
+                sig.task.name, sig.args, sig.kwargs, max_size=self._max_message_size
+            )
+        else:
+            body = sig.body(self._max_message_size)
+        headers = sig.headers()
+        return {
+            "queue": sig.queue,
+            "body": orjson.Fragment(body),
+            "headers": orjson.Fragment(headers) if headers is not None else None,
+        }
+
+    # --- what a WorkflowRef asks ---------------------------------------------------------
+
+    async def status(self, ref: WorkflowRef, /) -> WorkflowStatus:
+        pool = await self._database.pool()
+        async with acquire_clean(pool) as conn:
+            row = (await workflows_get(conn, [ref.id])).get(ref.id)
+            if row is None:
+                raise JobNotFound(f"no workflow {ref.id} (or it was pruned)")
+            steps = await workflow_steps(conn, ref.id)
+        return _status(row, steps)
+
+    async def results(self, ref: WorkflowRef, /, *, timeout: float | None) -> list[Any]:  # noqa: ASYNC109
+        with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
+            row: WorkflowRow | None = await self._jobs.wait(TOPIC, ref.id)
+        if row is None:
+            raise JobNotFound(f"no workflow {ref.id} (or it was pruned)")
+        if row.state == "cancelled":
+            raise JobCancelled(f"workflow {ref.id} was cancelled")
+        pool = await self._database.pool()
+        async with acquire_clean(pool) as conn:
+            steps = await workflow_steps(conn, ref.id)
+        if row.state == "failed":
+            error = orjson.loads(row.error) if row.error else {}
+            step = steps[row.failed_step] if row.failed_step is not None else None
+            where = f"step {row.failed_step} ({step.task})" if step is not None else "a step"
+            raise WorkflowFailed(
+                f"workflow {ref.id} failed at {where}: "
+                f"{error.get('reason') or error.get('message') or error.get('outcome')}",
+                step=row.failed_step,
+                error=error,
+            )
+        return [self._value(s.task, s.result) for s in steps]
+
+    def _value(self, task_name: str, text: str | None) -> Any:
+        if text is None:
+            return None
+        task = self._tasks().get(task_name)
+        return load_value(text, task.returns if task is not None else Any)
+
+    async def cancel(self, ref: WorkflowRef, /) -> int:
+        pool = await self._database.pool()
+        async with acquire_clean(pool) as conn:
+            return await workflow_cancel(conn, ref.id, self._record_ttl)
+
+    async def _ended(self, ids: Sequence[int]) -> dict[int, Any]:
+        """For the waiters: the workflows of these ids that are over (None: no such one)."""
+        pool = await self._database.pool()
+        async with acquire_clean(pool) as conn:
+            rows = await workflows_get(conn, ids)
+        return {i: rows.get(i) for i in ids if i not in rows or rows[i].state != "running"}
+
+
+def _status(row: WorkflowRow, steps: Sequence[Any]) -> WorkflowStatus:
+    at: int | None = row.failed_step
+    if at is None and row.kind == "chain" and row.state == "running":
+        at = next((s.step for s in steps if s.state != "succeeded"), None)
+    return WorkflowStatus(
+        row.state,  # type: ignore[arg-type]
+        row.kind,  # type: ignore[arg-type]
+        at,
+        row.failed_step,
+        orjson.loads(row.error) if row.error else None,
+        row.created_at,
+        row.finished_at,
+        [
+            StepStatus(s.step, s.task, s.queue, s.state, s.msg_id, s.sent_at, s.finished_at)
+            for s in steps
+        ],
+    )

@@ -1,0 +1,115 @@
+"""The SQL of workflows (see the 0005 migration): start one, move it on when a step's job
+ends (in the worker's transaction that writes that end), cancel it, read it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import asyncpg
+
+from .sql import Executor
+
+WORKFLOW_START = "SELECT pgtasks.workflow_start($1::text, $2::text::jsonb, $3::text::jsonb)"
+
+
+async def workflow_start(conn: Executor, kind: str, steps: str, on_error: str | None) -> int:
+    """Start a workflow (``steps``: its steps as a JSON array); returns its id."""
+    workflow_id: int = await conn.fetchval(WORKFLOW_START, kind, steps, on_error)
+    return workflow_id
+
+
+STEPS_ENDED = """
+SELECT pgtasks.workflow_step_ended(t.w, t.step, t.outcome, t.result::jsonb, t.error::jsonb)
+FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::text[], $5::text[])
+    WITH ORDINALITY AS t(w, step, outcome, result, error, i)
+ORDER BY t.w, t.i
+"""
+
+
+class StepEnd(NamedTuple):
+    """A workflow step's job ended: ``outcome`` is succeeded, failed, cancelled or expired;
+    ``result`` (JSON text) what it returned, ``error`` (JSON text) why it has none or why it
+    failed."""
+
+    workflow: int
+    step: int
+    outcome: str
+    result: str | None
+    error: str | None
+
+
+async def steps_ended(conn: Executor, ends: Sequence[StepEnd]) -> None:
+    """Move workflows on; in the transaction that writes the steps' ends (workflows in id
+    order, so that two workers lock them in the same order)."""
+    await conn.execute(
+        STEPS_ENDED,
+        [e.workflow for e in ends],
+        [e.step for e in ends],
+        [e.outcome for e in ends],
+        [e.result for e in ends],
+        [e.error for e in ends],
+    )
+
+
+WORKFLOW_CANCEL = "SELECT pgtasks.workflow_cancel($1::bigint, $2::float8)"
+
+
+async def workflow_cancel(conn: Executor, workflow_id: int, ttl: float) -> int:
+    count: int = await conn.fetchval(WORKFLOW_CANCEL, workflow_id, ttl)
+    return count
+
+
+class WorkflowRow(NamedTuple):
+    id: int
+    kind: str
+    state: str
+    failed_step: int | None
+    error: str | None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None
+
+
+class StepRow(NamedTuple):
+    step: int
+    task: str
+    queue: str
+    state: str
+    msg_id: int | None
+    result: str | None
+    sent_at: dt.datetime | None
+    finished_at: dt.datetime | None
+
+
+WORKFLOWS_GET = """
+SELECT id, kind, state, failed_step, error::text, created_at, finished_at
+FROM pgtasks.workflows WHERE id = ANY($1::bigint[])
+"""
+
+WORKFLOW_STEPS = """
+SELECT step, task, queue, state, msg_id, result::text, sent_at, finished_at
+FROM pgtasks.workflow_steps WHERE workflow_id = $1 ORDER BY step
+"""
+
+
+async def workflows_get(conn: Executor, ids: Sequence[int]) -> dict[int, WorkflowRow]:
+    return {r[0]: WorkflowRow(*r) for r in await conn.fetch(WORKFLOWS_GET, list(ids))}
+
+
+async def workflow_steps(conn: Executor, workflow_id: int) -> list[StepRow]:
+    return [StepRow(*r) for r in await conn.fetch(WORKFLOW_STEPS, workflow_id)]
+
+
+WORKFLOW_OF_JOB = """
+SELECT workflow_id, step FROM pgtasks.workflow_steps WHERE queue = $1 AND msg_id = $2
+"""
+
+
+async def workflow_of_job(conn: Executor, queue: str, msg_id: int) -> tuple[int, int] | None:
+    """The workflow (and step) a job belongs to, if any."""
+    try:
+        row: Any = await conn.fetchrow(WORKFLOW_OF_JOB, queue, msg_id)
+    except asyncpg.UndefinedTableError:  # not migrated this far
+        return None
+    return (row[0], row[1]) if row is not None else None
