@@ -1,13 +1,13 @@
-"""Deleting what has outlived its use: expired idempotency keys, old error history, and
-(when asked) old archived messages. Schedule it (``pgtasks prune``); nothing runs it on its
-own.
+"""Deleting what has outlived its use: expired idempotency keys, old error history, the rows
+of workers long stopped or gone, and (when asked) old archived messages. Schedule it
+(``pgtasks prune``); nothing runs it on its own.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-from ..db import attempt_errors, keys, queues
+from ..db import attempt_errors, keys, queues, workers
 from ..db.database import Database
 from ..queues import QUEUE_NAME
 
@@ -17,12 +17,14 @@ async def prune(
     *,
     errors_older_than: dt.timedelta,
     archive_older_than: dt.timedelta | None,
+    workers_older_than: dt.timedelta = dt.timedelta(days=1),
 ) -> dict[str, int]:
     """See `App.prune`; returns how many rows of each kind were deleted."""
     pool = await database.pool()
     counts = {
         "keys": await keys.keys_prune(pool),
         "errors": await attempt_errors.errors_prune(pool, errors_older_than),
+        "workers": await workers.workers_prune(pool, workers_older_than),
         "archived": 0,
     }
     if archive_older_than is not None:
