@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = asyncio.run(commands.run(app, args))
         return status
     except KeyboardInterrupt:  # Ctrl-C in a command other than worker (which handles it)
+        if args.command == "status" and args.watch is not None:
+            return 0  # how a watch ends
         return _error(f"{command} interrupted")
     except Exception as exc:
         leaf = _only_error(exc)

@@ -199,9 +199,18 @@ def build() -> argparse.ArgumentParser:
     status = _command(
         sub,
         "status",
-        "queue depths and the number of dead letters",
-        "python -m pgtasks status --json",
+        "every queue's jobs by state, rates and oldest waiting job, and the live workers",
+        "python -m pgtasks status --watch",
         "status",
+        "One query per refresh. A count past 50,000 is shown ~ (estimated) or + (at least).",
+    )
+    status.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one line each",
     )
     _json_option(status)
 
@@ -220,6 +229,13 @@ def build() -> argparse.ArgumentParser:
         default=dt.timedelta(days=7),
         metavar="AGE",
         help="error history to delete, e.g. 7d, 12h (default: 7d; dead letters keep theirs)",
+    )
+    prune.add_argument(
+        "--workers-older-than",
+        type=duration,
+        default=dt.timedelta(days=1),
+        metavar="AGE",
+        help="rows of workers stopped or gone and last seen longer ago than this (default: 1d)",
     )
     prune.add_argument(
         "--archive-older-than",
