@@ -39,13 +39,8 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
     ("client and admin", {"client": ("pgtasks.client",), "admin": ("pgtasks.admin",)}),
     ("worker", {"worker": ("pgtasks.worker",)}),
     ("app", {"app": ("pgtasks.app",)}),
-    (
-        "entry points",
-        {
-            "cli": ("pgtasks.cli", "pgtasks.__main__"),
-            "integrations": ("pgtasks.integrations",),
-        },
-    ),
+    ("integrations", {"integrations": ("pgtasks.integrations",)}),
+    ("command line", {"cli": ("pgtasks.cli", "pgtasks.__main__")}),
     ("facade", {"facade": ("pgtasks",)}),
 ]
 

@@ -48,6 +48,12 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=32)
@@ -174,6 +180,18 @@ def build() -> argparse.ArgumentParser:
         default=5.0,
         metavar="SECONDS",
         help="the safety poll (default: 5)",
+    )
+    options.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, at /metrics (needs the metrics extra)",
+    )
+    options.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="the address --metrics-port listens on (default: 0.0.0.0, every interface)",
     )
     options.add_argument(
         "--log-jobs",
