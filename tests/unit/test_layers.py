@@ -39,7 +39,10 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
     ("client and admin", {"client": ("pgtasks.client",), "admin": ("pgtasks.admin",)}),
     ("worker", {"worker": ("pgtasks.worker",)}),
     ("app", {"app": ("pgtasks.app",)}),
-    ("integrations", {"integrations": ("pgtasks.integrations",)}),
+    (
+        "integrations",
+        {"integrations": ("pgtasks.integrations",), "dashboard": ("pgtasks.dashboard",)},
+    ),
     ("command line", {"cli": ("pgtasks.cli", "pgtasks.__main__")}),
     ("facade", {"facade": ("pgtasks",)}),
 ]

@@ -232,6 +232,29 @@ def build() -> argparse.ArgumentParser:
     )
     _json_option(status)
 
+    board = _command(
+        sub,
+        "dashboard",
+        "serve the web dashboard: queues, jobs, dead letters, workers",
+        "python -m pgtasks dashboard -A myproj.tasks:app --port 8080",
+        "dashboard",
+        "Needs the dashboard extra (pip install 'pgtasks[dashboard]'). Binds to 127.0.0.1;\n"
+        "another address needs --basic-auth (or PGTASKS_DASHBOARD_AUTH). Actions are POSTs\n"
+        "with CSRF protection; --read-only turns them off.",
+    )
+    board.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
+    )
+    board.add_argument(
+        "--port", type=_port, default=8080, help="the port to listen on (default: 8080)"
+    )
+    board.add_argument(
+        "--basic-auth",
+        metavar="USER:PASSWORD",
+        help="require HTTP basic auth (default: $PGTASKS_DASHBOARD_AUTH; none)",
+    )
+    board.add_argument("--read-only", action="store_true", help="show everything, allow no action")
+
     prune = _command(
         sub,
         "prune",
