@@ -246,7 +246,7 @@ async def test_show_and_retry_as_json(db_dsn: str, conn: asyncpg.Connection) -> 
 
     pruned = cli(db_dsn, "prune", "--json")
     assert pruned.returncode == 0, pruned.stderr
-    assert json.loads(pruned.stdout) == {"keys": 0, "errors": 0, "archived": 0}
+    assert json.loads(pruned.stdout) == {"keys": 0, "errors": 0, "workers": 0, "archived": 0}
 
 
 # --- purge asks before deleting everything ------------------------------------------------
