@@ -307,17 +307,20 @@ class App:
         *,
         errors_older_than: dt.timedelta = dt.timedelta(days=7),
         archive_older_than: dt.timedelta | None = None,
+        workers_older_than: dt.timedelta = dt.timedelta(days=1),
     ) -> dict[str, int]:
         """Delete what has outlived its use: idempotency keys past their retention, the
         error history of attempts older than ``errors_older_than`` (dead letters keep
         theirs), the records (results, cancellations, expiries) of jobs past their
-        ``result_ttl``, requests to cancel jobs that ended meanwhile and, when
-        ``archive_older_than`` is given, archived messages older than that. Returns how
-        many rows of each kind were deleted."""
+        ``result_ttl``, requests to cancel jobs that ended meanwhile, the rows of workers
+        stopped or gone and last seen more than ``workers_older_than`` ago and, when
+        ``archive_older_than`` is given, archived messages older than that. Returns how many
+        rows of each kind were deleted."""
         return await maintenance.prune(
             self._database,
             errors_older_than=errors_older_than,
             archive_older_than=archive_older_than,
+            workers_older_than=workers_older_than,
         )
 
     async def wait_for(self, refs: Iterable[JobRef[Any]], *, poll: float = 0.05) -> None:

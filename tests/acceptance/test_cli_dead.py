@@ -251,6 +251,7 @@ async def test_show_and_retry_as_json(db_dsn: str, conn: asyncpg.Connection) -> 
         "errors": 0,
         "results": 0,
         "cancel_requests": 0,
+        "workers": 0,
         "archived": 0,
     }
 

@@ -31,7 +31,8 @@ async def test_job_show_list_and_cancel(db_dsn: str, conn: asyncpg.Connection) -
     shown = cli(db_dsn, "job", "show", "cli_jobs", str(done.id), "--json")
     assert shown.returncode == 0, shown.stderr
     detail = json.loads(shown.stdout)
-    assert (detail["state"], detail["result"], detail["message"]["kwargs"]) == (
+    summary = detail["summary"]
+    assert (summary["state"], detail["result"], detail["body"]["kwargs"]) == (
         "succeeded",
         10,
         {"n": 1},

@@ -155,6 +155,12 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
         assert "worker stopped: 5 succeeded, 2 failed attempts, 1 retried, 1 dead-lettered" in (
             ran.stderr
         )
+        # the worker role writes its heartbeat, and its clean stop
+        assert "heartbeat failed" not in ran.stderr
+        assert (
+            await su.fetchval("SELECT count(*) FROM pgtasks.workers WHERE stopped_at IS NOT NULL")
+            == 1
+        )
         archived = await su.fetchval(
             "SELECT (SELECT count(*) FROM pgmq.a_lp_existing) + (SELECT count(*) FROM "
             "pgmq.a_lp_new2) + (SELECT count(*) FROM pgmq.a_lp_sql)"

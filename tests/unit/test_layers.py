@@ -40,12 +40,10 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
     ("worker", {"worker": ("pgtasks.worker",)}),
     ("app", {"app": ("pgtasks.app",)}),
     (
-        "entry points",
-        {
-            "cli": ("pgtasks.cli", "pgtasks.__main__"),
-            "integrations": ("pgtasks.integrations",),
-        },
+        "integrations",
+        {"integrations": ("pgtasks.integrations",), "dashboard": ("pgtasks.dashboard",)},
     ),
+    ("command line", {"cli": ("pgtasks.cli", "pgtasks.__main__")}),
     ("facade", {"facade": ("pgtasks",)}),
 ]
 

@@ -153,6 +153,11 @@ class DeadLetters:
         """How many dead letters there are (of ``queue``, if given)."""
         return await dead_letters.dead_count(await self._database.pool(), queue)
 
+    async def delete(self, ids: Sequence[int]) -> Sequence[int]:
+        """Delete these dead letters (the dashboard's "purge selected"); returns the ids
+        that existed. Ids that are not dead letters are skipped."""
+        return await dead_letters.dead_delete(await self._database.pool(), ids)
+
     async def purge(
         self, *, older_than: dt.timedelta | None = None, queue: str | None = None
     ) -> int:

@@ -1,14 +1,14 @@
 """Deleting what has outlived its use: expired idempotency keys, old error history, the
-records of jobs past their ``result_ttl``, requests to cancel jobs that ended meanwhile,
-and (when asked) old archived messages. Schedule it (``pgtasks prune``); nothing runs it on its
-own.
+records of jobs past their ``result_ttl``, requests to cancel jobs that ended meanwhile, the
+rows of workers long stopped or gone, and (when asked) old archived messages. Schedule it
+(``pgtasks prune``); nothing runs it on its own.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 
-from ..db import attempt_errors, keys, queues, results
+from ..db import attempt_errors, keys, queues, results, workers
 from ..db.database import Database
 from ..queues import QUEUE_NAME
 
@@ -18,6 +18,7 @@ async def prune(
     *,
     errors_older_than: dt.timedelta,
     archive_older_than: dt.timedelta | None,
+    workers_older_than: dt.timedelta = dt.timedelta(days=1),
 ) -> dict[str, int]:
     """See `App.prune`; returns how many rows of each kind were deleted."""
     pool = await database.pool()
@@ -26,6 +27,7 @@ async def prune(
         "errors": await attempt_errors.errors_prune(pool, errors_older_than),
         "results": await results.results_prune(pool),
         "cancel_requests": await results.cancel_requests_prune(pool),
+        "workers": await workers.workers_prune(pool, workers_older_than),
         "archived": 0,
     }
     if archive_older_than is not None:

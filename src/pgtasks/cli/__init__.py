@@ -1,6 +1,7 @@
 """``python -m pgtasks``: the command line.
 
-Commands: ``worker``, ``migrate``, ``status``, ``prune``, ``dead list|show|retry|purge``. The
+Commands: ``worker``, ``migrate``, ``status``, ``dashboard``, ``prune``,
+``dead list|show|retry|purge``. The
 common options (``--app/-A module:attr`` or ``PGTASKS_APP``, ``--dsn``, ``--log-level``) go
 before or after the command. Every command but ``migrate`` first checks that the database
 was migrated. Errors pgtasks raises on purpose, and database errors (through
@@ -28,6 +29,7 @@ from ..app import App
 from ..db import errors
 from ..exceptions import ConfigurationError, PgTasksError
 from . import commands, parser
+from .dashboard import run_dashboard
 from .worker import run_worker
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -89,9 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = load_app(args.app, args.dsn)
         if args.command == "worker":
             return run_worker(app, args)
+        if args.command == "dashboard":
+            return run_dashboard(app, args)
         status: int = asyncio.run(commands.run(app, args))
         return status
     except KeyboardInterrupt:  # Ctrl-C in a command other than worker (which handles it)
+        if args.command == "status" and args.watch is not None:
+            return 0  # how a watch ends
         return _error(f"{command} interrupted")
     except Exception as exc:
         leaf = _only_error(exc)

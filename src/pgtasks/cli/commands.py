@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Awaitable, Callable
 
-from ..admin import queues
 from ..app import App
 from ..db import schema
 from . import dead, jobs
 from .output import print_json
+from .status import status
 
 
 async def run(app: App, args: argparse.Namespace) -> int:
@@ -47,23 +47,11 @@ async def migrate(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
-async def status(app: App, args: argparse.Namespace) -> int:
-    rows = await queues.status(app.database)
-    dead = await app.dead_letters.count()
-    if args.json:
-        print_json({"queues": [r._asdict() for r in rows], "dead_letters": dead})
-        return 0
-    print(f"{'queue':<40} {'waiting':>9} {'visible':>9} {'oldest (s)':>10}")
-    for r in rows:
-        oldest = r.oldest_seconds if r.oldest_seconds is not None else "-"
-        print(f"{r.queue:<40} {r.waiting:>9} {r.visible:>9} {oldest:>10}")
-    print(f"dead letters: {dead}")
-    return 0
-
-
 async def prune(app: App, args: argparse.Namespace) -> int:
     counts = await app.prune(
-        errors_older_than=args.errors_older_than, archive_older_than=args.archive_older_than
+        errors_older_than=args.errors_older_than,
+        archive_older_than=args.archive_older_than,
+        workers_older_than=args.workers_older_than,
     )
     if args.json:
         print_json(counts)
@@ -71,8 +59,8 @@ async def prune(app: App, args: argparse.Namespace) -> int:
     print(
         f"pgtasks: deleted {counts['keys']} expired idempotency key(s), {counts['errors']} "
         f"error record(s), {counts['results']} job record(s) past result_ttl, "
-        f"{counts['cancel_requests']} stale cancel request(s), {counts['archived']} "
-        "archived message(s)"
+        f"{counts['cancel_requests']} stale cancel request(s), {counts['workers']} worker "
+        f"row(s), {counts['archived']} archived message(s)"
     )
     return 0
 

@@ -11,31 +11,33 @@ import orjson
 
 from ..admin import jobs
 from ..app import App
-from ..exceptions import JobNotFound
 from .output import one_line, print_json
 
 
 async def show(app: App, args: argparse.Namespace) -> int:
-    job = await jobs.job_show(app.database, args.queue, args.id)
-    if job.state == "unknown":
-        raise JobNotFound(f"no job {args.id} in queue {args.queue!r} (or its record was pruned)")
+    job = await jobs.get_job(app.database, args.queue, args.id)
     if args.json:
         print_json(dataclasses.asdict(job))
         return 0
-    print(f"job {job.id} in queue {job.queue}: {job.state}, task {one_line(job.task or '?', 200)}")
-    when = f"  enqueued {_time(job.enqueued_at)}"
-    print(when + (f", ended {_time(job.finished_at)}" if job.finished_at else ""))
-    print(f"  attempts: {job.attempts if job.attempts is not None else '?'}")
+    s = job.summary
+    print(f"job {s.id} in queue {s.queue}: {s.state}, task {one_line(s.task or '?', 200)}")
+    when = f"  enqueued {_time(s.enqueued_at)}"
+    print(when + (f", ended {_time(s.finished_at)}" if s.finished_at else ""))
+    print(f"  attempts: {s.attempt if s.attempt is not None else '?'}")
+    if s.idempotency_key:
+        print(f"  idempotency key: {one_line(s.idempotency_key, 200)}")
     if job.cancel_requested:
         print("  cancel requested")
-    print(f"  message: {_json(job.message)}")
+    print(f"  message: {_json(job.body)}")
     if job.headers:
         print(f"  headers: {_json(job.headers)}")
     if job.result is not None:
         print(f"  result: {_json(job.result)}")
     if job.error:
         print(f"  ended with: {_json(job.error)}")
-    for a in job.attempts_failed:
+    if job.dead_letter is not None:
+        print(f"  dead letter {job.dead_letter}: {one_line(job.reason or '', 200)}")
+    for a in job.attempts:
         print(
             f"  attempt {a.attempt} on {a.worker} at {_time(a.failed_at)}: "
             f"{one_line(a.error_type, 200)}: {one_line(a.message, 500)}"
@@ -46,15 +48,15 @@ async def show(app: App, args: argparse.Namespace) -> int:
 
 
 async def list_jobs(app: App, args: argparse.Namespace) -> int:
-    found = await jobs.job_list(
-        app.database, args.queue, state=args.state, task=args.task, limit=args.limit
+    found = await jobs.list_jobs(
+        app.database, args.queue, args.state, task=args.task, limit=args.limit
     )
     if args.json:
         print_json({"jobs": [dataclasses.asdict(j) for j in found]})
         return 0
     print(f"{'id':>10}  {'state':<10} {'attempts':>8}  {'enqueued (UTC)':<19}  task")
     for j in found:
-        attempts = j.attempts if j.attempts is not None else "-"
+        attempts = j.attempt if j.attempt is not None else "-"
         task = one_line(j.task or "?", 80)
         print(f"{j.id:>10}  {j.state:<10} {attempts:>8}  {_time(j.enqueued_at):<19}  {task}")
     return 0

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from .._version import __version__
+from ..admin.jobs import STATES
 
 DOCS = "https://pgtasks.readthedocs.io/en/latest/cli/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -45,6 +46,12 @@ def _seconds(text: str) -> float:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
     return int(text)
 
 
@@ -176,6 +183,18 @@ def build() -> argparse.ArgumentParser:
         help="the safety poll (default: 5)",
     )
     options.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port, at /metrics (needs the metrics extra)",
+    )
+    options.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="the address --metrics-port listens on (default: 0.0.0.0, every interface)",
+    )
+    options.add_argument(
         "--log-jobs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -199,11 +218,43 @@ def build() -> argparse.ArgumentParser:
     status = _command(
         sub,
         "status",
-        "queue depths and the number of dead letters",
-        "python -m pgtasks status --json",
+        "every queue's jobs by state, rates and oldest waiting job, and the live workers",
+        "python -m pgtasks status --watch",
         "status",
+        "One query per refresh. A count past 50,000 is shown ~ (estimated) or + (at least).",
+    )
+    status.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one line each",
     )
     _json_option(status)
+
+    board = _command(
+        sub,
+        "dashboard",
+        "serve the web dashboard: queues, jobs, dead letters, workers",
+        "python -m pgtasks dashboard -A myproj.tasks:app --port 8080",
+        "dashboard",
+        "Needs the dashboard extra (pip install 'pgtasks[dashboard]'). Binds to 127.0.0.1;\n"
+        "another address needs --basic-auth (or PGTASKS_DASHBOARD_AUTH). Actions are POSTs\n"
+        "with CSRF protection; --read-only turns them off.",
+    )
+    board.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
+    )
+    board.add_argument(
+        "--port", type=_port, default=8080, help="the port to listen on (default: 8080)"
+    )
+    board.add_argument(
+        "--basic-auth",
+        metavar="USER:PASSWORD",
+        help="require HTTP basic auth (default: $PGTASKS_DASHBOARD_AUTH; none)",
+    )
+    board.add_argument("--read-only", action="store_true", help="show everything, allow no action")
 
     prune = _command(
         sub,
@@ -220,6 +271,13 @@ def build() -> argparse.ArgumentParser:
         default=dt.timedelta(days=7),
         metavar="AGE",
         help="error history to delete, e.g. 7d, 12h (default: 7d; dead letters keep theirs)",
+    )
+    prune.add_argument(
+        "--workers-older-than",
+        type=duration,
+        default=dt.timedelta(days=1),
+        metavar="AGE",
+        help="rows of workers stopped or gone and last seen longer ago than this (default: 1d)",
     )
     prune.add_argument(
         "--archive-older-than",
@@ -255,22 +313,13 @@ def build() -> argparse.ArgumentParser:
         "the newest jobs of a queue, by state and task",
         "python -m pgtasks job list --queue email --state failed",
         "job",
-        "States: scheduled, waiting, running, retrying, succeeded, failed, cancelled,\n"
-        "expired. A state of the queue itself looks at its newest 20 x --limit messages.",
+        "States: " + ", ".join(STATES) + ".\n"
+        "In the queue, the next due first; once over, the newest first.",
     )
     job_list.add_argument("--queue", required=True, help="the queue")
     job_list.add_argument(
         "--state",
-        choices=[
-            "scheduled",
-            "waiting",
-            "running",
-            "retrying",
-            "succeeded",
-            "failed",
-            "cancelled",
-            "expired",
-        ],
+        choices=STATES,
         help="only jobs in this state",
     )
     job_list.add_argument("--task", help="only this task's")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
 import signal
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import asyncpg
@@ -26,6 +28,9 @@ from ..app import App
 from ..db import errors, schema
 from ..exceptions import DatabaseUnavailable
 from ..worker import JobEvent, Worker
+
+if TYPE_CHECKING:
+    from ..integrations.prometheus import Metrics
 
 logger = logging.getLogger("pgtasks")
 job_logger = logging.getLogger("pgtasks.jobs")
@@ -73,11 +78,19 @@ def run_worker(app: App, args: argparse.Namespace) -> int:
     )
     if args.log_jobs:
         worker.subscribe(log_job)
-    status: int = asyncio.run(_serve(app, worker, args))
+    metrics = None
+    if args.metrics_port is not None:
+        from ..integrations.prometheus import Metrics  # the metrics extra, only when asked
+
+        metrics = Metrics(app)
+        metrics.watch(worker)
+    status: int = asyncio.run(_serve(app, worker, args, metrics))
     return status
 
 
-async def _serve(app: App, worker: Worker, args: argparse.Namespace) -> int:
+async def _serve(
+    app: App, worker: Worker, args: argparse.Namespace, metrics: Metrics | None = None
+) -> int:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     signals = 0
@@ -99,11 +112,16 @@ async def _serve(app: App, worker: Worker, args: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    stack = contextlib.ExitStack()
     try:
         if not await connect(app, args.connect_timeout, stopping):
             logger.info("stopped before the worker started")
             return 0
         await schema.check_installed(await app.pool())
+        if metrics is not None:
+            server = await metrics.serve(args.metrics_port, args.metrics_host)
+            logger.info("metrics at http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+            stack.callback(server.close)
         await worker.run()
         if args.burst and not stopping.is_set():
             await _log_later(app, worker.queues)
@@ -114,6 +132,7 @@ async def _serve(app: App, worker: Worker, args: argparse.Namespace) -> int:
             return 1
         return 0
     finally:
+        stack.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with anyio.move_on_after(10):  # a job that ignored cancellation may hold a connection

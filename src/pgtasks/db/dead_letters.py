@@ -90,3 +90,16 @@ WITH gone AS (
 async def dead_purge(conn: Executor, older_than: dt.timedelta | None, queue: str | None) -> int:
     count: int = await conn.fetchval(DEAD_PURGE, older_than, queue)
     return count
+
+
+DEAD_DELETE = """
+WITH gone AS (
+    DELETE FROM pgtasks.dead_letters WHERE id = ANY($1::bigint[]) RETURNING id
+) SELECT array_agg(id ORDER BY id) FROM gone
+"""
+
+
+async def dead_delete(conn: Executor, ids: Sequence[int]) -> list[int]:
+    """Delete these dead letters; returns the ids that were there."""
+    deleted: list[int] | None = await conn.fetchval(DEAD_DELETE, list(ids))
+    return deleted or []

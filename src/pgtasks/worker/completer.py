@@ -28,8 +28,8 @@ import math
 import random
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, nullcontext
 
 import anyio
 import asyncpg
@@ -91,6 +91,13 @@ class Completer:
         self._pending.append(outcome)
         self._idle.clear()
         self._wake.set()
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """The completer's connection between two flushes, for a small write of the
+        worker's own (its heartbeat): not the app's pool, and no connection more."""
+        async with self._flushing, self._conn.use() as conn:
+            yield conn
 
     async def wait_idle(self) -> None:
         """Until every submitted outcome has been written (or given up on)."""

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import socket
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -45,6 +46,7 @@ from .connection import OwnConnection
 from .events import Events, JobEvent
 from .executor import Executor
 from .fetcher import Fetcher
+from .heartbeat import HEARTBEAT_INTERVAL, Heartbeat
 from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
@@ -113,6 +115,11 @@ class Worker:
         self._done = anyio.Event()
         self.listener: Listener | None = None
         self.abandoned = 0  # jobs that ignored cancellation at the last stop
+        self.id = uuid.uuid4()
+        """This worker's id in ``pgtasks.workers`` (see `pgtasks.admin.workers`)."""
+        self.heartbeat_interval = HEARTBEAT_INTERVAL
+        """Seconds between heartbeats; set before `run`. Readers show a worker that missed
+        three as gone."""
 
     # --- public ---------------------------------------------------------------------------
 
@@ -219,10 +226,21 @@ class Worker:
         # the shortest lease of these queues is extended well before it runs out
         shortest = min(min(self._leases(executor, q)) for q in self.queues)
         leases = LeaseKeeper(lambda: self._jobs, self._completer, tick=min(1.0, shortest / 4))
+        heartbeat = Heartbeat(
+            self._completer.connection,
+            worker_id=self.id,
+            queues=self.queues,
+            concurrency=self.concurrency,
+            running=lambda: len(self._jobs),
+            stats=lambda: self.stats,
+            interval=self.heartbeat_interval,
+        )
         try:
             async with anyio.create_task_group() as service:
                 service.start_soon(self._completer.run)
                 service.start_soon(leases.run)
+                await heartbeat.beat()  # registered before it says it started
+                service.start_soon(heartbeat.run)
                 if self.listen:
                     self.listener = Listener(
                         self._database.dsn, self._on_notify, on_cancel=self._on_cancel
@@ -239,6 +257,7 @@ class Worker:
                     await self._work()
                 finally:  # also when cancelled from outside: releases must be written
                     await self._completer.drain(timeout=FLUSH_BUDGET)
+                    await heartbeat.stopped()
                 service.cancel_scope.cancel()
         finally:
             self._done.set()

@@ -1,0 +1,341 @@
+"""The dashboard's pages and actions: a Starlette app rendering Jinja2 templates, reading and
+acting only through `pgtasks.admin` (never a running worker).
+
+Pages (GET): ``/`` the queues; ``/queues/{queue}?state=&task=`` a queue's jobs by state;
+``/jobs/{queue}/{id}`` one job; ``/search?q=`` by job id, idempotency key or task name;
+``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/workers``. Actions (POST, with
+a CSRF token, refused in read-only mode): ``/dead/action`` retries or purges dead letters,
+one or many (a purge asks to confirm on a page of its own).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.resources
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from .._version import __version__
+from ..admin import jobs as admin_jobs
+from ..admin import status as admin_status
+from ..admin import workers as admin_workers
+from ..admin.dead_letters import DeadLetters
+from ..admin.status import QueueState
+from ..db.database import Database
+from ..exceptions import JobNotFound, PgTasksError
+from .security import CSRF_COOKIE, CSRF_FIELD, csrf_ok, csrf_token
+
+PAGE_SIZE = 50
+STATIC = {"live.js": "text/javascript", "style.css": "text/css"}
+
+
+def _age(value: dt.datetime | float | None, now: dt.datetime | None = None) -> str:
+    """``4.2s``, ``3m05s``, ``2h10m``, ``3d04h`` (since a time, or a number of seconds)."""
+    if value is None:
+        return "-"
+    if isinstance(value, dt.datetime):
+        seconds = ((now or dt.datetime.now(dt.timezone.utc)) - value).total_seconds()
+    else:
+        seconds = value
+    ahead = seconds < 0
+    seconds = abs(seconds)
+    if seconds < 60:
+        text = f"{seconds:.1f}s"
+    elif seconds < 3600:
+        text = f"{int(seconds) // 60}m{int(seconds) % 60:02d}s"
+    elif seconds < 86400:
+        text = f"{int(seconds) // 3600}h{int(seconds) % 3600 // 60:02d}m"
+    else:
+        text = f"{int(seconds) // 86400}d{int(seconds) % 86400 // 3600:02d}h"
+    return f"in {text}" if ahead else text
+
+
+def _when(value: dt.datetime | None) -> str:
+    return "-" if value is None else f"{value.astimezone(dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+
+
+def _count(state: QueueState, name: str) -> str:
+    value = f"{getattr(state, name):,}"
+    if name in state.estimated:
+        return "~" + value
+    if name in state.at_least:
+        return value + "+"
+    return value
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+
+
+class Dashboard:
+    """The dashboard of one database; `app` is its ASGI app (see `pgtasks.dashboard`)."""
+
+    def __init__(
+        self,
+        database: Database,
+        *,
+        read_only: bool = False,
+        title: str = "pgtasks",
+        refresh: float = 5.0,
+        mounted_note: str | None = None,
+    ) -> None:
+        self.database = database
+        self.read_only = read_only
+        self.title = title
+        self.refresh = refresh
+        self.note = mounted_note
+        self.dead_letters = DeadLetters(database)
+        self.templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("pgtasks.dashboard", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self.templates.filters.update(age=_age, when=_when, pretty=_pretty)
+        self.templates.globals.update(count=_count, version=__version__)
+        self.app = Starlette(
+            routes=[
+                Route("/", self.queues_page, name="queues"),
+                Route("/queues/{queue}", self.queue_page, name="queue"),
+                Route("/jobs/{queue}/{msg_id:int}", self.job_page, name="job"),
+                Route("/search", self.search_page, name="search"),
+                Route("/dead", self.dead_page, name="dead"),
+                Route("/dead/action", self.dead_action, methods=["POST"], name="dead_action"),
+                Route("/dead/{dead_id:int}", self.dead_letter_page, name="dead_letter"),
+                Route("/workers", self.workers_page, name="workers"),
+                Route("/static/{name}", self.static, name="static"),
+            ],
+            exception_handlers={JobNotFound: self._not_found},
+        )
+
+    # --- rendering --------------------------------------------------------------------------
+
+    def render(
+        self,
+        request: Request,
+        template: str,
+        *,
+        live: bool = False,
+        status_code: int = 200,
+        **context: Any,
+    ) -> HTMLResponse:
+        token, new = csrf_token(request)
+        base = request.scope.get("root_path", "").rstrip("/")
+        html = self.templates.get_template(template).render(
+            base=base,
+            title=self.title,
+            read_only=self.read_only,
+            note=self.note,
+            csrf_field=CSRF_FIELD,
+            csrf=token,
+            live=live,
+            refresh=self.refresh,
+            path=request.url.path,
+            query=request.url.query,
+            now=dt.datetime.now(dt.timezone.utc),
+            **context,
+        )
+        response = HTMLResponse(html, status_code=status_code)
+        response.headers["cache-control"] = "no-store"
+        response.headers["x-frame-options"] = "DENY"
+        response.headers["referrer-policy"] = "same-origin"
+        response.headers["content-security-policy"] = (
+            "default-src 'self'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+            "frame-ancestors 'none'; form-action 'self'"
+        )
+        if new:
+            response.set_cookie(
+                CSRF_COOKIE, token, path=base or "/", httponly=True, samesite="strict"
+            )
+        return response
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return self.render(request, "error.html", status_code=404, message=str(exc))
+
+    # --- pages ------------------------------------------------------------------------------
+
+    async def queues_page(self, request: Request) -> Response:
+        snapshot = await admin_status.status(self.database)
+        return self.render(request, "queues.html", live=True, snapshot=snapshot)
+
+    async def queue_page(self, request: Request) -> Response:
+        queue = request.path_params["queue"]
+        state = request.query_params.get("state") or "waiting"
+        task = request.query_params.get("task") or None
+        if state not in admin_jobs.STATES:
+            return self.render(
+                request, "error.html", status_code=400, message=f"no job state {state!r}"
+            )
+        names = await admin_jobs.queue_names(self.database)
+        if queue not in names:
+            raise JobNotFound(f"no queue {queue!r}")
+        jobs = await admin_jobs.list_jobs(
+            self.database,
+            queue,
+            state,
+            task=task,
+            limit=PAGE_SIZE,
+        )
+        return self.render(
+            request,
+            "queue.html",
+            live=True,
+            queue=queue,
+            state=state,
+            task=task or "",
+            states=admin_jobs.STATES,
+            jobs=jobs,
+            page_size=PAGE_SIZE,
+        )
+
+    async def job_page(self, request: Request) -> Response:
+        job = await admin_jobs.get_job(
+            self.database, request.path_params["queue"], request.path_params["msg_id"]
+        )
+        return self.render(request, "job.html", job=job)
+
+    async def search_page(self, request: Request) -> Response:
+        text = (request.query_params.get("q") or "").strip()
+        found: Sequence[admin_jobs.JobSummary] = []
+        queues: list[str] = []
+        if text:
+            found = await admin_jobs.find(self.database, text)
+            if len(found) == 1:
+                job = found[0]
+                base = request.scope.get("root_path", "").rstrip("/")
+                return RedirectResponse(f"{base}/jobs/{job.queue}/{job.id}", status_code=303)
+            if not found:  # a task name: the queues that have jobs of it
+                for queue in await admin_jobs.queue_names(self.database):
+                    for state in admin_jobs.STATES:
+                        if await admin_jobs.list_jobs(
+                            self.database,
+                            queue,
+                            state,
+                            task=text,
+                            limit=1,
+                        ):
+                            queues.append(queue)
+                            break
+        return self.render(request, "search.html", text=text, found=found, task_queues=queues)
+
+    async def dead_page(self, request: Request) -> Response:
+        queue = request.query_params.get("queue") or None
+        task = request.query_params.get("task") or None
+        letters = await self.dead_letters.list(queue=queue, task=task, limit=PAGE_SIZE)
+        return self.render(
+            request,
+            "dead.html",
+            letters=letters,
+            queue=queue or "",
+            task=task or "",
+            done=request.query_params.get("done"),
+            total=await self.dead_letters.count(queue=queue),
+        )
+
+    async def dead_letter_page(self, request: Request) -> Response:
+        letter = await self.dead_letters.get(request.path_params["dead_id"])
+        return self.render(request, "dead_letter.html", letter=letter)
+
+    async def workers_page(self, request: Request) -> Response:
+        infos = await admin_workers.list_workers(self.database, everyone=True)
+        return self.render(request, "workers.html", live=True, workers=infos)
+
+    async def static(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC:
+            return Response("not found\n", status_code=404, media_type="text/plain")
+        data = importlib.resources.files("pgtasks.dashboard").joinpath("static").joinpath(name)
+        return Response(
+            data.read_bytes(),
+            media_type=STATIC[name],
+            headers={"cache-control": "max-age=300"},
+        )
+
+    # --- actions ----------------------------------------------------------------------------
+
+    async def dead_action(self, request: Request) -> Response:
+        form = await _form(request)
+        refused = self._refused(request, form)
+        if refused is not None:
+            return refused
+        action, ids = _action(form)
+        if action is None or not ids:
+            return self.render(
+                request,
+                "error.html",
+                status_code=400,
+                message="choose at least one dead letter, and retry or purge",
+            )
+        base = request.scope.get("root_path", "").rstrip("/")
+        back = (form.get("back") or [""])[0]
+        if not back.startswith(f"{base}/dead"):
+            back = f"{base}/dead"
+        if action == "retry":
+            try:
+                pairs = await self.dead_letters.retry_by_id(ids)
+            except PgTasksError as exc:
+                return self.render(request, "error.html", status_code=409, message=str(exc))
+            done = f"retried {len(pairs)} dead letter(s) as job(s) " + ", ".join(
+                f"{ref.id} ({ref.queue})" for _, ref in pairs
+            )
+        elif (form.get("confirm") or [""])[0] != "yes":
+            letters = [await self.dead_letters.get(i) for i in ids if i > 0]
+            return self.render(request, "confirm_purge.html", letters=letters, back=back)
+        else:
+            deleted = await self.dead_letters.delete(ids)
+            done = f"purged {len(deleted)} dead letter(s)"
+        separator = "&" if "?" in back else "?"
+        if back.startswith(f"{base}/dead/"):  # the letter's own page is gone now
+            back, separator = f"{base}/dead", "?"
+        return RedirectResponse(
+            f"{back}{separator}{urlencode({'done': done})}",
+            status_code=303,
+        )
+
+    def _refused(self, request: Request, form: Mapping[str, list[str]]) -> Response | None:
+        if self.read_only:
+            return self.render(
+                request,
+                "error.html",
+                status_code=403,
+                message="this dashboard is read-only: actions are turned off",
+            )
+        why = csrf_ok(request, dict(form))
+        if why is not None:
+            return self.render(request, "error.html", status_code=403, message=f"refused: {why}")
+        return None
+
+
+async def _form(request: Request) -> dict[str, list[str]]:
+    """An ``application/x-www-form-urlencoded`` body (the only kind the pages send), without
+    python-multipart."""
+    body = await request.body()
+    if len(body) > 1_000_000:
+        return {}
+    return parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+
+
+def _action(form: Mapping[str, list[str]]) -> tuple[str | None, list[int]]:
+    """("retry" | "purge", ids): a one-row button (``retry_one``/``purge_one``) or a button
+    for the selected rows (``action`` with the ``id`` checkboxes)."""
+    for action in ("retry", "purge"):
+        one = form.get(f"{action}_one")
+        if one:
+            return action, _ids(one)
+    action = (form.get("action") or [""])[0]
+    if action not in ("retry", "purge"):
+        return None, []
+    return action, _ids(form.get("id") or [])
+
+
+def _ids(values: Sequence[str]) -> list[int]:
+    return sorted({int(v) for v in values if v.isdigit() and len(v) < 19})

@@ -1,0 +1,307 @@
+"""The dashboard in a real browser: headless Chromium (Debian's ``chromium`` and
+``chromium-driver``, which ``.ci/run`` installs) driven by Selenium clicks through every page
+and action against a real database and a real worker, and saves a screenshot of each page
+under ``$PGTASKS_SCREENSHOT_DIR`` (default: a ``pgtasks-dashboard-screenshots`` folder in the
+system's temporary directory): the CI artifact.
+
+One browser, one server and one worker for the module. Skipped, saying why, when no browser
+is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import uvicorn
+
+import pgtasks
+from pgtasks.dashboard import dashboard
+
+from ..conftest import _admin, _clone
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="no headless Chromium here: apt-get install -y chromium chromium-driver "
+        "(.ci/run installs them)",
+    ),
+]
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+T = TypeVar("T")
+
+SCREENSHOTS = Path(
+    os.environ.get("PGTASKS_SCREENSHOT_DIR")
+    or Path(tempfile.gettempdir()) / "pgtasks-dashboard-screenshots"
+)
+
+
+@dataclass
+class Site:
+    url: str
+    ids: dict[str, Any]
+
+
+def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, site: Site) -> None:
+    async def main() -> None:
+        app = pgtasks.App(dsn)
+        hold = asyncio.Event()
+
+        @app.task(queue="emails", name="emails.send")
+        async def send(to: str) -> str:
+            return f"sent to {to}"
+
+        @app.task(queue="emails", name="emails.slow")
+        async def slow() -> None:
+            await hold.wait()
+
+        @app.task(queue="reports", name="reports.build", max_retries=2)
+        async def build(day: str) -> None:
+            if day == "bad":
+                raise pgtasks.Fail(f"no data for {day}")
+            if pgtasks.current_job().attempt == 1 and day == "flaky":
+                raise pgtasks.Retry(delay=3600)
+
+        await app.migrate()
+        worker = app.worker(concurrency=4)
+        worker.heartbeat_interval = 0.5
+        async with worker:
+            done = asyncio.Event()
+            seen: dict[str, int] = {"dead": 0, "succeeded": 0, "retried": 0}
+
+            def on(event: pgtasks.JobEvent) -> None:
+                if event.kind in seen:
+                    seen[event.kind] += 1
+                if seen["dead"] >= 3 and seen["succeeded"] >= 3 and seen["retried"] >= 1:
+                    done.set()
+
+            worker.subscribe(on)
+            keyed = await send.options(idempotency_key="welcome-42").defer("ann@example.com")
+            await send.defer("bob@example.com")
+            await build.defer("monday")
+            later = await send.options(delay=3600).defer("later@example.com")
+            await build.defer("flaky")
+            for _ in range(3):
+                await build.defer("bad")
+            running = await slow.defer()
+            await asyncio.wait_for(done.wait(), 30)
+            site.ids.update(keyed=keyed.id, later=later.id, running=running.id)
+            server = uvicorn.Server(
+                uvicorn.Config(dashboard(app), host="127.0.0.1", port=port, log_level="warning")
+            )
+            serving = asyncio.create_task(server.serve())
+            while not server.started:
+                await asyncio.sleep(0.02)
+            ready.set()
+            await stop.wait()
+            server.should_exit = True
+            hold.set()
+            await serving
+        await app.close()
+
+    loop = asyncio.new_event_loop()
+    site.ids["loop"] = loop
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def site(server_dsn: str, template_db: str) -> Iterator[Site]:
+    name, dsn = _clone(server_dsn, template_db)
+    from .test_metrics import free_port
+
+    port = free_port()
+    site = Site(f"http://127.0.0.1:{port}", {})
+    ready = threading.Event()
+    stop = asyncio.Event()
+    thread = threading.Thread(target=_start, args=(dsn, port, ready, stop, site), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60), "the dashboard and its worker did not start"
+        yield site
+    finally:
+        loop: asyncio.AbstractEventLoop | None = site.ids.get("loop")
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(stop.set)
+        thread.join(30)
+        asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--window-size=1400,900",
+    ):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.implicitly_wait(5)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def shot(browser: Any, name: str) -> None:
+    assert browser.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def _settled(read: Callable[[], T]) -> T:
+    """``read()``, again if the page was replaced under it (a click's navigation landing
+    between finding an element and reading it)."""
+    for _ in range(50):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    return read()
+
+
+def text(browser: Any, css: str) -> str:
+    return _settled(lambda: str(browser.find_element(By.CSS_SELECTOR, css).text))
+
+
+def rows(browser: Any, css: str) -> list[list[str]]:
+    return _settled(
+        lambda: [
+            [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in browser.find_elements(By.CSS_SELECTOR, f"{css} tbody tr")
+        ]
+    )
+
+
+def test_the_queues_page(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/")
+    assert browser.title == "Queues · pgtasks"
+    table = {r[0]: r for r in rows(browser, "#queues")}
+    # queue waiting scheduled running retrying dead oldest done1m done1h failed1m failed1h workers
+    assert table["emails"][1:6] == ["0", "1", "1", "0", "0"]
+    assert table["emails"][7] == "2"
+    assert table["reports"][1:6] == ["0", "0", "0", "1", "3"]
+    assert table["reports"][-1] == "1"
+    live = browser.find_element(By.ID, "live-toggle")  # shown by the page's own script
+    assert live.is_displayed()
+    shot(browser, "01-queues")
+
+
+def test_a_queue_by_state_and_one_job(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/")
+    browser.find_element(By.LINK_TEXT, "emails").click()
+    assert text(browser, "h1") == "Queue emails"
+    assert text(browser, "#no-jobs") == "No waiting jobs."
+    browser.find_element(By.ID, "tab-running").click()
+    [running] = rows(browser, "#jobs")
+    assert running[:2] == [str(site.ids["running"]), "emails.slow"]
+    shot(browser, "02-queue-running")
+    browser.find_element(By.ID, "tab-succeeded").click()
+    assert sorted(r[1] for r in rows(browser, "#jobs")) == ["emails.send", "emails.send"]
+    browser.find_element(By.ID, "tab-scheduled").click()
+    browser.find_element(By.LINK_TEXT, str(site.ids["later"])).click()
+    assert text(browser, "#job-state") == "scheduled"
+    assert '"later@example.com"' in text(browser, "#job-body")
+    assert browser.find_element(By.ID, "job-result").is_displayed()  # no result yet
+    shot(browser, "03-job")
+
+
+def test_search_by_id_key_and_task(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/")
+    box = browser.find_element(By.ID, "search")
+    box.send_keys("welcome-42")
+    box.submit()
+    assert browser.current_url.endswith(f"/jobs/emails/{site.ids['keyed']}")
+    assert text(browser, "#job-state") == "succeeded"
+    assert text(browser, "#job-result") == '"sent to ann@example.com"'
+
+    # an id is per queue: every queue that has a job with it is listed
+    browser.find_element(By.ID, "search").send_keys(str(site.ids["running"]))
+    browser.find_element(By.ID, "search").submit()
+    browser.find_element(By.LINK_TEXT, f"job {site.ids['running']} in emails").click()
+    assert text(browser, "#job-state") == "running"
+
+    browser.find_element(By.ID, "search").send_keys("reports.build")
+    browser.find_element(By.ID, "search").submit()
+    browser.find_element(By.CSS_SELECTOR, "#task-queues a").click()
+    browser.find_element(By.ID, "tab-retrying").click()
+    [retrying] = rows(browser, "#jobs")
+    assert retrying[1:3] == ["reports.build", "1"]
+    retrying_link = browser.find_element(By.CSS_SELECTOR, "#jobs tbody a")
+    retrying_link.click()
+    assert text(browser, "#job-state") == "retrying"
+    assert "Retry" in text(browser, "#attempts")
+    shot(browser, "04-job-retrying")
+
+
+def test_dead_letters_retry_one_and_purge_many(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/dead")
+    letters = rows(browser, "#dead")
+    assert len(letters) == 3
+    assert all("failed: no data for bad" in r[6] for r in letters)
+    shot(browser, "05-dead-letters")
+    first, second, third = sorted(int(r[1]) for r in letters)
+
+    browser.find_element(By.LINK_TEXT, str(first)).click()
+    assert "no data for bad" in text(browser, "#reason")
+    assert "Fail" in text(browser, "#attempts")
+    shot(browser, "06-dead-letter")
+    browser.find_element(By.ID, "retry-this").click()
+    assert text(browser, "#done").startswith("retried 1 dead letter(s) as job(s) ")
+    # the worker runs it again, and it fails again: back as a new dead letter
+    for checkbox in browser.find_elements(By.CSS_SELECTOR, "input[name=id]"):
+        if int(checkbox.get_attribute("value")) in (second, third):
+            checkbox.click()
+    browser.find_element(By.ID, "purge-selected").click()
+    assert text(browser, "h1") == "Purge 2 dead letter(s)?"
+    shot(browser, "07-confirm-purge")
+    browser.find_element(By.ID, "confirm-purge").click()
+    assert text(browser, "#done") == "purged 2 dead letter(s)"
+    left = [int(r[1]) for r in rows(browser, "#dead")]
+    assert second not in left
+    assert third not in left
+
+
+def test_the_workers_page(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/workers")
+    [worker] = rows(browser, "#workers")
+    assert worker[1] == "alive"
+    assert worker[2] == "emails, reports"
+    assert worker[3] == "1/4"
+    shot(browser, "08-workers")
+
+
+def test_an_action_without_the_csrf_token_is_refused(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/dead")
+    browser.execute_script(
+        "document.querySelector('input[name=csrf]').value = 'forged';"
+        "document.querySelector('#dead-form button[name=retry_one]').click();"
+    )
+    assert text(browser, "#error").startswith("refused: the form's CSRF token")
+    shot(browser, "09-csrf-refused")
