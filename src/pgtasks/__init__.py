@@ -15,14 +15,25 @@ from .exceptions import (
     PermissionDenied,
     PgTasksError,
     QueueNameError,
+    QueueNotFound,
     SchemaMissing,
     SerializationError,
     UnknownTask,
 )
 from .hooks import EnqueueCall, EnqueueHook, EnqueueNext, ExecuteHook, ExecuteNext, Hooks
-from .tasks import Fail, JobRef, Retry, RetryPolicy, Signature, Task, TaskCall
+from .tasks import (
+    Fail,
+    JobRef,
+    Retry,
+    RetryPolicy,
+    Signature,
+    Task,
+    TaskCall,
+    TaskDefaults,
+    TaskOptions,
+)
 from .tasks.registry import task
-from .worker import JobEvent, Worker
+from .worker import JobEvent, Worker, WorkerOptions
 
 __all__ = [
     "App",
@@ -46,6 +57,7 @@ __all__ = [
     "PermissionDenied",
     "PgTasksError",
     "QueueNameError",
+    "QueueNotFound",
     "Retry",
     "RetryPolicy",
     "SchemaMissing",
@@ -53,8 +65,11 @@ __all__ = [
     "Signature",
     "Task",
     "TaskCall",
+    "TaskDefaults",
+    "TaskOptions",
     "UnknownTask",
     "Worker",
+    "WorkerOptions",
     "__version__",
     "current_job",
     "task",
