@@ -446,3 +446,31 @@ def _write_docs() -> None:  # pragma: no cover - a maintenance script
 if __name__ == "__main__":  # pragma: no cover
     _write_docs()
     sys.exit(0)
+
+
+# --- the options of one call: checked by task.options(), which apply_async goes through ---
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "says"),
+    [
+        ({"connection": "postgresql://x"}, TypeError, "connection must be an asyncpg connection"),
+        ({"headers": ["a"]}, TypeError, "headers must be a mapping"),
+        ({"delay": -1}, ValueError, "delay must not be negative"),
+        ({"delay": math.nan}, ValueError, "delay must be a number of seconds"),
+        ({"idempotency_key": ""}, ValueError, "idempotency_key must be a non-empty string"),
+        ({"queue": "Bad"}, QueueNameError, "invalid queue name 'Bad'"),
+    ],
+)
+async def test_a_bad_call_option_is_refused_by_options_and_apply_async(
+    options: dict[str, Any], error: type[Exception], says: str
+) -> None:
+    @App(NOWHERE).task
+    async def f() -> None: ...
+
+    with pytest.raises(error, match=re.escape(says)):
+        f.options(**options)
+    if "delay" in options:
+        options = {"countdown": options.pop("delay")}
+    with pytest.raises(error, match=re.escape(says)):
+        await f.apply_async((), {}, **options)  # before anything reaches the database
