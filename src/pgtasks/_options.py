@@ -305,20 +305,30 @@ class OptionSet(Mapping[str, Option]):
             relation(values, where)
         return values
 
-    def markdown(self, *, flags: bool = False) -> str:
+    def markdown(self, *, flags: bool = False, command_line: bool = False) -> str:
         """A table of the set (option, default, range, meaning, and with ``flags`` the
-        command line form), for docs/configuration.md."""
+        command line form), for docs/configuration.md; with ``command_line``, the command
+        line's form first and no Python name, for docs/cli.md."""
         head = ["option", "default", "allowed", "meaning"] + (["command line"] if flags else [])
+        if command_line:
+            head = ["option", "default", "allowed", "meaning"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for o in self._options.values():
             default = o.describe_default()
-            cells = [
-                f"`{o.name}`",
-                _cell(default if o.default_text is not None else f"`{default}`"),
-                _cell(o.check.describe()),
-                _cell(o.help),
-            ]
-            if flags:
+            if o.default_text is None and isinstance(o.default, bool) and command_line:
+                default = "on" if o.default else "off"
+            elif o.default_text is None:
+                default = f"`{default}`"
+            name = ", ".join(f"`{f}`" for f in o.command_line()) if command_line else f"`{o.name}`"
+            allowed = o.check.describe()
+            if command_line:  # as typed: a flag takes no value, a list is comma-separated
+                kind = o.check.cli_kind
+                allowed = {
+                    "flag": "",
+                    "list": "comma-separated " + o.check.allowed.removeprefix("a list of "),
+                }.get(kind, o.check.allowed)
+            cells = [name, _cell(default), _cell(allowed), _cell(o.help)]
+            if flags and not command_line:
                 cells.append(", ".join(f"`{f}`" for f in o.command_line()))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"

@@ -39,6 +39,7 @@ from pgtasks.worker import WORKER_OPTIONS, Worker, WorkerOptions
 
 NOWHERE = "postgresql://root@127.0.0.1:1/nowhere"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+CLI_DOCS = DOCS.parent / "cli.md"
 
 
 @pytest.fixture(autouse=True)
@@ -161,17 +162,19 @@ def test_the_command_line_reads_every_worker_option() -> None:
 
 # --- the docs ------------------------------------------------------------------------------
 
-GENERATED = re.compile(r"(<!-- options: (\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
+GENERATED = re.compile(r"(<!-- options: ([\w-]+) -->\n)(.*?)(<!-- /options -->)", re.S)
 
 
 def tables() -> dict[str, str]:
-    """The generated tables of docs/configuration.md, by marker name."""
+    """The generated tables of docs/configuration.md and docs/cli.md, by marker name."""
     app = OptionSet(*DATABASE_OPTIONS.values(), *APP_OPTIONS.values())
+    command = OptionSet(*WORKER_OPTIONS.values(), *cli_parser.COMMAND_WORKER_OPTIONS.values())
     return {
         "app": app.markdown(),
         "task": TASK_OPTIONS.markdown(),
         "worker": WORKER_OPTIONS.markdown(flags=True),
         "lifespan": LIFESPAN_OPTIONS.markdown(),
+        "cli-worker": command.markdown(command_line=True),
     }
 
 
@@ -180,12 +183,14 @@ def rendered(text: str) -> str:
     return GENERATED.sub(lambda m: m[1] + wanted[m[2]] + m[4], text)
 
 
-def test_configuration_docs_list_every_option_from_the_definitions() -> None:
-    text = DOCS.read_text()
-    assert sorted(m[2] for m in GENERATED.finditer(text)) == sorted(tables())
-    assert text == rendered(text), (
-        "docs/configuration.md is out of date: run `python tests/unit/test_options.py`"
-    )
+def test_the_docs_list_every_option_from_the_definitions() -> None:
+    config, cli = DOCS.read_text(), CLI_DOCS.read_text()
+    markers = [m[2] for m in GENERATED.finditer(config + cli)]
+    assert sorted(markers) == sorted(tables())  # each table once
+    for text, path in ((config, DOCS), (cli, CLI_DOCS)):
+        assert text == rendered(text), (
+            f"{path.name} is out of date: run `python tests/unit/test_options.py`"
+        )
 
 
 def call_keywords(doc: Path, call: str) -> dict[str, Any]:
@@ -439,8 +444,9 @@ def test_a_bad_worker_flag_is_an_argparse_error(
 
 
 def _write_docs() -> None:  # pragma: no cover - a maintenance script
-    DOCS.write_text(rendered(DOCS.read_text()))
-    print(f"rewrote the option tables in {DOCS}")
+    for path in (DOCS, CLI_DOCS):
+        path.write_text(rendered(path.read_text()))
+        print(f"rewrote the option tables in {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

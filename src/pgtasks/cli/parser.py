@@ -13,13 +13,31 @@ import os
 import re
 from typing import Any
 
-from .._options import Option
+from .._options import Flag, Number, Option, OptionSet
 from .._version import __version__
 from ..worker import WORKER_OPTIONS
 
 DOCS = "https://pgtasks.readthedocs.io/en/latest/cli/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-CONNECT_TIMEOUT = 60.0
+COMMAND_WORKER_OPTIONS = OptionSet(
+    Option(
+        "connect_timeout",
+        60.0,
+        "keep trying to reach a database that is not up yet for this long, with backoff "
+        "(1 s, 2 s, ... 10 s); 0: fail at once",
+        Number(0, 86_400, unit="seconds"),
+        flags=("--connect-timeout",),
+        metavar="SECONDS",
+    ),
+    Option(
+        "log_jobs",
+        True,
+        "one INFO line per finished job: task, id, queue, attempt, outcome, duration",
+        Flag(),
+        flags=("--log-jobs",),
+    ),
+)
+"""The ``worker`` command's own flags, besides the worker options (`WORKER_OPTIONS`)."""
 
 
 def duration(text: str) -> dt.timedelta:
@@ -31,16 +49,6 @@ def duration(text: str) -> dt.timedelta:
         )
     unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "": "seconds"}
     return dt.timedelta(**{unit[match[2]]: float(match[1])})
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
 
 
 def add_option(group: Any, option: Option) -> None:
@@ -182,21 +190,8 @@ def build() -> argparse.ArgumentParser:
     options = worker.add_argument_group("worker options")
     for option in WORKER_OPTIONS.values():
         add_option(options, option)
-    options.add_argument(
-        "--connect-timeout",
-        type=_seconds,
-        default=CONNECT_TIMEOUT,
-        metavar="SECONDS",
-        help="keep trying to reach a database that is not up yet for this long, with backoff "
-        f"(1 s, 2 s, ... 10 s); 0: fail at once (default: {CONNECT_TIMEOUT:g})",
-    )
-    options.add_argument(
-        "--log-jobs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="one INFO line per finished job: task, id, queue, attempt, outcome, duration "
-        "(default: on)",
-    )
+    for option in COMMAND_WORKER_OPTIONS.values():
+        add_option(options, option)
 
     migrate = _command(
         sub,
