@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,7 +195,7 @@ class QueueName(Check):
 
 
 class QueueNames(Check):
-    """A list of queue names (not one string), or None."""
+    """A sequence of queue names (a list, a tuple; not one string), or None."""
 
     allowed = "a list of queue names"
     cli_kind = "list"
@@ -206,7 +206,7 @@ class QueueNames(Check):
     def __call__(self, value: Any) -> Any:
         if value is None:
             return None
-        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        if isinstance(value, str | bytes) or not isinstance(value, Sequence):
             raise Invalid
         return [check_queue_name(q) for q in value]
 
