@@ -18,6 +18,7 @@ from .exceptions import (
     PermissionDenied,
     PgTasksError,
     QueueNameError,
+    QueueNotFound,
     ResultUnavailable,
     SchemaMissing,
     SerializationError,
@@ -37,6 +38,8 @@ from .tasks import (
     StepStatus,
     Task,
     TaskCall,
+    TaskDefaults,
+    TaskOptions,
     Workflow,
     WorkflowRef,
     WorkflowStatus,
@@ -45,7 +48,7 @@ from .tasks import (
     group,
 )
 from .tasks.registry import task
-from .worker import JobEvent, Worker
+from .worker import JobEvent, Worker, WorkerOptions
 
 __all__ = [
     "App",
@@ -76,6 +79,7 @@ __all__ = [
     "PermissionDenied",
     "PgTasksError",
     "QueueNameError",
+    "QueueNotFound",
     "ResultUnavailable",
     "Retry",
     "RetryPolicy",
@@ -85,8 +89,11 @@ __all__ = [
     "StepStatus",
     "Task",
     "TaskCall",
+    "TaskDefaults",
+    "TaskOptions",
     "UnknownTask",
     "Worker",
+    "WorkerOptions",
     "Workflow",
     "WorkflowFailed",
     "WorkflowRef",

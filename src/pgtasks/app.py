@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import asyncpg
-from typing_extensions import ParamSpec, Self
+from typing_extensions import ParamSpec, Self, Unpack
 
-from ._shared import Connection, OnSuccess
+from ._options import Duration, Flag, Number, Option, OptionSet
+from ._shared import MAX_DELAY, Connection
 from .admin import maintenance
 from .admin.dead_letters import DeadLetters
 from .client.enqueue import Enqueuer
@@ -34,16 +35,56 @@ from .db.database import Database
 from .exceptions import ConfigurationError
 from .hooks import Hooks
 from .queues import check_queue_name
-from .tasks import CancelOutcome, JobRef, Signature, Task, TaskConfig, registry
+from .tasks import CancelOutcome, JobRef, Signature, Task, registry
 from .tasks.canvas import Workflow, WorkflowKind, WorkflowRef
-from .tasks.config import check_lease, check_on_success
-from .worker import Worker, WorkerSettings
+from .tasks.config import TASK_DEFAULTS, TaskDefaults, TaskOptions, app_defaults
+from .worker import Worker, WorkerOptions, WorkerSettings
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
 logger = logging.getLogger("pgtasks")
+
+
+APP_OPTIONS = OptionSet(
+    Option(
+        "max_message_size",
+        1024 * 1024,
+        "largest encoded message body, in bytes: larger arguments are refused at defer, and "
+        "a worker does not load a larger body",
+        Number(64, 128 * 1024 * 1024, integer=True, unit="bytes"),
+        default_text="1048576 (1 MiB)",
+    ),
+    Option(
+        "key_retention",
+        dt.timedelta(days=7),
+        "how long an idempotency key keeps deduplicating after its job succeeded",
+        Duration(dt.timedelta(0), MAX_DELAY),
+    ),
+    Option(
+        "create_queues",
+        True,
+        "create a missing queue on enqueue (when the database allows it too); off: "
+        "deferring to a queue nobody created raises QueueNotFound",
+        Flag(),
+    ),
+    Option(
+        "max_result_size",
+        1024 * 1024,
+        "largest result kept, in bytes (encoded): a larger one is not kept, and result() says why",
+        Number(0, 128 * 1024 * 1024, integer=True, unit="bytes"),
+        default_text="1048576 (1 MiB)",
+    ),
+    Option(
+        "default",
+        False,
+        "make this the app that shared tasks (@pgtasks.task) defer through",
+        Flag(),
+    ),
+)
+"""The app's own options (besides the database's, `DATABASE_OPTIONS`, and the task
+defaults, `TASK_DEFAULTS`)."""
 
 
 class App:
@@ -60,23 +101,22 @@ class App:
         max_message_size: largest encoded message body, in bytes.
         key_retention: how long an idempotency key keeps deduplicating after its job
             succeeded.
+        create_queues: create a queue that does not exist when a job is deferred to it (if
+            the database allows it too, see [Migrations](migrations.md#queue-creation));
+            turn it off in production, so that a job for a queue nobody created (a typo)
+            fails at once with `QueueNotFound` instead of waiting for a worker that never
+            comes.
         default: make this the app that shared tasks (``@pgtasks.task``) defer through.
-        max_retries: default retries after the first attempt, for every task.
-        retry_backoff: default base of the exponential backoff, in seconds.
-        retry_backoff_max: default cap of the backoff, in seconds.
-        retry_jitter: default full jitter on the backoff.
-        retry_on: default exception types that are retried.
-        dont_retry_on: default exception types that fail at once.
-        timeout: default seconds a run may take (None: no limit).
-        lease: default visibility timeout kept while a job runs, in seconds.
-        on_success: default ``"archive"`` or ``"delete"`` of a succeeded message.
-        keep_result: default for whether a task's return value is kept (None: by its
-            annotation: ``-> None`` keeps nothing; see `App.task`).
-        result_ttl: how long a job's result (or its cancellation or expiry) is kept.
-        max_result_size: largest result kept, in bytes (encoded); a larger one is not
-            kept, and ``result()`` says why.
+        max_result_size: largest result kept, in bytes (encoded); a larger one is not kept,
+            and ``result()`` says why.
+        **defaults: the task options' defaults for every task of this app (`TaskDefaults`:
+            ``max_retries``, ``retry_backoff``, ``retry_backoff_max``, ``retry_jitter``,
+            ``retry_on``, ``dont_retry_on``, ``timeout``, ``lease``, ``on_success``,
+            ``keep_result``, ``result_ttl``); each task can override them, see `App.task`.
 
-    Each of max_retries to result_ttl can be overridden per task; see `App.task`.
+    Every option is checked here, against the range given in
+    [Configuration](configuration.md), and a wrong one raises `ConfigurationError` naming
+    it (an unknown name: `TypeError`).
     """
 
     def __init__(
@@ -88,20 +128,22 @@ class App:
         statement_cache_size: int = 100,
         max_message_size: int = 1024 * 1024,
         key_retention: dt.timedelta = dt.timedelta(days=7),
+        create_queues: bool = True,
         default: bool = False,
-        max_retries: int = 3,
-        retry_backoff: float = 2.0,
-        retry_backoff_max: float = 600.0,
-        retry_jitter: bool = True,
-        retry_on: tuple[type[BaseException], ...] = (Exception,),
-        dont_retry_on: tuple[type[BaseException], ...] = (),
-        timeout: float | None = None,
-        lease: float = 30.0,
-        on_success: OnSuccess = "archive",
-        keep_result: bool | None = None,
-        result_ttl: dt.timedelta = dt.timedelta(days=7),
         max_result_size: int = 1024 * 1024,
+        **defaults: Unpack[TaskDefaults],
     ) -> None:
+        APP_OPTIONS.check(
+            {
+                "max_message_size": max_message_size,
+                "key_retention": key_retention,
+                "create_queues": create_queues,
+                "default": default,
+                "max_result_size": max_result_size,
+            },
+            "App",
+        )
+        self.defaults = app_defaults(defaults, "App")
         self._database = Database(
             dsn,
             pool_min_size=pool_min_size,
@@ -110,35 +152,28 @@ class App:
         )
         self.max_message_size = max_message_size
         self.key_retention = key_retention
-        self.defaults = TaskConfig(
-            max_retries=max_retries,
-            retry_backoff=retry_backoff,
-            retry_backoff_max=retry_backoff_max,
-            retry_jitter=retry_jitter,
-            retry_on=retry_on,
-            dont_retry_on=dont_retry_on,
-            timeout=timeout,
-            lease=check_lease(lease),
-            on_success=check_on_success(on_success),
-            keep_result=keep_result,
-            result_ttl=result_ttl.total_seconds(),
-        )
+        self.create_queues = create_queues
         self.max_result_size = max_result_size
+        # What cancel and expiry record lasts: the app's result_ttl (a task may keep its
+        # results longer or shorter; see worker/decisions.py).
+        self._record_ttl: float = self.defaults.result_ttl or TASK_DEFAULTS["result_ttl"].default
         self._tasks: dict[str, Task[Any, Any]] = {}
         self.hooks = Hooks()
         """Hooks around every enqueue and every run of this app's jobs; see `Hooks`."""
-        self._jobs = JobClient(
-            self._database, lambda: self.tasks, record_ttl=result_ttl.total_seconds()
-        )
+        self._jobs = JobClient(self._database, lambda: self.tasks, record_ttl=self._record_ttl)
         self._workflows = WorkflowClient(
             self._database,
             self._jobs,
             lambda: self.tasks,
             max_message_size=max_message_size,
-            record_ttl=result_ttl.total_seconds(),
+            record_ttl=self._record_ttl,
         )
         self._enqueuer = Enqueuer(
-            self._database, max_message_size=max_message_size, hooks=self.hooks, jobs=self._jobs
+            self._database,
+            max_message_size=max_message_size,
+            create_queues=create_queues,
+            hooks=self.hooks,
+            jobs=self._jobs,
         )
         registry.register_producer(self, default=default)
 
@@ -152,27 +187,11 @@ class App:
 
     @overload
     def task(
-        self,
-        /,
-        *,
-        name: str | None = None,
-        queue: str = "default",
-        max_retries: int | None = None,
-        retry_backoff: float | None = None,
-        retry_backoff_max: float | None = None,
-        retry_jitter: bool | None = None,
-        retry_on: tuple[type[BaseException], ...] | None = None,
-        dont_retry_on: tuple[type[BaseException], ...] | None = None,
-        timeout: float | None = None,
-        lease: float | None = None,
-        on_success: OnSuccess | None = None,
-        transactional: bool = False,
-        keep_result: bool | None = None,
-        result_ttl: float | None = None,
+        self, /, **options: Unpack[TaskOptions]
     ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
     def task(
-        self, fn: Callable[P, Awaitable[R]] | None = None, /, **options: Any
+        self, fn: Callable[P, Awaitable[R]] | None = None, /, **options: Unpack[TaskOptions]
     ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
         """Register an ``async def`` as a task; use bare or with options.
 
@@ -193,11 +212,10 @@ class App:
                 marks its idempotency key): the task writes through
                 ``current_job().connection``, and its writes and the ack commit together
                 or not at all. Each running transactional job holds a pool connection.
-            keep_result: whether the return value is kept for ``ref.result()``. Default
-                (None): by the return annotation: ``-> None`` keeps nothing and costs
-                nothing more per job; another annotation keeps every result; none keeps
-                what is not None.
-            result_ttl: seconds the job's result is kept (default: the app's).
+
+        The options are `TaskOptions`; ``None`` (the default) for any of the retry, timeout,
+        lease and on_success options means the app's. Each is checked here, against the
+        range given in [Configuration](configuration.md#task-options).
         """
 
         def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
@@ -369,17 +387,11 @@ class App:
 
     # --- worker ---------------------------------------------------------------------------
 
-    def worker(
-        self,
-        *,
-        queues: Sequence[str] | None = None,
-        concurrency: int = 10,
-        burst: bool = False,
-        shutdown_timeout: float = 20.0,
-        listen: bool = True,
-        poll_interval: float = 5.0,
-    ) -> Worker:
-        """A worker for this app; see `pgtasks.Worker`."""
+    def worker(self, **options: Unpack[WorkerOptions]) -> Worker:
+        """A worker for this app; see `pgtasks.Worker`. The options (`WorkerOptions`):
+        ``queues``, ``concurrency``, ``burst``, ``shutdown_timeout``, ``listen``,
+        ``poll_interval``; each one's meaning, default and range are in
+        [Configuration](configuration.md#worker-options)."""
         return Worker(
             self._database,
             self.tasks,
@@ -389,11 +401,6 @@ class App:
                 max_message_size=self.max_message_size,
                 max_result_size=self.max_result_size,
             ),
-            queues=queues,
-            concurrency=concurrency,
-            burst=burst,
-            shutdown_timeout=shutdown_timeout,
-            listen=listen,
-            poll_interval=poll_interval,
             hooks=self.hooks,
+            **options,
         )

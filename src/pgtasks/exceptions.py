@@ -5,7 +5,8 @@ catches them all::
 
     PgTasksError
     ├── ConfigurationError          no DSN, bad option, app that cannot be loaded
-    │   └── SchemaMissing           the database was never migrated (run `pgtasks migrate`)
+    │   ├── SchemaMissing           the database was never migrated (run `pgtasks migrate`)
+    │   └── QueueNotFound           a job for a missing queue, with queue creation off
     ├── DatabaseUnavailable         connection refused, auth failed, missing database
     ├── DatabaseError               the database refused an operation or a value
     │   └── PermissionDenied        the role lacks a privilege pgtasks needs
@@ -39,6 +40,13 @@ class ConfigurationError(PgTasksError):
 
 class SchemaMissing(ConfigurationError):
     """The database has no pgtasks schema (or no pgmq): run ``python -m pgtasks migrate``."""
+
+
+class QueueNotFound(ConfigurationError):
+    """A job was deferred to a queue that does not exist while queue creation on enqueue is
+    off (``App(create_queues=False)``, or the database's setting): nothing was sent. Create
+    the queue with ``python -m pgtasks migrate`` (the app's tasks' queues), or fix the
+    queue name."""
 
 
 class DatabaseUnavailable(PgTasksError):

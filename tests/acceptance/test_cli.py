@@ -413,3 +413,34 @@ def test_an_error_inside_task_groups_is_reported_as_itself() -> None:
     two = Group(inner, ValueError())
     assert _only_error(two) is two
     assert _only_error(inner) is inner
+
+
+# --- options out of range ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--poll-interval", "0"], "argument --poll-interval: '0' is not a number of seconds "
+         "from 0.01 to 3,600"),
+        (["--poll-interval", "-1"], "argument --poll-interval: '-1' is not a number"),
+        (["--shutdown-timeout", "inf"], "argument --shutdown-timeout: 'inf' is not a number"),
+        (["-c", "0"], "argument -c/--concurrency: '0' is not a whole number from 1 to 100,000"),
+        (["-q", "Email"], "argument -q/--queues: invalid queue name 'Email'"),
+    ],
+)  # fmt: skip
+def test_a_worker_flag_out_of_range_is_a_usage_error(argv: list[str], says: str) -> None:
+    result = pgtasks_cli("worker", "-A", "tasks:app", *argv)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"pgtasks worker: error: {says}")
+
+
+def test_an_app_option_out_of_range_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "badapp.py").write_text(
+        "import pgtasks\napp = pgtasks.App('postgresql://x@127.0.0.1:1/x', max_retries=-1)\n"
+    )
+    result = pgtasks_cli("worker", "-A", "badapp:app", pythonpath=tmp_path)
+    assert_one_error_line(
+        result, "App: max_retries must be a whole number from 0 to 10,000 (got -1)"
+    )

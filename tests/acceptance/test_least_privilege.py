@@ -191,3 +191,34 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
         "dead_letters); grant this role the privileges pgtasks needs (see docs/migrations.md, "
         "'Roles and privileges')\n"
     )
+
+
+async def test_queue_creation_setting_and_key_comparison_under_the_roles(
+    cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    migrated = cluster.cli(cluster.owner, "migrate", "-A", "lptasks:app")
+    assert migrated.returncode == 0, migrated.stderr
+    owner = await asyncpg.connect(as_role(cluster.dsn, cluster.owner))
+    try:
+        await owner.execute("UPDATE pgtasks.settings SET create_queues = false")
+    finally:
+        await owner.close()
+
+    app = pgtasks.App(as_role(cluster.dsn, cluster.producer))
+    job = app.task(queue="lp_existing", name="lptasks.job")(_job_stub)
+    try:
+        pool = await app.pool()
+        # the producer reads the setting, and may not change it
+        assert await pool.fetchval("SELECT create_queues FROM pgtasks.settings") is False
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await pool.execute("UPDATE pgtasks.settings SET create_queues = true")
+        # a missing queue is refused, an existing one takes jobs
+        with pytest.raises(pgtasks.QueueNotFound, match=r"pgtasks\.settings\.create_queues"):
+            await job.options(queue="lp_typo").defer("ok")
+        held = await job.options(idempotency_key="lp-k").defer("ok")
+        # a key reused with other arguments: compared through the owner's function
+        again = await job.options(idempotency_key="lp-k").defer("fail")
+    finally:
+        await app.close()
+    assert again == held._replace(deduplicated=True)
+    assert any("idempotency key 'lp-k' is held by job" in r.getMessage() for r in caplog.records)

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
         "basics",
         {
             "basics": (
+                "pgtasks._options",
                 "pgtasks._shared",
                 "pgtasks._version",
                 "pgtasks.context",

@@ -1,7 +1,7 @@
 """Jobs as an operator sees them, on the command line (``pgtasks job show``, ``job list``,
 ``cancel``) and in the dashboard: the jobs of a queue in one state, one job in full (its
 arguments, headers, every failed attempt, and what it returned or why it ended), the jobs a
-search names, and cancelling jobs.
+search names. Cancelling is the app's (`App.cancel`).
 
 States are those of `pgtasks.JobState`: ``scheduled``, ``waiting``, ``running`` and
 ``retrying`` (in the queue, as ``pgtasks status`` counts them), ``succeeded`` (archived, or
@@ -207,10 +207,3 @@ async def find(database: Database, text: str) -> list[JobSummary]:
             except JobNotFound:
                 continue
     return found
-
-
-async def cancel(database: Database, queue: str, ids: Sequence[int], ttl: float) -> list[str]:
-    """Cancel jobs of one queue (see `pgtasks.JobRef.cancel`); an outcome per id."""
-    pool = await database.pool()
-    outcomes = dict(await results.jobs_cancel(pool, check_queue_name(queue), ids, ttl))
-    return [outcomes[i] for i in ids]

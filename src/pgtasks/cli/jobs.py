@@ -63,8 +63,7 @@ async def list_jobs(app: App, args: argparse.Namespace) -> int:
 
 
 async def cancel(app: App, args: argparse.Namespace) -> int:
-    ttl = app.defaults.result_ttl or 7 * 86400.0
-    outcomes = await jobs.cancel(app.database, args.queue, args.ids, ttl)
+    outcomes = await app.cancel(app.job(args.queue, i) for i in args.ids)
     if args.json:
         pairs = zip(args.ids, outcomes, strict=True)
         print_json({"cancel": [{"id": i, "outcome": o} for i, o in pairs]})

@@ -13,13 +13,49 @@ import os
 import re
 from typing import Any
 
+from .._options import Flag, Number, Option, OptionSet, Text
 from .._version import __version__
 from ..admin.jobs import STATES
+from ..worker import WORKER_OPTIONS
 
 DOCS = "https://pgtasks.readthedocs.io/en/latest/cli/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-SHUTDOWN_TIMEOUT = 20.0  # + the worker's final flush (<= 10 s) fits a 30 s grace period
-CONNECT_TIMEOUT = 60.0
+COMMAND_WORKER_OPTIONS = OptionSet(
+    Option(
+        "connect_timeout",
+        60.0,
+        "keep trying to reach a database that is not up yet for this long, with backoff "
+        "(1 s, 2 s, ... 10 s); 0: fail at once",
+        Number(0, 86_400, unit="seconds"),
+        flags=("--connect-timeout",),
+        metavar="SECONDS",
+    ),
+    Option(
+        "log_jobs",
+        True,
+        "one INFO line per finished job: task, id, queue, attempt, outcome, duration",
+        Flag(),
+        flags=("--log-jobs",),
+    ),
+    Option(
+        "metrics_port",
+        None,
+        "serve Prometheus metrics on this port, at /metrics (needs the metrics extra)",
+        Number(1, 65_535, integer=True, none="no metrics server"),
+        default_text="none",
+        flags=("--metrics-port",),
+        metavar="PORT",
+    ),
+    Option(
+        "metrics_host",
+        "0.0.0.0",
+        "the address --metrics-port listens on (0.0.0.0: every interface)",
+        Text("an address to listen on"),
+        flags=("--metrics-host",),
+        metavar="HOST",
+    ),
+)
+"""The ``worker`` command's own flags, besides the worker options (`WORKER_OPTIONS`)."""
 
 
 def duration(text: str) -> dt.timedelta:
@@ -33,20 +69,65 @@ def duration(text: str) -> dt.timedelta:
     return dt.timedelta(**{unit[match[2]]: float(match[1])})
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also NaN
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0")
-    return value
+def add_option(group: Any, option: Option) -> None:
+    """A command line option from an option's one definition (`pgtasks._options.Option`):
+    its flags, help and default; its value read from text and checked by the option's own
+    check, so that a wrong one is argparse's one-line error. A True/False option gets a
+    ``--no-`` form."""
+    default = option.default
+    if option.default_text is not None:
+        shown = option.default_text
+    elif isinstance(default, bool):
+        shown = "on" if default else "off"
+    elif isinstance(default, float):
+        shown = f"{default:g}"
+    else:
+        shown = option.describe_default()
+    help_text = f"{option.help} (default: {shown})".replace("%", "%%")
+    if option.check.cli_kind == "flag":
+        # the default is set on the parser: BooleanOptionalAction would add its own to help
+        group.add_argument(
+            *option.flags,
+            dest=option.name,
+            action=argparse.BooleanOptionalAction,
+            help=help_text,
+        )
+        group.set_defaults(**{option.name: default})
+        return
+
+    def from_text(text: str) -> Any:
+        try:
+            return option.checked(option.check.parse(text))
+        except ValueError as exc:  # QueueNameError, which says what a name may be
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        except Exception:  # ConfigurationError, or text that is not a number
+            raise argparse.ArgumentTypeError(f"{text!r} is not {option.check.describe()}") from None
+
+    from_text.__name__ = option.name
+    group.add_argument(
+        *option.flags,
+        dest=option.name,
+        type=from_text,
+        default=default,
+        metavar=option.metavar,
+        help=help_text,
+    )
 
 
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
     return int(text)
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 86_400:  # also NaN
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 to 86,400")
+    return value
 
 
 def _port(text: str) -> int:
@@ -141,66 +222,10 @@ def build() -> argparse.ArgumentParser:
         "to at least --shutdown-timeout + 10.",
     )
     options = worker.add_argument_group("worker options")
-    options.add_argument(
-        "-q",
-        "--queues",
-        metavar="Q1,Q2",
-        help="comma-separated queues (default: every registered task's queue)",
-    )
-    options.add_argument(
-        "-c", "--concurrency", type=_positive, default=10, help="jobs at once (default: 10)"
-    )
-    options.add_argument(
-        "--shutdown-timeout",
-        type=_seconds,
-        default=SHUTDOWN_TIMEOUT,
-        metavar="SECONDS",
-        help=f"seconds running jobs get to finish after SIGTERM (default: {SHUTDOWN_TIMEOUT:g})",
-    )
-    options.add_argument(
-        "--connect-timeout",
-        type=_seconds,
-        default=CONNECT_TIMEOUT,
-        metavar="SECONDS",
-        help="keep trying to reach a database that is not up yet for this long, with backoff "
-        f"(1 s, 2 s, ... 10 s); 0: fail at once (default: {CONNECT_TIMEOUT:g})",
-    )
-    options.add_argument(
-        "--burst",
-        action="store_true",
-        help="exit 0 once the queues have no visible jobs (default: run until stopped)",
-    )
-    options.add_argument(
-        "--no-listen",
-        action="store_true",
-        help="poll only, no LISTEN (e.g. behind PgBouncer in transaction mode)",
-    )
-    options.add_argument(
-        "--poll-interval",
-        type=_seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help="the safety poll (default: 5)",
-    )
-    options.add_argument(
-        "--metrics-port",
-        type=_port,
-        metavar="PORT",
-        help="serve Prometheus metrics on this port, at /metrics (needs the metrics extra)",
-    )
-    options.add_argument(
-        "--metrics-host",
-        default="0.0.0.0",
-        metavar="HOST",
-        help="the address --metrics-port listens on (default: 0.0.0.0, every interface)",
-    )
-    options.add_argument(
-        "--log-jobs",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="one INFO line per finished job: task, id, queue, attempt, outcome, duration "
-        "(default: on)",
-    )
+    for option in WORKER_OPTIONS.values():
+        add_option(options, option)
+    for option in COMMAND_WORKER_OPTIONS.values():
+        add_option(options, option)
 
     migrate = _command(
         sub,
@@ -225,7 +250,7 @@ def build() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--watch",
-        type=_seconds,
+        type=_interval,
         nargs="?",
         const=2.0,
         metavar="SECONDS",

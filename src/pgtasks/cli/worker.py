@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncpg
@@ -27,7 +27,7 @@ from ..admin import queues
 from ..app import App
 from ..db import errors, schema
 from ..exceptions import DatabaseUnavailable
-from ..worker import JobEvent, Worker
+from ..worker import WORKER_OPTIONS, JobEvent, Worker
 
 if TYPE_CHECKING:
     from ..integrations.prometheus import Metrics
@@ -67,15 +67,8 @@ def log_job(event: JobEvent) -> None:
 
 
 def run_worker(app: App, args: argparse.Namespace) -> int:
-    queues = [q.strip() for q in args.queues.split(",") if q.strip()] if args.queues else None
-    worker = app.worker(
-        queues=queues,
-        concurrency=args.concurrency,
-        burst=args.burst,
-        shutdown_timeout=args.shutdown_timeout,
-        listen=not args.no_listen,
-        poll_interval=args.poll_interval,
-    )
+    options: dict[str, Any] = {name: getattr(args, name) for name in WORKER_OPTIONS}
+    worker = app.worker(**options)
     if args.log_jobs:
         worker.subscribe(log_job)
     metrics = None

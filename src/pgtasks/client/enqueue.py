@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar, cast
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 from .._shared import Connection
@@ -34,6 +35,7 @@ from ..db.send import message_insert, message_insert_batch, message_send, messag
 from ..exceptions import DatabaseUnavailable, PgTasksError
 from ..hooks import EnqueueCall, EnqueueHook, Hooks, compose
 from ..serialization import envelope
+from ..serialization.envelope import HEADER_IDEMPOTENCY_KEY
 from ..tasks import JobRef, Jobs, Signature
 
 T = TypeVar("T")
@@ -62,11 +64,13 @@ class Enqueuer:
         database: Database,
         *,
         max_message_size: int,
+        create_queues: bool = True,
         hooks: Hooks | None = None,
         jobs: Jobs | None = None,
     ) -> None:
         self._jobs = jobs  # what the refs it returns ask about their jobs
         self._pool = database.pool
+        self._create_queues = create_queues
         self._pool_max_size = database.pool_max_size
         self._where = database.where
         self._max_message_size = max_message_size
@@ -122,8 +126,9 @@ class Enqueuer:
             if sending.pooled and opts.idempotency_key is None:
                 # The common case, a third cheaper than pgtasks.send: a prepared INSERT into
                 # the queue's table. A queue that does not exist yet fails the statement
-                # (nothing sent) and pgtasks.send below creates it. Not on the caller's
-                # connection, where that failure would abort their transaction.
+                # (nothing sent) and pgtasks.send below creates it (or, with queue creation
+                # off, says so). Not on the caller's connection, where that failure would
+                # abort their transaction.
                 try:
                     msg_id = await message_insert(
                         conn, sig.queue, body, headers, opts.delay, opts.eta
@@ -131,7 +136,12 @@ class Enqueuer:
                     return msg_id, False, sig.queue
                 except asyncpg.UndefinedTableError:
                     pass
-            return await message_send(conn, sig.queue, body, headers, opts.delay, opts.eta)
+            sent = await message_send(
+                conn, sig.queue, body, headers, opts.delay, opts.eta, self._create_queues
+            )
+            if sent.args_differ:
+                _warn_other_arguments(sig.task.name, opts.idempotency_key, sent.msg_id, sent.queue)
+            return sent.msg_id, sent.deduplicated, sent.queue
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
         msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
@@ -146,7 +156,8 @@ class Enqueuer:
         headers: list[str | None] = []
         groups: dict[tuple[str, float, dt.datetime | None], list[int]] = defaultdict(list)
         first_with_key: dict[str, int] = {}
-        repeats: dict[int, int] = {}  # a later item with a key seen earlier -> the first
+        # a later item with a key seen earlier -> the first, and the key
+        repeats: dict[int, tuple[int, str]] = {}
         # the usual batch repeats one task and one options object (`task.s(...)` in a loop):
         # those items share the previous item's headers and group
         last_task: object = None
@@ -168,7 +179,7 @@ class Enqueuer:
             if key is not None:
                 last_task = last_opts = None  # a key is one item's own
                 if key in first_with_key:
-                    repeats[i] = first_with_key[key]
+                    repeats[i] = (first_with_key[key], key)
                     continue
                 first_with_key[key] = i
             else:
@@ -196,7 +207,7 @@ class Enqueuer:
             if not sending.pooled and len(batches) == 1:
                 # one statement in the caller's transaction (or autocommit): atomic as it is
                 sending.ambiguous = True
-                await batches[0].send(conn, refs, False, self._jobs)
+                await batches[0].send(conn, refs, False, self._jobs, create=self._create_queues)
                 return
             # Otherwise in a transaction, also for one statement on a pooled connection: a
             # connection that breaks before COMMIT (one killed while idle in the pool, say)
@@ -208,15 +219,18 @@ class Enqueuer:
                 if not direct:
                     raise
                 # the queue does not exist yet (the prepared INSERT failed, the transaction
-                # rolled back): again through pgtasks.send_batch, which creates it
+                # rolled back): again through pgtasks.send_batch, which creates it (or, with
+                # queue creation off, says so)
                 await self._send_in_transaction(conn, batches, refs, False, sending)
 
         if n:
             await self._on_connection(connection, send, f"deferring {n} jobs")
-        for i, first in repeats.items():
+        for i, (first, key) in repeats.items():
             ref = refs[first]
             assert ref is not None
             refs[i] = ref._replace(deduplicated=True)
+            if calls[i] != calls[first]:
+                _warn_other_arguments(calls[i][0], key, ref.id, ref.queue)
         return cast("list[JobRef[Any]]", refs)  # every position is set by now
 
     async def _send_in_transaction(
@@ -229,7 +243,7 @@ class Enqueuer:
     ) -> None:
         async with conn.transaction():
             for batch in batches:
-                await batch.send(conn, refs, direct, self._jobs)
+                await batch.send(conn, refs, direct, self._jobs, create=self._create_queues)
             sending.ambiguous = True  # only a failure from here on (COMMIT) is unsure
 
     async def _on_connection(
@@ -368,9 +382,12 @@ class _Batch:
         refs: list[JobRef[Any] | None],
         direct: bool,
         jobs: Jobs | None,
+        *,
+        create: bool,
     ) -> None:
         """Send, filling in ``refs``. ``direct``: take the prepared INSERT (no item has a
-        key), which raises `asyncpg.UndefinedTableError` when the queue does not exist."""
+        key), which raises `asyncpg.UndefinedTableError` when the queue does not exist.
+        ``create``: the app's word on creating a missing queue."""
         if direct:
             ids = await message_insert_batch(
                 conn, self.queue, self.bodies, self.headers, self.delay, self.eta
@@ -379,7 +396,25 @@ class _Batch:
                 refs[i] = JobRef(msg_id, self.queue, name, jobs=jobs)
             return
         rows = await message_send_batch(
-            conn, self.queue, self.bodies, self.headers, self.delay, self.eta
+            conn, self.queue, self.bodies, self.headers, self.delay, self.eta, create
         )
-        for i, name, (msg_id, dedup, queue) in zip(self.positions, self.names, rows, strict=True):
+        for n, (i, name, row) in enumerate(zip(self.positions, self.names, rows, strict=True)):
+            msg_id, dedup, queue, differ = row
             refs[i] = JobRef(msg_id, queue, name, dedup, jobs=jobs)
+            if differ:
+                header = self.headers[n] if self.headers is not None else None
+                key = orjson.loads(header).get(HEADER_IDEMPOTENCY_KEY) if header else None
+                _warn_other_arguments(name, key, msg_id, queue)
+
+
+def _warn_other_arguments(task: str, key: str | None, holder: int, queue: str) -> None:
+    """A deduplicated defer whose arguments differ from those of the job that holds its
+    key: nothing was sent, which is what the key is for, but likely not what was meant."""
+    logger.warning(
+        "deferring %r: idempotency key %r is held by job %d in queue %r, which was deferred "
+        "with other arguments; nothing was sent (a key deduplicates whatever the arguments)",
+        task,
+        key,
+        holder,
+        queue,
+    )

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 import asyncpg
 
+from .._options import Number, Option, OptionSet, Text
 from ..exceptions import ConfigurationError
 from .connect import (
     APPLICATION_NAME,
@@ -30,6 +33,43 @@ logger = logging.getLogger("pgtasks")
 
 
 LOCK_TIMEOUT = "2s"  # of the worker's own connections
+
+
+def _pool_sizes(values: Mapping[str, Any], where: str) -> None:
+    low, high = values.get("pool_min_size"), values.get("pool_max_size")
+    if low is not None and high is not None and low > high:
+        raise ConfigurationError(
+            f"{where}: pool_min_size must be at most pool_max_size "
+            f"(got pool_min_size={low} and pool_max_size={high})"
+        )
+
+
+DATABASE_OPTIONS = OptionSet(
+    Option(
+        "dsn",
+        None,
+        "the database URL (postgresql://user:password@host:port/database)",
+        Text("a postgresql:// URL", none="unset", empty=True),
+        default_text="$PGTASKS_DSN, else $DATABASE_URL, else the embedded server (an "
+        "empty value counts as unset)",
+    ),
+    Option("pool_min_size", 1, "connections the pool keeps open", Number(0, 1_000, integer=True)),
+    Option(
+        "pool_max_size",
+        10,
+        "connections the pool opens at most (a worker's own loops use 3 more)",
+        Number(1, 1_000, integer=True),
+    ),
+    Option(
+        "statement_cache_size",
+        100,
+        "prepared statements asyncpg keeps per connection; 0 for PgBouncer in transaction "
+        "mode before 1.21",
+        Number(0, 100_000, integer=True),
+    ),
+    relations=(_pool_sizes,),
+)
+"""The database's options, which `App` takes and passes on."""
 
 
 class Database:
@@ -52,15 +92,15 @@ class Database:
         pool_max_size: int = 10,
         statement_cache_size: int = 100,
     ) -> None:
-        if pool_max_size < 1 or pool_min_size < 0 or pool_min_size > pool_max_size:
-            raise ConfigurationError(
-                f"pool sizes must satisfy 0 <= pool_min_size <= pool_max_size >= 1 "
-                f"(got {pool_min_size} and {pool_max_size})"
-            )
-        if statement_cache_size < 0:
-            raise ConfigurationError(
-                f"statement_cache_size must not be negative (got {statement_cache_size})"
-            )
+        DATABASE_OPTIONS.check(
+            {
+                "dsn": dsn,
+                "pool_min_size": pool_min_size,
+                "pool_max_size": pool_max_size,
+                "statement_cache_size": statement_cache_size,
+            },
+            "App",
+        )
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
         self.statement_cache_size = statement_cache_size

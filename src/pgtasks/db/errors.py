@@ -29,6 +29,7 @@ from ..exceptions import (
     DatabaseUnavailable,
     PermissionDenied,
     PgTasksError,
+    QueueNotFound,
     SchemaMissing,
 )
 
@@ -56,6 +57,8 @@ _TRANSIENT_CODES = frozenset({LOCK_NOT_AVAILABLE, "55006"})
 _BAD_DATA_CLASSES = frozenset({"22", "23", "54"})
 # A database, schema or relation or function that does not exist.
 _MISSING_CODES = frozenset({"3D000", "3F000", "42P01", "42883", "42704"})
+# pgtasks' own (migration 0007): a job for a missing queue while queue creation is off.
+QUEUE_NOT_FOUND = "PGQ01"
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -95,6 +98,8 @@ def translate(exc: BaseException, what: str) -> PgTasksError | None:
     code = sqlstate(exc)
     if code is None:
         return None
+    if code == QUEUE_NOT_FOUND:
+        return QueueNotFound(f"{what} failed: {getattr(exc, 'message', None) or exc}")
     if code in _MISSING_CODES and _names_ours(exc):
         return SchemaMissing(
             f"{what} failed: the database has no pgtasks schema (or pgmq), or it is out of "

@@ -1,6 +1,12 @@
 """The SQL of enqueueing: pgtasks.send / send_batch (keys, queue creation and the wake-up
 NOTIFY in one round trip), and the prepared INSERT of the common case (a pooled defer
 without a key into a queue that exists).
+
+The six-argument send / send_batch (migration 0007) take the app's ``create_queues``: a
+missing queue is created unless the app or the database (``pgtasks.settings``) says no,
+and then they raise SQLSTATE ``PGQ01`` (`errors.QUEUE_NOT_FOUND`). Each result row also says, for a
+deduplicated message, whether its arguments differ from the key holder's (``args_differ``,
+computed only then).
 """
 
 from __future__ import annotations
@@ -8,26 +14,39 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import asyncpg
 
 from .sql import NOTIFY_CHANNEL, Executor, table
 
 MESSAGE_SEND = """
-SELECT msg_id, deduplicated, queue
-FROM pgtasks.send($1::text, $2::text::jsonb, $3::text::jsonb, $4::float8, $5::timestamptz)
+SELECT msg_id, deduplicated, queue, args_differ
+FROM pgtasks.send($1::text, $2::text::jsonb, $3::text::jsonb, $4::float8, $5::timestamptz,
+                  $6::boolean)
 """
 
 # Bodies arrive as one JSON array ($2), split here in order: one parameter instead of one
 # array element per message (see envelope.encode_many).
 MESSAGE_SEND_BATCH = """
-SELECT msg_id, deduplicated, queue
+SELECT msg_id, deduplicated, queue, args_differ
 FROM pgtasks.send_batch(
     $1::text,
     ARRAY(SELECT b.body FROM jsonb_array_elements($2::text::jsonb) WITH ORDINALITY AS b(body, i)
           ORDER BY b.i),
-    $3::text[]::jsonb[], $4::float8, $5::timestamptz)
+    $3::text[]::jsonb[], $4::float8, $5::timestamptz, $6::boolean)
 """
+
+
+class Sent(NamedTuple):
+    """What pgtasks.send answers for one message: its msg_id (a deduplicated one's is the
+    key holder's, maybe in another queue), and for a deduplicated one whether its arguments
+    differ from the holder's (None: unknown, or not deduplicated)."""
+
+    msg_id: int
+    deduplicated: bool
+    queue: str
+    args_differ: bool | None
 
 
 async def message_send(
@@ -37,12 +56,13 @@ async def message_send(
     headers: str | None,
     delay: float,
     eta: dt.datetime | None,
-) -> tuple[int, bool, str]:
-    """(msg_id, deduplicated, queue): a deduplicated job is the key holder, maybe in
-    another queue."""
-    row = await conn.fetchrow(MESSAGE_SEND, queue, body, headers, delay, eta)
+    create_queue: bool = True,
+) -> Sent:
+    """Send one message through pgtasks.send; a missing queue is created unless
+    ``create_queue`` or the database's setting is off (SQLSTATE `QUEUE_NOT_FOUND`)."""
+    row = await conn.fetchrow(MESSAGE_SEND, queue, body, headers, delay, eta, create_queue)
     assert row is not None
-    return row[0], row[1], row[2]
+    return Sent(row[0], row[1], row[2], row[3])
 
 
 @lru_cache(maxsize=256)
@@ -119,9 +139,10 @@ async def message_send_batch(
     headers: Sequence[str | None] | None,
     delay: float,
     eta: dt.datetime | None,
+    create_queue: bool = True,
 ) -> list[asyncpg.Record]:
-    """One (msg_id, deduplicated, queue) record per message, in input order."""
+    """One (msg_id, deduplicated, queue, args_differ) record per message, in input order."""
     rows: list[asyncpg.Record] = await conn.fetch(
-        MESSAGE_SEND_BATCH, queue, bodies, headers, delay, eta
+        MESSAGE_SEND_BATCH, queue, bodies, headers, delay, eta, create_queue
     )
     return rows

@@ -3,10 +3,10 @@
 
 `task` holds `Task` and `TaskCall`, and the `Producer` a task defers through; `signature`
 a call not yet sent (`Signature`, `CallOptions`) and the `JobRef` it becomes; `binding` the
-check of a call against the function's parameters and hints; `config` a task's settings;
-`registry` the shared tasks and the default app; `retry` the retry policy and the
-`Retry`/`Fail` signals. Nothing here touches a database: a task defers through the
-`Producer` (the app) it was registered with.
+check of a call against the function's parameters and hints; `config` the task options'
+one definition and a task's settings; `registry` the shared tasks and the default app;
+`retry` the retry policy and the `Retry`/`Fail` signals. Nothing here touches a database:
+a task defers through the `Producer` (the app) it was registered with.
 """
 
 from .._shared import MAX_DELAY, OnSuccess
@@ -20,7 +20,7 @@ from .canvas import (
     chord,
     group,
 )
-from .config import TaskConfig
+from .config import TASK_DEFAULTS, TASK_OPTIONS, TaskConfig, TaskDefaults, TaskOptions
 from .handle import CancelOutcome, JobRef, Jobs, JobState, JobStatus
 from .registry import make_task, shared_tasks
 from .retry import Fail, Retry, RetryPolicy
@@ -28,6 +28,8 @@ from .signature import CallOptions, Signature
 from .task import Producer, Task, TaskCall
 
 __all__ = [
+    "TASK_DEFAULTS",
+    "TASK_OPTIONS",
     "CallOptions",
     "CancelOutcome",
     "Fail",
@@ -44,6 +46,8 @@ __all__ = [
     "Task",
     "TaskCall",
     "TaskConfig",
+    "TaskDefaults",
+    "TaskOptions",
     "make_task",
     "shared_tasks",
     "StepStatus",

@@ -12,15 +12,13 @@ nobody keeps is not kept alive by being registered.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, overload
 
-from typing_extensions import ParamSpec
+from typing_extensions import ParamSpec, Unpack
 
-from .._shared import OnSuccess
 from ..exceptions import ConfigurationError
-from ..queues import check_queue_name
-from .config import TASK_OPTIONS, TaskConfig, check_lease, check_on_success
+from .config import TaskOptions, task_options
 from .task import Producer, Task
 
 P = ParamSpec("P")
@@ -44,23 +42,12 @@ def set_default(producer: Producer) -> None:
 
 
 def make_task(
-    fn: Callable[P, Awaitable[R]], app: Producer | None, options: dict[str, Any]
+    fn: Callable[P, Awaitable[R]], app: Producer | None, options: Mapping[str, Any]
 ) -> Task[P, R]:
-    unknown = set(options) - TASK_OPTIONS - {"name", "queue"}
-    if unknown:
-        raise TypeError(f"unknown task option(s): {', '.join(sorted(unknown))}")
-    config = {k: v for k, v in options.items() if k in TASK_OPTIONS}
-    if config.get("lease") is not None:
-        check_lease(config["lease"])
-    if config.get("on_success") is not None:
-        check_on_success(config["on_success"])
-    return Task(
-        fn,
-        name=options.get("name"),
-        queue=check_queue_name(options.get("queue", "default")),
-        config=TaskConfig(**config),
-        app=app,
-    )
+    """A task from its function and its decorator's options, checked (`TASK_OPTIONS`)."""
+    where = f"@task {getattr(fn, '__qualname__', fn)!s}"
+    name, queue, config = task_options(options, where)
+    return Task(fn, name=name, queue=queue, config=config, app=app)
 
 
 @overload
@@ -69,29 +56,15 @@ def task(fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
 
 @overload
 def task(
-    *,
-    name: str | None = None,
-    queue: str = "default",
-    max_retries: int | None = None,
-    retry_backoff: float | None = None,
-    retry_backoff_max: float | None = None,
-    retry_jitter: bool | None = None,
-    retry_on: tuple[type[BaseException], ...] | None = None,
-    dont_retry_on: tuple[type[BaseException], ...] | None = None,
-    timeout: float | None = None,
-    lease: float | None = None,
-    on_success: OnSuccess | None = None,
-    transactional: bool = False,
-    keep_result: bool | None = None,
-    result_ttl: float | None = None,
+    **options: Unpack[TaskOptions],
 ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
 
 
 def task(
-    fn: Callable[P, Awaitable[R]] | None = None, /, **options: Any
+    fn: Callable[P, Awaitable[R]] | None = None, /, **options: Unpack[TaskOptions]
 ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
     """A shared task (Celery's ``shared_task``), for reusable modules: every `App` runs it,
-    and it defers through the default app. Options as for `App.task`."""
+    and it defers through the default app. Options as for `App.task` (`TaskOptions`)."""
 
     def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
         t = make_task(f, None, options)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-if TYPE_CHECKING:
-    from .config import TaskConfig
+from .config import BUILTIN_DEFAULTS, TaskConfig
 
 T = TypeVar("T")
 
@@ -57,8 +56,8 @@ class RetryPolicy:
 
     @classmethod
     def from_config(cls, task: TaskConfig, app: TaskConfig) -> RetryPolicy:
-        """The task's settings, else the app's, else these defaults."""
-        d = cls()
+        """The task's settings, else the app's, else pgtasks' defaults (`TASK_DEFAULTS`)."""
+        d = BUILTIN_DEFAULTS
         return cls(
             max_retries=_first(task.max_retries, app.max_retries, d.max_retries),
             retry_backoff=_first(task.retry_backoff, app.retry_backoff, d.retry_backoff),

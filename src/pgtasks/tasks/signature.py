@@ -1,10 +1,10 @@
 """A call of a task, not yet sent: its options (`CallOptions`) and the call itself
 (`Signature`); a sent call becomes a `handle.JobRef`.
 
-Options are checked where they are given (``task.options(...)``), so that ``defer`` raises
-only for what it sends: a queue name pgtasks accepts, a finite delay of at most ten years, a
-timezone-aware eta, headers that are a mapping of names to JSON values and leave pgtasks' own
-names alone.
+Options are checked where they are given (``task.options(...)``, ``apply_async``), so that
+``defer`` raises only for what it sends: a queue name pgtasks accepts, a finite delay of at
+most ten years, a timezone-aware eta, a non-empty idempotency key, headers that are a
+mapping of names to JSON values and leave pgtasks' own names alone, an asyncpg connection.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from .._shared import MAX_DELAY, Connection
 from ..exceptions import SerializationError
@@ -65,6 +68,11 @@ class CallOptions:
         if headers is not None:
             changes["headers"] = _checked_headers(headers)
         if connection is not None:
+            if not isinstance(connection, asyncpg.Connection | PoolConnectionProxy):
+                raise TypeError(
+                    "connection must be an asyncpg connection (asyncpg.connect(...) or one "
+                    f"acquired from a pool), got {describe(connection)}"
+                )
             changes["connection"] = connection
         if expires is not None:
             changes["expires"] = _checked_expires(expires)

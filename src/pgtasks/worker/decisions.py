@@ -22,6 +22,7 @@ from ..db.attempt_errors import AttemptError
 from ..db.workflows import StepEnd
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
+from ..tasks.config import TASK_DEFAULTS
 from .events import JobEvent
 from .job import Job
 from .outcome import Outcome, attempt_error, clean_delay, clean_text, describe_error, error_json
@@ -51,7 +52,7 @@ class Decisions:
         ttl = task.config.result_ttl if task is not None else None
         if ttl is None:
             ttl = self._defaults.result_ttl
-        return ttl if ttl is not None else 7 * 86400.0
+        return ttl if ttl is not None else TASK_DEFAULTS["result_ttl"].default
 
     # --- the run is over -----------------------------------------------------------------
 

@@ -41,12 +41,15 @@ from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..hooks import ExecuteHook, run_with_hooks
 from ..serialization import envelope
 from ..tasks import RetryPolicy, Task, TaskConfig
+from ..tasks.config import TASK_DEFAULTS
 from .decisions import Decisions
 from .events import JobEvent
 from .job import CancelReason, Job, JobTimeout, claimed
 from .outcome import Outcome, clean_text, describe_error, missing_body
 
 logger = logging.getLogger("pgtasks")
+
+DEFAULT_LEASE: float = TASK_DEFAULTS["lease"].default
 
 
 class _LeaseLost(Exception):
@@ -84,7 +87,7 @@ class Executor:
     def lease_for(self, task_name: str | None) -> float:
         task = self._tasks.get(task_name or "")
         lease = task.config.lease if task is not None else None
-        return lease or self._defaults.lease or 30.0
+        return lease or self._defaults.lease or DEFAULT_LEASE
 
     def new_job(self, queue: str, msg: jobs.Message, lease: float) -> Job:
         return claimed(queue, msg, lease)

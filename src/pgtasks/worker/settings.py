@@ -1,29 +1,32 @@
-"""What a worker is configured with, and the checks of its options.
+"""What a worker is configured with: the worker options (their one definition,
+`WorkerOptions` and `WORKER_OPTIONS`, which `App.worker`, `Worker`, the FastAPI helper and
+the command line's ``worker`` flags all take), and the app-wide `WorkerSettings`.
 
 `WorkerSettings` are the app-wide settings a worker needs besides its database and its tasks
 (an `App` makes them from its own); the pool's size and statement cache size are the
-database's (`db.Database`). The options of one worker (concurrency, timeouts, intervals) are
-checked here, each against the range it may take, so that a wrong one fails when the worker
-is made, naming the option.
+database's (`db.Database`). The worker options are checked when the worker is made (or the
+FastAPI lifespan built, or the command line read), each against the range it may take,
+naming the option.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from typing_extensions import TypedDict
+
+from .._options import Flag, Number, Option, OptionSet, QueueNames
 from ..exceptions import ConfigurationError
-from ..queues import check_queue_name
 from ..tasks import Task, TaskConfig
 
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """The app-wide settings a worker runs its jobs with.
+    """The app-wide settings a worker runs its jobs with (an `App`'s).
 
     Args:
         defaults: every task's settings where the task has none of its own.
@@ -34,31 +37,83 @@ class WorkerSettings:
     """
 
     defaults: TaskConfig
-    key_retention: dt.timedelta = dt.timedelta(days=7)
-    max_message_size: int = 1024 * 1024
-    max_result_size: int = 1024 * 1024
+    key_retention: dt.timedelta
+    max_message_size: int
+    max_result_size: int
 
 
-def check_number(
-    name: str, value: object, low: float, high: float, *, integer: bool = False
-) -> None:
-    """Refuse a worker option outside [low, high] (or not a number), naming it."""
-    kind = int if integer else (int, float)
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, kind)
-        or not math.isfinite(value)
-        or not low <= value <= high
-    ):
-        expected = "a whole number" if integer else "a number"
-        raise ConfigurationError(
-            f"worker option {name} must be {expected} from {low:g} to {high:g} (got {value!r})"
-        )
+class WorkerOptions(TypedDict, total=False):
+    """The options of a worker: `App.worker`, `Worker`, the FastAPI helper
+    (`worker_lifespan`) and, as flags, ``python -m pgtasks worker``. Each one's meaning,
+    default and range are in [Configuration](configuration.md#worker-options)."""
+
+    queues: Sequence[str] | None
+    concurrency: int
+    burst: bool
+    shutdown_timeout: float
+    listen: bool
+    poll_interval: float
+
+
+WORKER_OPTIONS = OptionSet(
+    Option(
+        "queues",
+        None,
+        "the queues to serve",
+        QueueNames(none="every registered task's queue"),
+        default_text="every registered task's queue",
+        flags=("-q", "--queues"),
+        metavar="Q1,Q2",
+    ),
+    Option(
+        "concurrency",
+        10,
+        "jobs run at once (and so messages claimed at most)",
+        Number(1, 100_000, integer=True),
+        flags=("-c", "--concurrency"),
+        metavar="N",
+    ),
+    Option(
+        "burst",
+        False,
+        "stop once the queues have no visible jobs and nothing runs (the command line "
+        "exits 0); off: run until stopped",
+        Flag(),
+        flags=("--burst",),
+    ),
+    Option(
+        "shutdown_timeout",
+        20.0,
+        "seconds running jobs get to finish after a stop (SIGTERM); with the final flush "
+        "(at most 10 s) the default fits Kubernetes' 30 s grace period",
+        Number(0, 86_400, unit="seconds"),
+        flags=("--shutdown-timeout",),
+        metavar="SECONDS",
+    ),
+    Option(
+        "listen",
+        True,
+        "wake on NOTIFY; off: poll only (e.g. behind PgBouncer in transaction mode)",
+        Flag(),
+        flags=("--listen",),
+    ),
+    Option(
+        "poll_interval",
+        5.0,
+        "the safety poll, in seconds: how often an idle worker looks for delayed jobs, "
+        "retries and expired leases",
+        Number(0.01, 3_600, unit="seconds"),
+        flags=("--poll-interval",),
+        metavar="SECONDS",
+    ),
+)
+"""The worker options, with their defaults, ranges and command line flags."""
 
 
 def checked_queues(queues: Sequence[str] | None, tasks: Mapping[str, Task[Any, Any]]) -> list[str]:
-    """The queues a worker serves: those given, else every one of its tasks' queues."""
-    names = [check_queue_name(q) for q in (queues or sorted({t.queue for t in tasks.values()}))]
+    """The queues a worker serves: those given (checked already), else every one of its
+    tasks' queues."""
+    names = list(queues or sorted({t.queue for t in tasks.values()}))
     if not names:
         raise ConfigurationError(
             "the worker has no queues: register a task with @app.task or pass queues=[...]"

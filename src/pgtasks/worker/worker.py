@@ -29,13 +29,13 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
-from typing_extensions import Self
+from typing_extensions import Self, Unpack
 
 from ..db import jobs, queues, schema
 from ..db.database import Database
@@ -51,7 +51,13 @@ from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
-from .settings import WorkerSettings, check_number, checked_queues, transactional_slots
+from .settings import (
+    WORKER_OPTIONS,
+    WorkerOptions,
+    WorkerSettings,
+    checked_queues,
+    transactional_slots,
+)
 
 logger = logging.getLogger("pgtasks")
 
@@ -67,13 +73,11 @@ class Worker:
         tasks: the tasks it runs, by name (`App.tasks`).
         settings: the app-wide settings it runs them with (task defaults, key retention,
             message size limit).
-        queues: the queues to serve; default every registered task's queue.
-        concurrency: jobs run at once (and so messages claimed at most).
-        burst: exit once the queues have no visible messages and nothing is running.
-        shutdown_timeout: seconds running jobs get to finish after a stop.
-        listen: wake on NOTIFY; False polls only (e.g. behind PgBouncer in transaction mode).
-        poll_interval: the safety poll, in seconds.
         hooks: the hooks to run around every job (`App.hooks`).
+        **options: the worker options (`WorkerOptions`): ``queues``, ``concurrency``,
+            ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``; see
+            [Configuration](configuration.md#worker-options) for each one's meaning,
+            default and range.
     """
 
     def __init__(
@@ -82,27 +86,20 @@ class Worker:
         tasks: Mapping[str, Task[Any, Any]],
         settings: WorkerSettings,
         *,
-        queues: Sequence[str] | None = None,
-        concurrency: int = 10,
-        burst: bool = False,
-        shutdown_timeout: float = 20.0,
-        listen: bool = True,
-        poll_interval: float = 5.0,
         hooks: Hooks | None = None,
+        **options: Unpack[WorkerOptions],
     ) -> None:
-        check_number("concurrency", concurrency, 1, 100_000, integer=True)
-        check_number("shutdown_timeout", shutdown_timeout, 0, 86_400)
-        check_number("poll_interval", poll_interval, 0.01, 3_600)
+        opts = WORKER_OPTIONS.resolve(options, "worker")
         self._database = database
         self._settings = settings
         self._hooks = hooks
         self._tasks = dict(tasks)
-        self.queues = checked_queues(queues, self._tasks)
-        self.concurrency = concurrency
-        self.burst = burst
-        self.shutdown_timeout = float(shutdown_timeout)
-        self.listen = listen
-        self.poll_interval = float(poll_interval)
+        self.queues: list[str] = checked_queues(opts["queues"], self._tasks)
+        self.concurrency: int = opts["concurrency"]
+        self.burst: bool = opts["burst"]
+        self.shutdown_timeout: float = opts["shutdown_timeout"]
+        self.listen: bool = opts["listen"]
+        self.poll_interval: float = opts["poll_interval"]
         self._events = Events()
         self.stats = self._events.stats
         self._jobs: set[Job] = set()
