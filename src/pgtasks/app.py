@@ -24,6 +24,7 @@ from typing_extensions import ParamSpec, Self
 
 from ._shared import Connection, OnSuccess
 from .admin import maintenance
+from .admin import schedules as admin_schedules
 from .admin.dead_letters import DeadLetters
 from .client.enqueue import Enqueuer
 from .client.jobs import wait_for
@@ -32,9 +33,11 @@ from .db.connect import DsnSource
 from .db.database import Database
 from .exceptions import ConfigurationError
 from .hooks import Hooks
+from .periodic.schedule import CatchUp, Schedule, check_catch_up, make_timing
 from .tasks import JobRef, Signature, Task, TaskConfig, registry
 from .tasks.config import check_lease, check_on_success
 from .worker import Worker, WorkerSettings
+from .worker.scheduler import Scheduler
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -117,6 +120,7 @@ class App:
             self._database, max_message_size=max_message_size, hooks=self.hooks
         )
         registry.register_producer(self, default=default)
+        self._schedules: dict[str, Schedule] = {}
 
     def __repr__(self) -> str:
         return f"<pgtasks.App tasks={len(self.tasks)}>"
@@ -320,8 +324,10 @@ class App:
         shutdown_timeout: float = 20.0,
         listen: bool = True,
         poll_interval: float = 5.0,
+        schedule: bool = True,
     ) -> Worker:
-        """A worker for this app; see `pgtasks.Worker`."""
+        """A worker for this app; see `pgtasks.Worker`. With ``schedule`` (the default) it
+        also runs the scheduler of the app's schedules (not in ``burst`` mode)."""
         return Worker(
             self._database,
             self.tasks,
@@ -337,4 +343,132 @@ class App:
             listen=listen,
             poll_interval=poll_interval,
             hooks=self.hooks,
+            schedules=list(self._schedules.values()) if schedule else (),
+        )
+
+    # --- periodic jobs ------------------------------------------------------------------
+
+    def periodic(
+        self,
+        cron: str | None = None,
+        /,
+        *,
+        every: dt.timedelta | None = None,
+        tz: str | None = None,
+        name: str | None = None,
+        catch_up: CatchUp = "latest",
+    ) -> Callable[[Task[P, R]], Task[P, R]]:
+        """Run a task on a schedule; goes above ``@app.task`` (the task takes no
+        arguments; see `schedule` for one that does)::
+
+            @app.periodic("*/5 * * * *", tz="Europe/Paris")
+            @app.task
+            async def report() -> None: ...
+
+        Args:
+            cron: a cron expression: 5 fields (minute hour day month weekday), or 6 with
+                the seconds first. Needs the ``cron`` extra.
+            every: an interval instead (a ``timedelta`` of at least one second): ticks at
+                its multiples since the Unix epoch.
+            tz: the IANA time zone the cron expression is read in (default UTC).
+            name: the schedule's name (default: the task's); unique in the app.
+            catch_up: ticks missed while no scheduler ran: ``"none"``, ``"latest"``
+                (enqueue the latest), or a number N (at most the latest N).
+
+        An invalid expression, time zone or option fails here. See docs/periodic.md.
+        """
+        timing = make_timing(cron, every, tz)
+        policy = check_catch_up(catch_up)
+
+        def decorate(task: Task[P, R]) -> Task[P, R]:
+            if not isinstance(task, Task):
+                raise TypeError(
+                    f"@app.periodic goes above @app.task, not on a plain function ({task!r})"
+                )
+            try:
+                signature = task.s()  # type: ignore[call-arg]
+            except TypeError as exc:
+                raise ConfigurationError(
+                    f"@app.periodic: task {task.name!r} needs arguments ({exc}); schedule a "
+                    "call with them: app.schedule(task.s(...), cron=..., name=...)"
+                ) from None
+            self._add_schedule(Schedule(name or task.name, signature, timing, policy))
+            return task
+
+        return decorate
+
+    def schedule(
+        self,
+        signature: Signature,
+        /,
+        *,
+        cron: str | None = None,
+        every: dt.timedelta | None = None,
+        tz: str | None = None,
+        name: str | None = None,
+        catch_up: CatchUp = "latest",
+    ) -> Schedule:
+        """Enqueue this call (``task.s(...)``, or ``task.options(queue=...).s(...)``) on a
+        schedule; the options are those of `periodic`. Returns the `Schedule`."""
+        if not isinstance(signature, Signature):
+            raise TypeError(
+                f"app.schedule takes a call of a task, like task.s(42) (got {signature!r})"
+            )
+        timing = make_timing(cron, every, tz)
+        return self._add_schedule(
+            Schedule(name or signature.task.name, signature, timing, check_catch_up(catch_up))
+        )
+
+    def schedule_prune(
+        self,
+        cron: str | None = "0 3 * * *",
+        /,
+        *,
+        every: dt.timedelta | None = None,
+        tz: str | None = None,
+        errors_older_than: dt.timedelta = dt.timedelta(days=7),
+        archive_older_than: dt.timedelta | None = None,
+        queue: str = "default",
+        catch_up: CatchUp = "latest",
+    ) -> Schedule:
+        """Run `prune` on a schedule (default: daily at 03:00 UTC), as the job
+        ``pgtasks.prune`` on ``queue``, so that retention needs no external cron."""
+        task = self._tasks.get(admin_schedules.PRUNE_TASK)
+        if task is None:
+            task = admin_schedules.prune_task(self._database, queue)
+            self._register(task)
+        signature = task.options(queue=queue).s(
+            errors_older_than.total_seconds(),
+            archive_older_than.total_seconds() if archive_older_than is not None else None,
+        )
+        return self.schedule(
+            signature,
+            cron=cron if every is None else None,
+            every=every,
+            tz=tz,
+            name=admin_schedules.PRUNE_TASK,
+            catch_up=catch_up,
+        )
+
+    def _add_schedule(self, schedule: Schedule) -> Schedule:
+        if schedule.name in self._schedules:
+            raise ConfigurationError(
+                f"two schedules are named {schedule.name!r}; give one another name=..."
+            )
+        schedule.definition(self.max_message_size)  # arguments that cannot be sent fail now
+        self._schedules[schedule.name] = schedule
+        return schedule
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """This app's schedules, by name."""
+        return dict(self._schedules)
+
+    def scheduler(self) -> Scheduler:
+        """A scheduler of this app's schedules, to run alone (``await
+        app.scheduler().run()``); workers run one of their own unless told not to."""
+        return Scheduler(
+            self._database,
+            list(self._schedules.values()),
+            max_message_size=self.max_message_size,
         )

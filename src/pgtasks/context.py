@@ -30,6 +30,9 @@ class JobContext(NamedTuple):
         connection: for a ``transactional=True`` task, the connection whose open
             transaction also acks the job: write through it and your writes commit with
             the ack, or not at all.
+        scheduled_at: for a job a schedule enqueued, the tick it is for (on the database
+            clock, UTC), so that a job that runs late still processes its own period;
+            None for other jobs.
     """
 
     id: int
@@ -40,6 +43,7 @@ class JobContext(NamedTuple):
     idempotency_key: str | None = None
     headers: Mapping[str, Any] = MappingProxyType({})
     connection: Connection | None = None
+    scheduled_at: dt.datetime | None = None
 
 
 _current: ContextVar[JobContext] = ContextVar("pgtasks_current_job")

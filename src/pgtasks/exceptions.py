@@ -15,7 +15,8 @@ catches them all::
     │   └── MessageTooLarge
     ├── EnvelopeError               a message body that is not a pgtasks envelope
     ├── UnknownTask                 a message names a task this process does not know
-    └── JobNotFound                 an id that names no job
+    ├── JobNotFound                 an id that names no job
+    └── ScheduleNotFound            a name that names no schedule
 
 `Retry` and `Fail` are signals a task raises to steer its own retries. They are not errors
 and live in `pgtasks.retry`, outside this tree.
@@ -77,3 +78,8 @@ class UnknownTask(PgTasksError):
 
 class JobNotFound(PgTasksError):
     """No job with that id exists (any more) where it was looked for."""
+
+
+class ScheduleNotFound(PgTasksError):
+    """No schedule of that name is in ``pgtasks.schedules`` (or it is orphaned, for an
+    action that needs a live one)."""

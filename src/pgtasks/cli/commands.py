@@ -1,6 +1,6 @@
-"""The commands that run against a database and end: ``migrate``, ``status``, ``prune``, and
-(from `dead`) ``dead ...``. Each first checks that the database was migrated, except
-``migrate``.
+"""The commands that run against a database and end: ``migrate``, ``status``, ``prune``,
+(from `dead`) ``dead ...`` and (from `schedules`) ``schedules ...``. Each first checks that
+the database was migrated, except ``migrate``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from ..admin import queues
 from ..app import App
 from ..db import schema
-from . import dead
+from . import dead, schedules
 from .output import print_json
 
 
@@ -75,4 +75,5 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
     "show": dead.show_letter,
     "retry": dead.retry_letters,
     "purge": dead.purge_letters,
+    "schedules": schedules.command,
 }

@@ -70,6 +70,7 @@ def run_worker(app: App, args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         listen=not args.no_listen,
         poll_interval=args.poll_interval,
+        schedule=not args.no_schedule,
     )
     if args.log_jobs:
         worker.subscribe(log_job)

@@ -36,6 +36,7 @@ from ..db import jobs
 from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..hooks import ExecuteHook, run_with_hooks
+from ..periodic.schedule import scheduled_at
 from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
 from .events import JobEvent
@@ -181,6 +182,7 @@ class Executor:
             enqueued_at=msg.enqueued_at,
             idempotency_key=key if isinstance(key, str) else None,
             headers=headers,
+            scheduled_at=scheduled_at(headers) if headers else None,
         )
         if msg.key_holder is not None:
             self._skip_done(job, ctx, task, msg.key_holder)

@@ -39,6 +39,7 @@ from typing_extensions import Self
 from ..db import jobs, queues, schema
 from ..db.database import Database
 from ..hooks import Hooks
+from ..periodic.schedule import Schedule
 from ..tasks import Task
 from .completer import Completer
 from .connection import OwnConnection
@@ -49,6 +50,7 @@ from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
+from .scheduler import Scheduler
 from .settings import WorkerSettings, check_number, checked_queues, transactional_slots
 
 logger = logging.getLogger("pgtasks")
@@ -72,6 +74,8 @@ class Worker:
         listen: wake on NOTIFY; False polls only (e.g. behind PgBouncer in transaction mode).
         poll_interval: the safety poll, in seconds.
         hooks: the hooks to run around every job (`App.hooks`).
+        schedules: the schedules whose ticks it enqueues (`App.schedules`), with a
+            `Scheduler` in its service scope; none in ``burst`` mode.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class Worker:
         listen: bool = True,
         poll_interval: float = 5.0,
         hooks: Hooks | None = None,
+        schedules: Sequence[Schedule] = (),
     ) -> None:
         check_number("concurrency", concurrency, 1, 100_000, integer=True)
         check_number("shutdown_timeout", shutdown_timeout, 0, 86_400)
@@ -113,6 +118,11 @@ class Worker:
         self._done = anyio.Event()
         self.listener: Listener | None = None
         self.abandoned = 0  # jobs that ignored cancellation at the last stop
+        self.scheduler: Scheduler | None = None
+        if schedules and not burst:
+            self.scheduler = Scheduler(
+                database, schedules, max_message_size=settings.max_message_size
+            )
 
     # --- public ---------------------------------------------------------------------------
 
@@ -222,6 +232,8 @@ class Worker:
             async with anyio.create_task_group() as service:
                 service.start_soon(self._completer.run)
                 service.start_soon(leases.run)
+                if self.scheduler is not None:
+                    service.start_soon(self.scheduler.run)
                 if self.listen:
                     self.listener = Listener(self._database.dsn, self._on_notify)
                     await service.start(self.listener.run)
