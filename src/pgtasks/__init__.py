@@ -21,9 +21,11 @@ from .exceptions import (
     UnknownTask,
 )
 from .hooks import EnqueueCall, EnqueueHook, EnqueueNext, ExecuteHook, ExecuteNext, Hooks
+from .periodic.schedule import Schedule
 from .tasks import Fail, JobRef, Retry, RetryPolicy, Signature, Task, TaskCall
 from .tasks.registry import task
 from .worker import JobEvent, Worker
+from .worker.scheduler import Scheduler
 
 __all__ = [
     "App",
@@ -49,7 +51,9 @@ __all__ = [
     "QueueNameError",
     "Retry",
     "RetryPolicy",
+    "Schedule",
     "ScheduleNotFound",
+    "Scheduler",
     "SchemaMissing",
     "SerializationError",
     "Signature",

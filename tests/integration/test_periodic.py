@@ -406,3 +406,19 @@ def test_the_scheduler_reads_instants_only_from_the_database() -> None:
 
 def _ticks(jobs: Sequence[dict[str, Any]]) -> list[dt.datetime]:
     return [j["tick"] for j in jobs]
+
+
+async def test_the_worker_role_may_run_schedulers_and_producers_may_not(
+    conn: asyncpg.Connection,
+) -> None:
+    if not await conn.fetchval("SELECT to_regrole('pgtasks_worker') IS NOT NULL"):
+        pytest.skip("the group roles do not exist on this server")
+    checks = {
+        "SELECT has_table_privilege('pgtasks_worker', 'pgtasks.schedules', 'UPDATE')": True,
+        "SELECT has_function_privilege('pgtasks_worker', "
+        "'pgtasks.schedule_fire(text, text, timestamptz[], timestamptz, timestamptz)', "
+        "'EXECUTE')": True,
+        "SELECT has_table_privilege('pgtasks_producer', 'pgtasks.schedules', 'SELECT')": False,
+    }
+    for query, expected in checks.items():
+        assert await conn.fetchval(query) is expected, query

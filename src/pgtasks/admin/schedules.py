@@ -28,9 +28,10 @@ class ScheduleInfo:
     """One schedule's row, as the listing shows it.
 
     ``state`` is ``active``, ``paused`` or ``orphaned`` (no running scheduler has defined it
-    for a while: it does not fire). ``last_job`` is the state of the job of its last tick or
-    trigger: ``waiting``, ``running``, ``retrying``, ``succeeded``, ``dead``, or None
-    (none yet, or no longer known: pruned, deleted by hand).
+    for a while: it does not fire); ``next_tick`` is None unless it is active. ``last_job``
+    is the state of the job of its last tick or trigger: ``waiting``, ``running``,
+    ``retrying``, ``succeeded``, ``dead``, or None (none yet, or no longer known: pruned,
+    deleted by hand).
     """
 
     name: str
@@ -86,7 +87,7 @@ def _info(row: sql.ScheduleRow, orphan_after: float) -> ScheduleInfo:
         timezone=row.timezone,
         catch_up=row.catch_up,
         state=state,
-        next_tick=None if state == "orphaned" else row.next_tick,
+        next_tick=row.next_tick if state == "active" else None,
         last_tick=row.last_tick,
         last_job=row.last_job,
         last_job_id=row.last_msg_id,

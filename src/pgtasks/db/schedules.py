@@ -75,7 +75,10 @@ def _columns(definitions: Sequence[Definition]) -> list[list[Any]]:
         "headers",
         "fingerprint",
     )
-    return [[getattr(d, f) for d in definitions] for f in fields]
+    # in one order everywhere: schedulers writing the same rows at once lock them in the
+    # same order, and cannot deadlock
+    ordered = sorted(definitions, key=lambda d: d.name)
+    return [[getattr(d, f) for d in ordered] for f in fields]
 
 
 async def schedules_define(conn: Executor, definitions: Sequence[Definition]) -> None:
