@@ -5,6 +5,7 @@ scheduler alone beside a worker with --no-schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 import json
@@ -15,13 +16,17 @@ import sys
 import textwrap
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
 
+from ..conftest import _admin, _clone
+
 TASKS = """
+import asyncio
 import datetime as dt
 import os
 
@@ -127,26 +132,17 @@ async def wait_until(conn: asyncpg.Connection, sql: str, timeout: float = 30) ->
             await anyio.sleep(0.1)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("shifted", [False, True], ids=["clocks-agree", "one-clock-10min-ahead"])
-async def test_five_workers_make_one_job_per_tick(
-    project: tuple[Path, dict[str, str]], conn: asyncpg.Connection, shifted: bool
+@pytest.fixture
+def second_db_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
+    """Another fresh, migrated database, for a second group of workers at the same time."""
+    name, dsn = _clone(server_dsn, template_db)
+    yield dsn
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+async def check_one_job_per_tick(
+    conn: asyncpg.Connection, begin: dt.datetime, end: dt.datetime, outputs: list[str]
 ) -> None:
-    await prepare(conn)
-    workers = [
-        start(project, "worker", "--no-log-jobs", shift=600.0 if shifted and i == 0 else None)
-        for i in range(5)
-    ]
-    try:
-        # every worker is up (each wrote its definition); then 20 s of database time
-        await wait_until(conn, "SELECT count(*) >= 3 FROM runs")
-        begin: dt.datetime = await conn.fetchval("SELECT clock_timestamp()")
-        await anyio.sleep(20.5)
-        end: dt.datetime = await conn.fetchval("SELECT clock_timestamp()")
-        await anyio.sleep(1.5)  # the last ticks' jobs finish
-    finally:
-        outputs = [stop(w) for w in workers]
     rows = await conn.fetch("SELECT tick, msg_id, pid, started FROM runs ORDER BY tick")
     ticks = [r["tick"] for r in rows]
     assert len(ticks) == len(set(ticks)), Counter(ticks).most_common(3)  # no tick twice
@@ -162,9 +158,42 @@ async def test_five_workers_make_one_job_per_tick(
     assert len(enqueued) == len(rows)  # one message per tick, each run once
     for r in enqueued:
         assert r["enqueued_at"] >= dt.datetime.fromisoformat(r["tick"])  # never early
-    if shifted:
-        # the shifted worker ran a scheduler that fired too, and nothing went wrong
-        assert "scheduler started" in outputs[0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_five_workers_make_one_job_per_tick_also_with_one_clock_ten_minutes_ahead(
+    project: tuple[Path, dict[str, str]], conn: asyncpg.Connection, second_db_dsn: str
+) -> None:
+    # two groups of five workers at once, each on a database of its own: in the second
+    # group, one worker's host clock is ten minutes ahead
+    shifted_project = (project[0], {**project[1], "PGTASKS_DSN": second_db_dsn})
+    shifted_conn = await asyncpg.connect(second_db_dsn)
+    try:
+        for c in (conn, shifted_conn):
+            await prepare(c)
+        agree = [start(project, "worker", "--no-log-jobs") for _ in range(5)]
+        shifted = [
+            start(shifted_project, "worker", "--no-log-jobs", shift=600.0 if i == 0 else None)
+            for i in range(5)
+        ]
+        try:
+            # every worker is up (each wrote its definition); then 20 s of database time
+            for c in (conn, shifted_conn):
+                await wait_until(c, "SELECT count(*) >= 3 FROM runs")
+            begin: dt.datetime = await conn.fetchval("SELECT clock_timestamp()")
+            await anyio.sleep(20.5)
+            end: dt.datetime = await conn.fetchval("SELECT clock_timestamp()")
+            await anyio.sleep(1.5)  # the last ticks' jobs finish
+        finally:
+            outputs = [stop(w) for w in agree]
+            shifted_outputs = [stop(w) for w in shifted]
+        await check_one_job_per_tick(conn, begin, end, outputs)
+        await check_one_job_per_tick(shifted_conn, begin, end, shifted_outputs)
+        # the shifted worker's scheduler ran and raced the others like them
+        assert "scheduler started" in shifted_outputs[0]
+    finally:
+        await shifted_conn.close()
 
 
 @pytest.mark.slow

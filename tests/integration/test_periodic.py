@@ -176,18 +176,26 @@ async def wait_for_phase(conn: asyncpg.Connection, period: int, low: float, high
             await anyio.sleep(0.05)
 
 
-@pytest.mark.parametrize(("catch_up", "count"), [("none", 0), ("latest", 1), (3, 3), (100, 30)])
-async def test_catch_up_after_five_minutes_down(
-    app: pgtasks.App, conn: asyncpg.Connection, catch_up: Any, count: int
+POLICIES: dict[str, tuple[Any, int]] = {
+    "none": ("none", 0),
+    "latest": ("latest", 1),
+    "three": (3, 3),
+    "hundred": (100, 30),  # at most 100: the 30 there are
+}
+
+
+async def test_catch_up_after_five_minutes_down_under_each_policy(
+    app: pgtasks.App, conn: asyncpg.Connection
 ) -> None:
     @app.task(queue="periodic_catch_up")
     async def tick() -> None:
         pass
 
-    schedule = app.schedule(
-        tick.s(), every=dt.timedelta(seconds=10), name="catch_up", catch_up=catch_up
-    )
-    await sql.schedules_define(conn, [schedule.definition(app.max_message_size)])
+    for name, (catch_up, _) in POLICIES.items():
+        app.schedule(tick.s(), every=dt.timedelta(seconds=10), name=name, catch_up=catch_up)
+    definitions = [s.definition(app.max_message_size) for s in app.schedules.values()]
+    await sql.schedules_define(conn, definitions)
+    await conn.execute("SELECT pgtasks.ensure_queue('periodic_catch_up')")
     # the last tick enqueued five minutes ago, every scheduler down since; restart at 1 to
     # 5 s past a tick, so that no tick is within a second of the restart nor during the run
     await wait_for_phase(conn, 10, 1.0, 5.0)
@@ -198,16 +206,16 @@ async def test_catch_up_after_five_minutes_down(
         latest - dt.timedelta(minutes=5),
     )
     await run_for(app.scheduler(), 2.0)
-    ticks = [j["tick"] for j in await jobs_of(conn, "periodic_catch_up")] if count else []
-    assert ticks == [latest - dt.timedelta(seconds=10 * k) for k in reversed(range(count))]
-    if not count:
-        assert not await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = 'periodic_catch_up')"
-        ) or not await jobs_of(conn, "periodic_catch_up")
-    row = await conn.fetchrow("SELECT watermark, next_tick FROM pgtasks.schedules")
-    assert row is not None
-    assert row["watermark"] == latest  # the skipped ticks are done with too
-    assert row["next_tick"] == latest + dt.timedelta(seconds=10)
+    jobs = await jobs_of(conn, "periodic_catch_up")
+    for name, (_, count) in POLICIES.items():
+        ticks = [j["tick"] for j in jobs if j["schedule"] == name]
+        expected = [latest - dt.timedelta(seconds=10 * k) for k in reversed(range(count))]
+        assert ticks == expected, name
+    rows = await conn.fetch("SELECT name, watermark, next_tick FROM pgtasks.schedules")
+    assert len(rows) == len(POLICIES)
+    for row in rows:
+        assert row["watermark"] == latest, row  # the skipped ticks are done with too
+        assert row["next_tick"] == latest + dt.timedelta(seconds=10), row
 
 
 async def test_pause_resume_trigger_and_delete(app: pgtasks.App, conn: asyncpg.Connection) -> None:
@@ -422,3 +430,37 @@ async def test_the_worker_role_may_run_schedulers_and_producers_may_not(
     }
     for query, expected in checks.items():
         assert await conn.fetchval(query) is expected, query
+
+
+async def test_no_error_stops_the_scheduler_and_one_bad_schedule_stops_no_other(
+    app: pgtasks.App,
+    conn: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @app.task(queue="periodic_errors")
+    async def tick(which: str) -> None:
+        pass
+
+    app.schedule(tick.s("good"), every=SECOND, name="good")
+    app.schedule(tick.s("bad"), every=SECOND, name="bad")
+    real_fire = sql.schedule_fire
+    calls = Counter[str]()
+
+    async def flaky_fire(conn: Any, name: str, *args: Any) -> sql.Fired:
+        calls[name] += 1
+        if name == "bad":
+            raise asyncpg.InvalidParameterValueError("refused for this test")
+        if calls[name] == 2:
+            raise ConnectionResetError("the connection broke, for this test")
+        return await real_fire(conn, name, *args)
+
+    monkeypatch.setattr(sql, "schedule_fire", flaky_fire)
+    scheduler = app.scheduler()
+    await run_for(scheduler, 4.5)
+    jobs = await jobs_of(conn, "periodic_errors")
+    assert {j["schedule"] for j in jobs} == {"good"}
+    assert len(jobs) >= 2  # before and after the broken connection
+    assert scheduler.stats["failed"] >= 1
+    assert caplog.text.count("the database refused its ticks") == 1  # said once
+    assert "a pass failed (the connection broke, for this test); retrying" in caplog.text

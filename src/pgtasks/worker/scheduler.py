@@ -100,6 +100,7 @@ class Scheduler:
         self._next_sync = 0.0
         self._watching_since: dt.datetime | None = None
         self._set_aside: set[str] = set()  # schedules another definition took over (logged)
+        self._refused_now: set[str] = set()  # schedules whose fire fails (logged)
         self._failing_since: float | None = None
 
     def __repr__(self) -> str:
@@ -109,7 +110,6 @@ class Scheduler:
         """Run until cancelled."""
         if not self.schedules:
             await anyio.sleep_forever()
-        await self._database.dsn()
         own = OwnConnection(self._database.connect)
         backoff = 0.05
         logger.info(
@@ -207,9 +207,16 @@ class Scheduler:
                         schedule.catch_up,
                         len(todo.ticks),
                     )
-                fired = await sql.schedule_fire(
-                    conn, name, definition.fingerprint, todo.ticks, todo.advance_to, next_tick
-                )
+                try:
+                    fired = await sql.schedule_fire(
+                        conn, name, definition.fingerprint, todo.ticks, todo.advance_to, next_tick
+                    )
+                except Exception as exc:
+                    if classify(exc) is ErrorKind.TRANSIENT:
+                        raise  # the connection, or the database: the whole pass again
+                    self._refused(name, exc)  # this schedule only: the others go on
+                    continue
+                self._refused_now.discard(name)
                 self._fired(name, fired)
             self._watching_since = now
         sync_in = self._next_sync - host_clock()
@@ -234,6 +241,17 @@ class Scheduler:
             self._resync_soon()
         elif fired.state == "changed":
             self._set_aside_once(name)
+
+    def _refused(self, name: str, exc: Exception) -> None:
+        if name not in self._refused_now:
+            self._refused_now.add(name)
+            logger.error(
+                "schedule %r: the database refused its ticks (%s: %s); the other schedules "
+                "go on, and this one is tried again at every pass",
+                name,
+                type(exc).__name__,
+                exc,
+            )
 
     def _resync_soon(self) -> None:
         """Refresh the rows at the next pass, but not in a tight loop."""

@@ -7,8 +7,9 @@ at most ``pool_max_size - 1`` at a time, leaving a pooled connection for everyth
 (a ``defer()`` from inside one of them, say).
 
 Two scopes. The *service* scope holds the background loops (listener, completer, lease
-keeper). The *work* scope holds the fetch loop and the running jobs. A soft stop ends the
-fetch loop and gives running jobs ``shutdown_timeout`` seconds; then every job still running
+keeper; the scheduler of the app's periodic jobs, on a connection of its own). The *work*
+scope holds the fetch loop and the running jobs. A soft stop ends the fetch loop and gives
+running jobs ``shutdown_timeout`` seconds; then every job still running
 is cancelled for the reason "stop" and hands its message back at once. A job that ignores
 the cancellation is given a few seconds more, then its message is handed back anyway (its
 attempt counted) and the worker returns without it. Pending outcomes are flushed, shielded
