@@ -219,21 +219,23 @@ class Cron:
 
     def _backward(self, instant: dt.datetime) -> Iterator[dt.datetime]:
         """Ticks at or before ``instant``, newest first."""
-        # cronsim's reverse iteration starts strictly before its start: one microsecond
-        # later makes it include ``instant`` itself
+        # cronsim's reverse iteration yields times strictly before its start (for a start
+        # without microseconds, in every version): starting at the next whole second
+        # includes ``instant`` itself, ticks being whole seconds
         if self.wall_clock and not self._utc:
             # in a fall-back overlap, a wall time later than instant's may map before it:
             # start from a wall time past any overlap (they last at most a few hours)
             start = (instant.astimezone(self._zone) + dt.timedelta(hours=3)).replace(tzinfo=None)
             last: dt.datetime | None = None
-            for wall in self._iterate(start + dt.timedelta(microseconds=1), reverse=True):
+            for wall in self._iterate(_next_second(start), reverse=True):
                 tick = self._instant(wall)
                 if tick > instant or (last is not None and tick >= last):
                     continue
                 last = tick
                 yield tick
         else:
-            start_aware = instant.astimezone(self._iter_zone) + dt.timedelta(microseconds=1)
+            # the second added in UTC: a local time plus a second may be a skipped one
+            start_aware = _next_second(instant.astimezone(UTC)).astimezone(self._iter_zone)
             for local in self._iterate(start_aware, reverse=True):
                 tick = local.astimezone(UTC)
                 if tick <= instant:
@@ -254,6 +256,11 @@ class Cron:
         if first.astimezone(self._zone).replace(tzinfo=None) == wall:
             return first
         return _gap_end(self._zone, wall)
+
+
+def _next_second(moment: dt.datetime) -> dt.datetime:
+    """The first whole second after ``moment``."""
+    return moment.replace(microsecond=0) + dt.timedelta(seconds=1)
 
 
 @lru_cache(maxsize=256)
