@@ -20,12 +20,14 @@ from .exceptions import (
     QueueNameError,
     QueueNotFound,
     ResultUnavailable,
+    ScheduleNotFound,
     SchemaMissing,
     SerializationError,
     UnknownTask,
     WorkflowFailed,
 )
 from .hooks import EnqueueCall, EnqueueHook, EnqueueNext, ExecuteHook, ExecuteNext, Hooks
+from .periodic.schedule import Schedule
 from .tasks import (
     CancelOutcome,
     Fail,
@@ -49,6 +51,7 @@ from .tasks import (
 )
 from .tasks.registry import task
 from .worker import JobEvent, Worker, WorkerOptions
+from .worker.scheduler import Scheduler
 
 __all__ = [
     "App",
@@ -83,6 +86,9 @@ __all__ = [
     "ResultUnavailable",
     "Retry",
     "RetryPolicy",
+    "Schedule",
+    "ScheduleNotFound",
+    "Scheduler",
     "SchemaMissing",
     "SerializationError",
     "Signature",

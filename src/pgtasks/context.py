@@ -44,6 +44,9 @@ class JobContext(NamedTuple):
         connection: for a ``transactional=True`` task, the connection whose open
             transaction also acks the job: write through it and your writes commit with
             the ack, or not at all.
+        scheduled_at: for a job a schedule enqueued, the tick it is for (on the database
+            clock, UTC), so that a job that runs late still processes its own period;
+            None for other jobs.
         control: what changes while the job runs (see `cancel_requested`).
     """
 
@@ -55,6 +58,7 @@ class JobContext(NamedTuple):
     idempotency_key: str | None = None
     headers: Mapping[str, Any] = MappingProxyType({})
     connection: Connection | None = None
+    scheduled_at: dt.datetime | None = None
     control: JobControl = _NO_CONTROL
 
     @property

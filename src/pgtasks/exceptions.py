@@ -21,7 +21,8 @@ catches them all::
     │   └── WorkflowFailed          a step of the workflow awaited failed for good
     ├── JobCancelled                the job awaited was cancelled
     │   └── JobExpired              ... or expired before it started
-    └── ResultUnavailable           the job succeeded, and no result was kept
+    ├── ResultUnavailable           the job succeeded, and no result was kept
+    └── ScheduleNotFound            a name that names no schedule
 
 `Retry` and `Fail` are signals a task raises to steer its own retries. They are not errors
 and live in `pgtasks.retry`, outside this tree.
@@ -150,3 +151,8 @@ class WorkflowFailed(JobFailed):
         )
         self.step = step
         self.error = error
+
+
+class ScheduleNotFound(PgTasksError):
+    """No schedule of that name is in ``pgtasks.schedules`` (or it is orphaned, for an
+    action that needs a live one)."""

@@ -346,14 +346,14 @@ def test_a_database_never_migrated_is_one_line_naming_migrate(
 async def test_a_database_missing_a_newer_migration_is_out_of_date(db_dsn: str) -> None:
     conn = await asyncpg.connect(db_dsn)
     try:
-        *_, before, latest = (m.version for m in schema.migrations())  # numbers may have gaps
+        *_, previous, latest = (m.version for m in schema.migrations())
         await conn.execute("DELETE FROM pgtasks.migrations WHERE version = $1", latest)
     finally:
         await conn.close()
     result = pgtasks_cli("status", "--dsn", db_dsn)
     assert_one_error_line(
         result,
-        f"the database's pgtasks schema is out of date (migration {before}, this "
+        f"the database's pgtasks schema is out of date (migration {previous}, this "
         f"pgtasks needs {latest}); run 'python -m pgtasks migrate --app ...'",
     )
 

@@ -10,6 +10,7 @@ roles have unique names and are dropped at the end.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import subprocess
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import anyio
 import asyncpg
 import pytest
 
@@ -180,6 +182,26 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
         pruned = cluster.cli(cluster.worker, "prune", "--archive-older-than", "0s", "--json")
         assert pruned.returncode == 0, pruned.stderr
         assert json.loads(pruned.stdout)["archived"] == 5
+
+        # the worker role runs schedulers and the schedules commands
+        scheduling = pgtasks.App(as_role(cluster.dsn, cluster.worker))
+        tick = scheduling.task(queue="lp_existing", name="lptasks.job")(_job_stub)
+        scheduling.schedule(tick.s("ok"), every=dt.timedelta(seconds=1), name="lp-every")
+        try:
+            with anyio.move_on_after(2.5):
+                await scheduling.scheduler().run()
+        finally:
+            await scheduling.close()
+        ticked = await su.fetchval(
+            "SELECT count(*) FROM pgmq.q_lp_existing WHERE headers ->> 'x-pgtasks-schedule' = "
+            "'lp-every'"
+        )
+        assert ticked >= 1
+        for args in (["schedules", "--json"], ["schedules", "pause", "lp-every"]):
+            result = cluster.cli(cluster.worker, *args)
+            assert result.returncode == 0, (args, result.stderr)
+        triggered = cluster.cli(cluster.worker, "schedules", "trigger", "lp-every", "--json")
+        assert triggered.returncode == 0, triggered.stderr
     finally:
         await su.close()
 

@@ -263,11 +263,9 @@ def test_render_of_nothing_says_up_to_date() -> None:
 
 
 def test_migrations_are_numbered_in_order_from_one() -> None:
-    # strictly increasing from 1; branches number theirs ahead (0006 before 0004 and 0005
-    # land), so a gap may exist until they are merged
+    # numbered 1, 2, 3, ... with no gap: a branch renumbers its migration when it lands
     versions = [m.version for m in schema.migrations()]
-    assert versions[0] == 1
-    assert versions == sorted(set(versions))
+    assert versions == list(range(1, len(versions) + 1))
     assert all(m.sql.strip() for m in schema.migrations())
 
 
@@ -327,12 +325,12 @@ async def test_check_installed(empty_conn: asyncpg.Connection) -> None:
     await schema.migrate(empty_conn)
     await schema.check_installed(empty_conn)
 
-    *_, before, latest = (m.version for m in schema.migrations())
+    *_, previous, latest = (m.version for m in schema.migrations())
     await empty_conn.execute("DELETE FROM pgtasks.migrations WHERE version = $1", latest)
     with pytest.raises(SchemaMissing) as info:
         await schema.check_installed(empty_conn)
     assert str(info.value) == (
-        f"the database's pgtasks schema is out of date (migration {before}, this pgtasks "
+        f"the database's pgtasks schema is out of date (migration {previous}, this pgtasks "
         f"needs {latest}); run 'python -m pgtasks migrate --app ...'"
     )
 

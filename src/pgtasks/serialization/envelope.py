@@ -41,6 +41,10 @@ HEADER_EXPIRES = "x-pgtasks-expires"  # seconds after the enqueue, or an ISO tim
 HEADER_WORKFLOW = "x-pgtasks-workflow"  # {"id": workflow, "step": its place}
 """Attempts given back to a message by worker stops (``read_ct`` only grows, so a release
 counts them here instead)."""
+HEADER_SCHEDULED_AT = "x-pgtasks-scheduled-at"
+"""The tick a scheduled job was enqueued for (ISO 8601, UTC): ``current_job().scheduled_at``."""
+HEADER_SCHEDULE = "x-pgtasks-schedule"
+"""The name of the schedule that enqueued a job."""
 RESERVED_HEADER_PREFIX = "x-pgtasks-"
 """Headers whose names start with this are pgtasks' own."""
 

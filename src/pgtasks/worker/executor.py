@@ -39,6 +39,7 @@ from ..db import jobs, workflows
 from ..db.connect import acquire
 from ..exceptions import DatabaseUnavailable, EnvelopeError, UnknownTask
 from ..hooks import ExecuteHook, run_with_hooks
+from ..periodic.schedule import scheduled_at
 from ..serialization import envelope
 from ..tasks import RetryPolicy, Task, TaskConfig
 from ..tasks.config import TASK_DEFAULTS
@@ -181,6 +182,7 @@ class Executor:
             idempotency_key=key if isinstance(key, str) else None,
             headers=headers,
             control=job.control,
+            scheduled_at=scheduled_at(headers) if headers else None,
         )
         if msg.key_holder is not None:
             self.decide.skip_done(job, ctx, task, msg.key_holder)

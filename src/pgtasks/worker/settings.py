@@ -53,6 +53,7 @@ class WorkerOptions(TypedDict, total=False):
     shutdown_timeout: float
     listen: bool
     poll_interval: float
+    schedule: bool
 
 
 WORKER_OPTIONS = OptionSet(
@@ -105,6 +106,14 @@ WORKER_OPTIONS = OptionSet(
         Number(0.01, 3_600, unit="seconds"),
         flags=("--poll-interval",),
         metavar="SECONDS",
+    ),
+    Option(
+        "schedule",
+        True,
+        "also run the scheduler of the app's periodic jobs (never in burst mode); any "
+        "number of workers may, each tick is enqueued once",
+        Flag(),
+        flags=("--schedule",),
     ),
 )
 """The worker options, with their defaults, ranges and command line flags."""

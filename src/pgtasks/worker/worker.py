@@ -7,8 +7,9 @@ at most ``pool_max_size - 1`` at a time, leaving a pooled connection for everyth
 (a ``defer()`` from inside one of them, say).
 
 Two scopes. The *service* scope holds the background loops (listener, completer, lease
-keeper). The *work* scope holds the fetch loop and the running jobs. A soft stop ends the
-fetch loop and gives running jobs ``shutdown_timeout`` seconds; then every job still running
+keeper; the scheduler of the app's periodic jobs, on a connection of its own). The *work*
+scope holds the fetch loop and the running jobs. A soft stop ends the fetch loop and gives
+running jobs ``shutdown_timeout`` seconds; then every job still running
 is cancelled for the reason "stop" and hands its message back at once. A job that ignores
 the cancellation is given a few seconds more, then its message is handed back anyway (its
 attempt counted) and the worker returns without it. Pending outcomes are flushed, shielded
@@ -29,7 +30,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -40,6 +41,7 @@ from typing_extensions import Self, Unpack
 from ..db import jobs, queues, schema
 from ..db.database import Database
 from ..hooks import Hooks
+from ..periodic.schedule import Schedule
 from ..tasks import Task
 from .completer import Completer
 from .connection import OwnConnection
@@ -51,6 +53,7 @@ from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
+from .scheduler import Scheduler
 from .settings import (
     WORKER_OPTIONS,
     WorkerOptions,
@@ -74,9 +77,12 @@ class Worker:
         settings: the app-wide settings it runs them with (task defaults, key retention,
             message size limit).
         hooks: the hooks to run around every job (`App.hooks`).
+        schedules: the schedules whose ticks it enqueues (`App.schedules`), with a
+            `Scheduler` in its service scope when the ``schedule`` option is on (not in
+            ``burst`` mode).
         **options: the worker options (`WorkerOptions`): ``queues``, ``concurrency``,
-            ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``; see
-            [Configuration](configuration.md#worker-options) for each one's meaning,
+            ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``, ``schedule``;
+            see [Configuration](configuration.md#worker-options) for each one's meaning,
             default and range.
     """
 
@@ -87,6 +93,7 @@ class Worker:
         settings: WorkerSettings,
         *,
         hooks: Hooks | None = None,
+        schedules: Sequence[Schedule] = (),
         **options: Unpack[WorkerOptions],
     ) -> None:
         opts = WORKER_OPTIONS.resolve(options, "worker")
@@ -100,6 +107,7 @@ class Worker:
         self.shutdown_timeout: float = opts["shutdown_timeout"]
         self.listen: bool = opts["listen"]
         self.poll_interval: float = opts["poll_interval"]
+        self.schedule: bool = opts["schedule"]
         self._events = Events()
         self.stats = self._events.stats
         self._jobs: set[Job] = set()
@@ -117,6 +125,11 @@ class Worker:
         self.heartbeat_interval = HEARTBEAT_INTERVAL
         """Seconds between heartbeats; set before `run`. Readers show a worker that missed
         three as gone."""
+        self.scheduler: Scheduler | None = None
+        if schedules and self.schedule and not self.burst:
+            self.scheduler = Scheduler(
+                database, schedules, max_message_size=settings.max_message_size
+            )
 
     # --- public ---------------------------------------------------------------------------
 
@@ -238,6 +251,8 @@ class Worker:
                 service.start_soon(leases.run)
                 await heartbeat.beat()  # registered before it says it started
                 service.start_soon(heartbeat.run)
+                if self.scheduler is not None:
+                    service.start_soon(self.scheduler.run)
                 if self.listen:
                     self.listener = Listener(
                         self._database.dsn, self._on_notify, on_cancel=self._on_cancel
