@@ -29,6 +29,7 @@ from .admin import schedules as admin_schedules
 from .admin.dead_letters import DeadLetters
 from .client.enqueue import Enqueuer
 from .client.jobs import JobClient, wait_for
+from .client.sync import SyncClient
 from .client.workflows import WorkflowClient
 from .db import schema
 from .db.connect import DsnSource
@@ -37,9 +38,10 @@ from .exceptions import ConfigurationError
 from .hooks import Hooks
 from .periodic.schedule import CatchUp, Schedule, check_catch_up, make_timing
 from .queues import check_queue_name
-from .tasks import CancelOutcome, JobRef, Signature, Task, registry
+from .tasks import CancelOutcome, JobRef, Signature, SyncTask, Task, registry
 from .tasks.canvas import Workflow, WorkflowKind, WorkflowRef
 from .tasks.config import TASK_DEFAULTS, TaskDefaults, TaskOptions, app_defaults
+from .tasks.task import TaskDecorator
 from .worker import Worker, WorkerOptions, WorkerSettings
 from .worker.scheduler import Scheduler
 
@@ -178,6 +180,13 @@ class App:
             hooks=self.hooks,
             jobs=self._jobs,
         )
+        self._sync = SyncClient(
+            self._database.sibling,
+            max_message_size=max_message_size,
+            create_queues=create_queues,
+            hooks=self.hooks,
+            jobs=self._jobs,
+        )
         registry.register_producer(self, default=default)
         self._schedules: dict[str, Schedule] = {}
 
@@ -187,17 +196,18 @@ class App:
     # --- registry -------------------------------------------------------------------------
 
     @overload
-    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...  # type: ignore[overload-overlap]  # a coroutine function is this
 
     @overload
-    def task(
-        self, /, **options: Unpack[TaskOptions]
-    ) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
+    def task(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...
 
-    def task(
-        self, fn: Callable[P, Awaitable[R]] | None = None, /, **options: Unpack[TaskOptions]
-    ) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
-        """Register an ``async def`` as a task; use bare or with options.
+    @overload
+    def task(self, /, **options: Unpack[TaskOptions]) -> TaskDecorator: ...
+
+    def task(self, fn: Callable[P, Any] | None = None, /, **options: Unpack[TaskOptions]) -> Any:
+        """Register a function as a task; use bare or with options. An ``async def`` runs
+        on the worker's event loop (a `Task`); a plain ``def`` runs in one of the worker's
+        threads (a `SyncTask`; see ``worker(threads=...)``).
 
         Args:
             name: the name messages carry; default ``module.qualname``.
@@ -222,7 +232,7 @@ class App:
         range given in [Configuration](configuration.md#task-options).
         """
 
-        def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
+        def register(f: Callable[P, Any]) -> Task[P, Any]:
             task = registry.make_task(f, self, options)
             self._register(task)
             return task
@@ -389,13 +399,38 @@ class App:
         of ``connection`` here."""
         return await self._enqueuer.defer_many(signatures, connection)
 
+    def defer_sync(self, signature: Signature, /) -> JobRef[Any]:
+        """`defer` for code without an event loop; what ``task.defer_sync(...)`` does.
+
+        With ``options(cursor=...)`` the job is sent on that DB-API cursor (psycopg 2 or 3,
+        Django's ``connection.cursor()``) or SQLAlchemy ``Connection``, in its current
+        transaction, in the calling thread. Otherwise it is sent on the app's background
+        event loop (a daemon thread with a pool of its own, started on first use, stopped
+        at exit or by `close_sync`), which any number of threads may share; that path
+        raises `RuntimeError` on a running event loop, which it would block."""
+        return self._sync.defer(signature)
+
+    def defer_many_sync(
+        self, signatures: Iterable[Signature], *, cursor: Any = None
+    ) -> list[JobRef[Any]]:
+        """`defer_many` for code without an event loop: on ``cursor`` in its transaction
+        (one ``send_batch`` per queue and delay), else on the background loop (see
+        `defer_sync`). Returns the refs in input order."""
+        return self._sync.defer_many(signatures, cursor)
+
+    def close_sync(self) -> None:
+        """Close the pool and stop the thread that `defer_sync` uses (a later call starts
+        them again). Done at interpreter exit anyway."""
+        self._sync.close()
+
     # --- worker ---------------------------------------------------------------------------
 
     def worker(self, **options: Unpack[WorkerOptions]) -> Worker:
         """A worker for this app; see `pgtasks.Worker`. The options (`WorkerOptions`):
-        ``queues``, ``concurrency``, ``burst``, ``shutdown_timeout``, ``listen``,
-        ``poll_interval``, ``schedule`` (also run the scheduler of the app's schedules; not
-        in ``burst`` mode); each one's meaning, default and range are in
+        ``queues``, ``concurrency``, ``threads`` (plain ``def`` tasks run at once, in
+        threads), ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``,
+        ``schedule`` (also run the scheduler of the app's schedules; not in ``burst``
+        mode); each one's meaning, default and range are in
         [Configuration](configuration.md#worker-options)."""
         return Worker(
             self._database,

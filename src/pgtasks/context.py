@@ -17,14 +17,16 @@ from ._shared import Connection
 
 
 class JobControl:
-    """What changes about a running job while it runs: for now, whether someone asked to
-    cancel it. The worker cancels the run too; a task that computes in long loops (or a
-    plain ``def`` task in a thread) checks `cancel_requested` to stop early."""
+    """What changes about a running job while it runs: whether its run has been asked to
+    stop, and why. The worker also cancels an ``async def`` run at its next ``await``; a
+    task that computes in long loops, and a plain ``def`` task (a thread cannot be
+    interrupted), checks `cancel_requested` to stop early."""
 
-    __slots__ = ("cancel_requested",)
+    __slots__ = ("cancel_reason", "cancel_requested")
 
     def __init__(self) -> None:
         self.cancel_requested = False
+        self.cancel_reason: str | None = None
 
 
 _NO_CONTROL = JobControl()
@@ -63,9 +65,18 @@ class JobContext(NamedTuple):
 
     @property
     def cancel_requested(self) -> bool:
-        """Whether someone asked to cancel this job (``ref.cancel()``, ``pgtasks cancel``)
-        while it runs."""
+        """Whether this run has been asked to stop: someone cancelled the job
+        (``ref.cancel()``, ``pgtasks cancel``), its ``timeout`` passed, the worker is
+        stopping, or the worker lost its lease; `cancel_reason` says which. An ``async def``
+        task is also cancelled at its next ``await``; a plain ``def`` task runs in a thread,
+        which cannot be interrupted, and should poll this and return soon."""
         return self.control.cancel_requested
+
+    @property
+    def cancel_reason(self) -> str | None:
+        """Why the run was asked to stop: ``"requested"``, ``"timeout"``, ``"stop"`` (the
+        worker is stopping) or ``"lost_lease"``; None while it was not."""
+        return self.control.cancel_reason
 
 
 _current: ContextVar[JobContext] = ContextVar("pgtasks_current_job")

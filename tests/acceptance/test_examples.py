@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import anyio
 import asyncpg
 import httpx
 import pytest
@@ -95,3 +97,61 @@ async def test_fastapi_example_runs_a_deferred_job(
         "SELECT message->'kwargs'->>'email' FROM pgmq.a_signups WHERE msg_id = $1", job_id
     )
     assert archived == "ada@example.com"
+
+
+# --- synchronous code: Django and Flask --------------------------------------------------------
+
+
+def test_django_example_passes_its_own_tests(db_dsn: str) -> None:
+    """``python manage.py test``, as a user runs it: Django creates its test database,
+    migrates it (pgtasks' schema comes with a migration), and runs the shop's tests: an
+    order and its job commit together or roll back together, and a worker confirms it."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "test", "--noinput", "-v", "2"],
+        cwd=EXAMPLES / "django_app",
+        env=_env(DATABASE_URL=db_dsn),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Applying shop.0002_pgtasks... OK" in output
+    assert "Ran 3 tests" in output
+    assert "\nOK" in output
+
+
+async def test_flask_example_defers_in_its_transaction(
+    db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGTASKS_DSN", db_dsn)
+    example = _load(EXAMPLES / "flask_app.py")
+    client = example.app.test_client()
+    try:
+
+        def post(path: str, **form: str) -> tuple[int, dict[str, Any]]:
+            response = client.post(path, data=form)
+            return response.status_code, response.get_json()
+
+        status, body = await asyncio.to_thread(post, "/signup", email="ada@example.com")
+        assert status == 201, body
+        again, _ = await asyncio.to_thread(post, "/signup", email="ada@example.com")
+        assert again == 409  # the user exists: the second transaction rolled back, job too
+        assert await conn.fetchval("SELECT count(*) FROM pgmq.q_flask_email") == 1
+        report_status, report = await asyncio.to_thread(post, "/reports", kind="users")
+        assert report_status == 202
+        async with example.tasks.worker(poll_interval=0.1):
+            ref = example.tasks.job("flask_reports", int(report["job"]))
+            assert await ref.result(timeout=20) == 1
+            welcome = example.tasks.job("flask_email", int(body["job"]))
+            with anyio.fail_after(20):
+                while (await welcome.status()).state != "succeeded":
+                    await anyio.sleep(0.05)
+        welcomed = await conn.fetchval(
+            "SELECT welcomed FROM flask_users WHERE id = $1", body["user"]
+        )
+        assert welcomed is True
+    finally:
+        await asyncio.to_thread(example.tasks.close_sync)
+        await example.tasks.close()
+        example.engine.dispose()

@@ -190,6 +190,15 @@ def text(browser: Any, css: str) -> str:
     return _settled(lambda: str(browser.find_element(By.CSS_SELECTOR, css).text))
 
 
+def heading(browser: Any, expected: str) -> str:
+    """The page's ``h1`` once it reads ``expected`` (a click's navigation may not have landed
+    yet, and the old page's heading is still there), or as it is after ten seconds."""
+    deadline = time.monotonic() + 10
+    while (seen := text(browser, "h1")) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return seen
+
+
 def rows(browser: Any, css: str) -> list[list[str]]:
     return _settled(
         lambda: [
@@ -216,7 +225,7 @@ def test_the_queues_page(site: Site, browser: Any) -> None:
 def test_a_queue_by_state_and_one_job(site: Site, browser: Any) -> None:
     browser.get(site.url + "/")
     browser.find_element(By.LINK_TEXT, "emails").click()
-    assert text(browser, "h1") == "Queue emails"
+    assert heading(browser, "Queue emails") == "Queue emails"
     assert text(browser, "#no-jobs") == "No waiting jobs."
     browser.find_element(By.ID, "tab-running").click()
     [running] = rows(browser, "#jobs")
@@ -279,7 +288,7 @@ def test_dead_letters_retry_one_and_purge_many(site: Site, browser: Any) -> None
         if int(checkbox.get_attribute("value")) in (second, third):
             checkbox.click()
     browser.find_element(By.ID, "purge-selected").click()
-    assert text(browser, "h1") == "Purge 2 dead letter(s)?"
+    assert heading(browser, "Purge 2 dead letter(s)?") == "Purge 2 dead letter(s)?"
     shot(browser, "07-confirm-purge")
     browser.find_element(By.ID, "confirm-purge").click()
     assert text(browser, "#done") == "purged 2 dead letter(s)"

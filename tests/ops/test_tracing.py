@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import pgtasks
 from pgtasks.integrations.opentelemetry import instrument
+from tests.helpers import Events
 
 
 @pytest.fixture
@@ -136,7 +137,9 @@ async def test_a_failed_attempt_is_an_error_and_a_batch_is_one_span(
     parents = {str(h["traceparent"])[:52] for h in await headers_of(conn, "trb")}
     assert parents == {f"00-{batch.context.trace_id:032x}-{batch.context.span_id:016x}"}
 
-    await app.worker(burst=True).run()
+    async with app.worker(poll_interval=0.05) as worker:  # a burst worker could stop
+        events = Events(worker)  # while a retry is still 10 ms away
+        await events.until(lambda: events.counts["succeeded"] == 3)
     processes = by_name(exporter.get_finished_spans(), "process trb")
     assert len(processes) == 6  # three jobs, two attempts each
     failed = [p for p in processes if p.status.status_code is StatusCode.ERROR]

@@ -96,11 +96,12 @@ async def _checks(app: pgtasks.App, conn: asyncpg.Connection) -> None:
     assert_type(await app.defer_many(sigs), list[JobRef[Any]])
     await app.defer_many([send_welcome_email.defer(1)])  # type: ignore[list-item]
 
-    # a non-async function is not a task
+    # a plain def is a task too, run in a thread (tests/typing/test_sync_types.py)
     def not_async(x: int) -> int:
         return x
 
-    app.task(not_async)  # type: ignore[arg-type]
+    as_sync: pgtasks.SyncTask[[int], int] = app.task(not_async)
+    del as_sync
 
     del exact, wrong, wrong_result, as_callable, call, wrong_call
 

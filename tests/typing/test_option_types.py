@@ -44,7 +44,9 @@ async def _checks(app: App) -> None:
     app.worker(queues=["email"], concurrency=4, burst=True, poll_interval=0.5)
     app.worker(concurrency="4")  # type: ignore[arg-type]
     app.worker(poll_interval="5s")  # type: ignore[arg-type]
-    app.worker(threads=4)  # type: ignore[call-arg]
+    app.worker(threads=4)
+    app.worker(threads="4")  # type: ignore[arg-type]
+    app.worker(thread=4)  # type: ignore[call-arg]
     settings = WorkerSettings(app.defaults, dt.timedelta(days=7), 1024, 1024)
     Worker(app.database, app.tasks, settings, listen=False)
     Worker(app.database, app.tasks, settings, listen="no")  # type: ignore[arg-type]

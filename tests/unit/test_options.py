@@ -123,7 +123,8 @@ def test_every_signature_that_takes_an_option_set_unpacks_its_typed_dict() -> No
 def test_a_worker_has_an_attribute_per_option_at_its_default() -> None:
     worker = App(NOWHERE).worker(queues=["q"])
     for name, option in WORKER_OPTIONS.items():
-        expected = ["q"] if name == "queues" else option.default
+        resolved = {"queues": ["q"], "threads": min(worker.concurrency, 40)}  # None: computed
+        expected = resolved.get(name, option.default)
         assert getattr(worker, name) == expected, name
 
 
@@ -149,7 +150,7 @@ def test_the_command_line_worker_flags_are_the_worker_options() -> None:
 def test_the_command_line_reads_every_worker_option() -> None:
     argv = (
         "worker -q a,b -c 3 --burst --shutdown-timeout 1.5 --no-listen --poll-interval 0.5 "
-        "--no-schedule"
+        "--no-schedule --threads 4"
     )
     args = cli_parser.build().parse_args(argv.split())
     options = {name: getattr(args, name) for name in WORKER_OPTIONS}
@@ -161,6 +162,7 @@ def test_the_command_line_reads_every_worker_option() -> None:
         "listen": False,
         "poll_interval": 0.5,
         "schedule": False,
+        "threads": 4,
     }
 
 
@@ -357,8 +359,8 @@ def test_an_unknown_option_is_a_type_error_listing_the_options() -> None:
         App(NOWHERE).task(retries=3)(f)  # type: ignore[call-overload]
     with pytest.raises(TypeError, match=r"App: unknown option\(s\): queue"):
         App(NOWHERE, queue="x")  # type: ignore[call-arg]
-    with pytest.raises(TypeError, match=r"worker: unknown option\(s\): threads"):
-        App(NOWHERE).worker(threads=3)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"worker: unknown option\(s\): thread"):
+        App(NOWHERE).worker(thread=3)  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize(

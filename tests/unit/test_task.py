@@ -126,28 +126,53 @@ async def async_generator() -> AsyncIterator[int]:
     yield 1
 
 
+def sync_generator() -> Iterator[int]:
+    yield 1
+
+
+def test_a_plain_def_is_a_sync_task(app: App) -> None:
+    task = app.task(sync_function)
+    assert isinstance(task, pgtasks.SyncTask)
+    assert isinstance(task, pgtasks.Task)
+    assert not task.is_async
+    assert task(3) == 3  # calling it runs it
+    assert app.tasks[task.name] is task
+    assert repr(task).startswith("<SyncTask ")
+    shared = pgtasks.task(name="unit.shared_sync")(sync_function)
+    try:
+        assert isinstance(shared, pgtasks.SyncTask)
+    finally:
+        registry.shared_tasks.pop("unit.shared_sync")
+
+
 @pytest.mark.parametrize(
-    ("fn", "name"),
-    [
-        (sync_function, "sync_function"),
-        (async_generator, "async_generator"),
-        (lambda: None, "<lambda>"),
-    ],
+    ("fn", "name"), [(async_generator, "async_generator"), (sync_generator, "sync_generator")]
 )
-def test_non_async_functions_are_rejected_with_a_clear_type_error(
-    app: App, fn: Any, name: str
-) -> None:
+def test_generators_are_rejected_with_a_clear_type_error(app: App, fn: Any, name: str) -> None:
     with pytest.raises(TypeError) as info:
         app.task(fn)
-    assert f"@task needs an async function, and {name} is not one" in str(info.value)
-    assert "async def" in str(info.value)
+    assert f"@task needs a function that returns its result, and {name} is a generator" in str(
+        info.value
+    )
     assert app.tasks == {}
 
 
-def test_non_async_shared_task_is_rejected() -> None:
-    with pytest.raises(TypeError, match="needs an async function"):
-        pgtasks.task(sync_function)  # type: ignore[arg-type]
-    assert registry.shared_tasks == {}
+def test_a_transactional_plain_def_is_refused(app: App) -> None:
+    with pytest.raises(TypeError, match=r"transactional=True needs an async def task"):
+        app.task(transactional=True)(sync_function)
+    assert app.tasks == {}
+
+
+def test_cursor_and_connection_options_exclude_each_other(app: App) -> None:
+    task = app.task(sync_function)
+
+    class Cursor:
+        def execute(self, sql: str, params: Any) -> None: ...
+
+    with pytest.raises(ValueError, match=r"either connection= .* or cursor="):
+        task.options(connection=object(), cursor=Cursor())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cursor must be a DB-API cursor"):
+        task.options(cursor=42)
 
 
 def test_unknown_decorator_option_is_rejected(app: App) -> None:

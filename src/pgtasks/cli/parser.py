@@ -22,6 +22,15 @@ DOCS = "https://pgtasks.readthedocs.io/en/latest/cli/"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 COMMAND_WORKER_OPTIONS = OptionSet(
     Option(
+        "processes",
+        1,
+        "worker processes, under a supervisor that forwards signals and restarts one that "
+        "dies; 1: this process is the worker",
+        Number(1, 256, integer=True),
+        flags=("--processes",),
+        metavar="N",
+    ),
+    Option(
         "connect_timeout",
         60.0,
         "keep trying to reach a database that is not up yet for this long, with backoff "

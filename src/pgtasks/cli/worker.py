@@ -17,7 +17,7 @@ import datetime as dt
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -28,6 +28,7 @@ from ..app import App
 from ..db import errors, schema
 from ..exceptions import DatabaseUnavailable
 from ..worker import WORKER_OPTIONS, JobEvent, Worker
+from .supervisor import SUPERVISOR_PID, supervise
 
 if TYPE_CHECKING:
     from ..integrations.prometheus import Metrics
@@ -67,6 +68,13 @@ def log_job(event: JobEvent) -> None:
 
 
 def run_worker(app: App, args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        return supervise(
+            args.argv,
+            args.processes,
+            burst=args.burst,
+            shutdown_timeout=args.shutdown_timeout,
+        )
     options: dict[str, Any] = {name: getattr(args, name) for name in WORKER_OPTIONS}
     worker = app.worker(**options)
     if args.log_jobs:
@@ -106,6 +114,7 @@ async def _serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     stack = contextlib.ExitStack()
+    orphaned = _watch_supervisor(on_signal)
     try:
         if not await connect(app, args.connect_timeout, stopping):
             logger.info("stopped before the worker started")
@@ -126,6 +135,8 @@ async def _serve(
         return 0
     finally:
         stack.close()
+        if orphaned is not None:
+            orphaned.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         with anyio.move_on_after(10):  # a job that ignored cancellation may hold a connection
@@ -139,6 +150,24 @@ async def _serve(
             )
             logging.shutdown()
             os._exit(1)
+
+
+def _watch_supervisor(stop: Callable[[int], None]) -> asyncio.Task[None] | None:
+    """In a worker process of ``--processes N``: stop gracefully, as on SIGTERM, once the
+    supervisor is gone (killed with SIGKILL, say: it cannot forward anything then)."""
+    supervisor = os.environ.get(SUPERVISOR_PID)
+    if supervisor is None or not supervisor.isdigit():
+        return None
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if os.getppid() != int(supervisor):
+                break
+        logger.warning("the supervisor (pid %s) is gone; stopping", supervisor)
+        stop(signal.SIGTERM)
+
+    return asyncio.get_running_loop().create_task(watch())
 
 
 async def connect(app: App, timeout: float, stopping: asyncio.Event) -> bool:  # noqa: ASYNC109

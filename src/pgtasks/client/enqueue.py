@@ -116,9 +116,14 @@ class Enqueuer:
         return await self._send_many(call.signatures, call.connection)
 
     async def _send_one(self, sig: Signature) -> JobRef[Any]:
+        opts = sig.options
+        if opts.cursor is not None:
+            raise TypeError(
+                f"deferring {sig.task.name!r}: options(cursor=...) is for defer_sync(), which "
+                "sends on a DB-API cursor; with defer() pass an asyncpg connection= instead"
+            )
         body = sig.body(self._max_message_size)
         headers = sig.headers()
-        opts = sig.options
 
         async def send(conn: Connection, sending: _Sending) -> tuple[int, bool, str]:
             # with an idempotency key a repeat is deduplicated, so a retry is always safe
@@ -140,7 +145,7 @@ class Enqueuer:
                 conn, sig.queue, body, headers, opts.delay, opts.eta, self._create_queues
             )
             if sent.args_differ:
-                _warn_other_arguments(sig.task.name, opts.idempotency_key, sent.msg_id, sent.queue)
+                warn_other_arguments(sig.task.name, opts.idempotency_key, sent.msg_id, sent.queue)
             return sent.msg_id, sent.deduplicated, sent.queue
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
@@ -230,7 +235,7 @@ class Enqueuer:
             assert ref is not None
             refs[i] = ref._replace(deduplicated=True)
             if calls[i] != calls[first]:
-                _warn_other_arguments(calls[i][0], key, ref.id, ref.queue)
+                warn_other_arguments(calls[i][0], key, ref.id, ref.queue)
         return cast("list[JobRef[Any]]", refs)  # every position is set by now
 
     async def _send_in_transaction(
@@ -404,10 +409,10 @@ class _Batch:
             if differ:
                 header = self.headers[n] if self.headers is not None else None
                 key = orjson.loads(header).get(HEADER_IDEMPOTENCY_KEY) if header else None
-                _warn_other_arguments(name, key, msg_id, queue)
+                warn_other_arguments(name, key, msg_id, queue)
 
 
-def _warn_other_arguments(task: str, key: str | None, holder: int, queue: str) -> None:
+def warn_other_arguments(task: str, key: str | None, holder: int, queue: str) -> None:
     """A deduplicated defer whose arguments differ from those of the job that holds its
     key: nothing was sent, which is what the key is for, but likely not what was meant."""
     logger.warning(

@@ -111,6 +111,18 @@ class Database:
         self._pool_loop: asyncio.AbstractEventLoop | None = None
         self._pool_lock: asyncio.Lock | None = None
 
+    def sibling(self) -> Database:
+        """Another handle on the same database, with the same settings and a pool of its
+        own: for another event loop (a pool belongs to the loop it was opened on)."""
+        other = Database(
+            self._explicit_dsn,
+            pool_min_size=self.pool_min_size,
+            pool_max_size=self.pool_max_size,
+            statement_cache_size=self.statement_cache_size,
+        )
+        other._dsn_source, other._dsn = self._dsn_source, self._dsn
+        return other
+
     def use_dsn(self, dsn: str | None) -> None:
         """Connect to ``dsn`` instead of what was configured (the CLI's ``--dsn``), as if it
         had been given at construction. Only before first use."""

@@ -25,7 +25,7 @@ from .handle import CancelOutcome, JobRef, Jobs, JobState, JobStatus
 from .registry import make_task, shared_tasks
 from .retry import Fail, Retry, RetryPolicy
 from .signature import CallOptions, Signature
-from .task import Producer, Task, TaskCall
+from .task import Producer, SyncTask, Task, TaskCall, TaskDecorator
 
 __all__ = [
     "TASK_DEFAULTS",
@@ -43,8 +43,10 @@ __all__ = [
     "Retry",
     "RetryPolicy",
     "Signature",
+    "SyncTask",
     "Task",
     "TaskCall",
+    "TaskDecorator",
     "TaskConfig",
     "TaskDefaults",
     "TaskOptions",

@@ -10,7 +10,7 @@ signature: plain parameters, passed by name, checked without `inspect.Signature.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +57,7 @@ class Arguments:
     a message's arguments to them. The shapes are compiled on first use, not at decoration: a
     hint may name a class defined after the task."""
 
-    def __init__(self, name: str, fn: Callable[..., Awaitable[Any]]) -> None:
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
         self.name = name
         self.fn = fn
         self._signature = inspect.signature(fn)

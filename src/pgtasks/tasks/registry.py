@@ -11,6 +11,7 @@ nobody keeps is not kept alive by being registered.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar, overload
@@ -19,7 +20,7 @@ from typing_extensions import ParamSpec, Unpack
 
 from ..exceptions import ConfigurationError
 from .config import TaskOptions, task_options
-from .task import Producer, Task
+from .task import Producer, SyncTask, Task, TaskDecorator
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,31 +43,42 @@ def set_default(producer: Producer) -> None:
 
 
 def make_task(
-    fn: Callable[P, Awaitable[R]], app: Producer | None, options: Mapping[str, Any]
+    fn: Callable[P, Awaitable[R]] | Callable[P, R], app: Producer | None, options: Mapping[str, Any]
 ) -> Task[P, R]:
-    """A task from its function and its decorator's options, checked (`TASK_OPTIONS`)."""
+    """A task from its function and its decorator's options, checked (`TASK_OPTIONS`): a
+    `Task` of an ``async def``, a `SyncTask` of a plain ``def``."""
     where = f"@task {getattr(fn, '__qualname__', fn)!s}"
     name, queue, config = task_options(options, where)
-    return Task(fn, name=name, queue=queue, config=config, app=app)
+    kind: type[Task[Any, Any]] = Task if inspect.iscoroutinefunction(fn) else SyncTask
+    task: Task[P, R] = kind(
+        fn,  # type: ignore[arg-type]
+        name=name,
+        queue=queue,
+        config=config,
+        app=app,
+    )
+    return task
 
 
 @overload
-def task(fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
+def task(fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...  # type: ignore[overload-overlap]  # a coroutine function is this
+
+
+@overload
+def task(fn: Callable[P, R], /) -> SyncTask[P, R]: ...
 
 
 @overload
 def task(
     **options: Unpack[TaskOptions],
-) -> Callable[[Callable[P, Awaitable[R]]], Task[P, R]]: ...
+) -> TaskDecorator: ...
 
 
-def task(
-    fn: Callable[P, Awaitable[R]] | None = None, /, **options: Unpack[TaskOptions]
-) -> Task[P, R] | Callable[[Callable[P, Awaitable[R]]], Task[P, R]]:
+def task(fn: Callable[P, Any] | None = None, /, **options: Unpack[TaskOptions]) -> Any:
     """A shared task (Celery's ``shared_task``), for reusable modules: every `App` runs it,
     and it defers through the default app. Options as for `App.task` (`TaskOptions`)."""
 
-    def register(f: Callable[P, Awaitable[R]]) -> Task[P, R]:
+    def register(f: Callable[P, Any]) -> Task[P, Any]:
         t = make_task(f, None, options)
         existing = shared_tasks.get(t.name)
         if existing is not None and existing.fn is not t.fn:

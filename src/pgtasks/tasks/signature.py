@@ -42,6 +42,7 @@ class CallOptions:
     headers: Mapping[str, Any] | None = None
     connection: Connection | None = None
     expires: float | str | None = None  # seconds after the enqueue, or an ISO time
+    cursor: Any = None  # a DB-API cursor (or SQLAlchemy connection), for defer_sync
 
     def merge(
         self,
@@ -53,7 +54,15 @@ class CallOptions:
         headers: Mapping[str, Any] | None = None,
         connection: Connection | None = None,
         expires: float | dt.timedelta | dt.datetime | None = None,
+        cursor: Any = None,
     ) -> CallOptions:
+        if (connection is not None or self.connection is not None) and (
+            cursor is not None or self.cursor is not None
+        ):
+            raise ValueError(
+                "pass either connection= (an asyncpg connection, for defer) or cursor= (a "
+                "DB-API cursor, for defer_sync), not both"
+            )
         changes: dict[str, Any] = {}
         if queue is not None:
             changes["queue"] = check_queue_name(queue)
@@ -76,6 +85,14 @@ class CallOptions:
             changes["connection"] = connection
         if expires is not None:
             changes["expires"] = _checked_expires(expires)
+        if cursor is not None:
+            if not (hasattr(cursor, "execute") or hasattr(cursor, "exec_driver_sql")):
+                raise TypeError(
+                    "cursor must be a DB-API cursor (psycopg, Django's connection.cursor()) or "
+                    f"a SQLAlchemy Connection (got {describe(cursor)}); for an asyncpg "
+                    "connection use connection=... with defer()"
+                )
+            changes["cursor"] = cursor
         merged = replace(self, **changes)
         if merged.eta is not None and merged.delay:  # in either order, over chained options()
             raise ValueError("pass either delay (or countdown) or eta, not both")

@@ -1,12 +1,14 @@
 """Tasks: what ``@app.task`` returns, and the calls built from one.
 
-A `Task[P, R]` wraps an ``async def``. Calling it runs the function directly; ``defer`` (and
-its Celery alias ``delay``) enqueues a job with arguments checked against the function's own
-signature, by the type checker (ParamSpec) and again at run time before anything is sent
-(`binding`; the worker's `Task.bind_message` uses the same shapes on what arrives). Options
-that cannot share that call (PEP 612) go through ``task.options(...)``, which returns a
-`TaskCall` with the same typed ``defer`` and ``s``. ``s(...)`` builds a `Signature` (a call
-not yet sent) for ``app.defer_many``.
+A `Task[P, R]` wraps an ``async def``; a `SyncTask[P, R]` (a `Task` too) wraps a plain
+``def``, which the worker runs in a thread. Calling either runs the function directly;
+``defer`` (and its Celery alias ``delay``) enqueues a job with arguments checked against
+the function's own signature, by the type checker (ParamSpec) and again at run time before
+anything is sent (`binding`; the worker's `Task.bind_message` uses the same shapes on what
+arrives); ``defer_sync`` does the same from code without an event loop. Options that cannot
+share that call (PEP 612) go through ``task.options(...)``, which returns a `TaskCall` with
+the same typed ``defer`` and ``s``. ``s(...)`` builds a `Signature` (a call not yet sent)
+for ``app.defer_many``.
 
 A task sends nothing itself: it defers through a `Producer` it is given at registration (the
 `App` of ``@app.task``), or, for a shared task, the default producer the registry names.
@@ -18,7 +20,7 @@ import datetime as dt
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, Protocol, TypeVar, overload
 
 from typing_extensions import ParamSpec
 
@@ -51,6 +53,14 @@ class Producer(Protocol):
         self, workflow: Workflow, /, *, connection: Connection | None = None
     ) -> WorkflowRef:
         """Send a workflow (see `pgtasks.chain`)."""
+        ...
+
+
+class SyncProducer(Protocol):
+    """A producer that can also send from code without an event loop (an `App`)."""
+
+    def defer_sync(self, signature: Signature, /) -> JobRef[Any]:
+        """Send ``signature`` as one job, blocking until it is sent."""
         ...
 
 
@@ -99,6 +109,23 @@ class _Deferrer(Generic[P, R]):
         """Celery's name for `defer`."""
         return await self.defer(*args, **kwargs)
 
+    def defer_sync(self, *args: P.args, **kwargs: P.kwargs) -> JobRef[R]:
+        """`defer` for code without an event loop (a Django or Flask view, a script, a
+        plain ``def`` task): blocks until the job is sent, and is safe to call from many
+        threads at once. With ``options(cursor=...)`` it runs on that DB-API cursor, in its
+        transaction, and needs no event loop at all; otherwise it runs on the app's
+        background event loop (see `App.defer_sync`), and raises `RuntimeError` when called
+        on a running event loop, which it would block: ``await defer(...)`` there."""
+        producer = self._task.app
+        if not hasattr(producer, "defer_sync"):
+            raise TypeError(
+                f"task {self._task.name!r} defers through {producer!r}, which cannot send "
+                "from synchronous code (it has no defer_sync); register it with a pgtasks.App"
+            )
+        sync: SyncProducer = producer  # type: ignore[assignment]
+        ref: JobRef[R] = sync.defer_sync(self.s(*args, **kwargs))
+        return ref
+
     def options(
         self,
         *,
@@ -109,8 +136,9 @@ class _Deferrer(Generic[P, R]):
         headers: Mapping[str, Any] | None = None,
         connection: Connection | None = None,
         expires: float | dt.timedelta | dt.datetime | None = None,
+        cursor: Any = None,
     ) -> TaskCall[P, R]:
-        """Options for the next ``defer`` or ``s``.
+        """Options for the next ``defer``, ``defer_sync`` or ``s``.
 
         Args:
             queue: send to this queue instead of the task's own.
@@ -128,6 +156,10 @@ class _Deferrer(Generic[P, R]):
                 (neither retried nor dead-lettered). Seconds (or a ``timedelta``) after the
                 enqueue, counted on the database's clock, or a timezone-aware ``datetime``.
                 Applies to every attempt: a retry due after it does not run either.
+            cursor: a DB-API cursor (psycopg 2 or 3, Django's ``connection.cursor()``) or a
+                SQLAlchemy ``Connection``, for ``defer_sync``: the job is enqueued in its
+                current transaction, with ``pgtasks.send``, and exists only if that
+                transaction commits.
         """
         merged = self._options.merge(
             queue=queue,
@@ -137,6 +169,7 @@ class _Deferrer(Generic[P, R]):
             headers=headers,
             connection=connection,
             expires=expires,
+            cursor=cursor,
         )
         return TaskCall(self._task, merged)
 
@@ -168,12 +201,22 @@ class Task(_Deferrer[P, R]):
         config: TaskConfig = TaskConfig(),
         app: Producer | None = None,
     ) -> None:
-        if not inspect.iscoroutinefunction(fn):
+        if not callable(fn):
+            raise TypeError(f"@task needs a function, and {fn!r} is not callable")
+        if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
             raise TypeError(
-                f"@task needs an async function, and {fn.__qualname__} is not one: write "
-                "`async def`, and run blocking code with `await anyio.to_thread.run_sync(...)`"
+                f"@task needs a function that returns its result, and {fn.__qualname__} is a "
+                "generator: return a list instead of yielding"
             )
-        self.fn = fn
+        self.is_async = inspect.iscoroutinefunction(fn)
+        """``async def`` (run on the worker's loop), or a plain ``def`` (run in a thread)."""
+        if not self.is_async and config.transactional:
+            raise TypeError(
+                f"transactional=True needs an async def task, and {fn.__qualname__} is a plain "
+                "def: the transaction's connection is an asyncpg connection of the worker's "
+                "event loop, which a thread cannot use; write the task as `async def`"
+            )
+        self.fn: Callable[P, Any] = fn
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self.queue = check_queue_name(queue)
         self.config = config
@@ -190,7 +233,7 @@ class Task(_Deferrer[P, R]):
         return f"<Task {self.name} queue={self.queue}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
-        return self.fn(*args, **kwargs)
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
     @property
     def returns(self) -> Any:
@@ -258,3 +301,42 @@ class Task(_Deferrer[P, R]):
         orjson read it as a double, the body is read again exactly. Raises `TypeError` or
         `ValueError` naming the argument and what is wrong with it."""
         return self._arguments.bind_message(env)
+
+
+class SyncTask(Task[P, R]):
+    """A task whose function is a plain ``def``: the worker runs it in a thread of its own
+    pool (``app.worker(threads=...)``), never on its event loop. Calling it runs the
+    function directly and returns its result; ``defer`` and ``defer_sync`` are typed as
+    for an async task. See the "Plain def tasks" page of the docs for what a thread
+    cannot do (be interrupted) and how a run is told to stop (``cancel_requested``)."""
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        config: TaskConfig = TaskConfig(),
+        app: Producer | None = None,
+    ) -> None:
+        super().__init__(fn, name=name, queue=queue, config=config, app=app)  # type: ignore[arg-type]
+
+    if TYPE_CHECKING:
+
+        def __call__(  # type: ignore[override]
+            self, *args: P.args, **kwargs: P.kwargs
+        ) -> R: ...
+
+    def __repr__(self) -> str:
+        return f"<SyncTask {self.name} queue={self.queue}>"
+
+
+class TaskDecorator(Protocol):
+    """What ``@app.task(...)`` with options returns: a decorator that makes a `Task` of an
+    ``async def`` and a `SyncTask` of a plain ``def``."""
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...  # type: ignore[overload-overlap]  # a coroutine function is this
+
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> SyncTask[P, R]: ...

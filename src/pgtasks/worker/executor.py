@@ -10,7 +10,8 @@ raised itself) is a failed attempt, except a cancellation whose reason the worke
 records the job as cancelled. What becomes of a job is `decisions.py`'s to say.
 
 The app's execute hooks (`pgtasks.hooks`), if any, run around the task's function, inside
-the job boundary: what a hook raises is the job's failure.
+the job boundary: what a hook raises is the job's failure. A plain ``def`` task runs in a
+thread (`threads.py`); the hooks run on the loop, around the wait for that thread.
 
 Poison messages never loop: a body that is not an envelope, is over the size limit, or whose
 arguments do not bind goes to the dead letters at once; an unknown task is retried with
@@ -47,6 +48,7 @@ from .decisions import Decisions
 from .events import JobEvent
 from .job import CancelReason, Job, JobTimeout, claimed
 from .outcome import Outcome, clean_text, describe_error, missing_body
+from .threads import Threads
 
 logger = logging.getLogger("pgtasks")
 
@@ -72,8 +74,10 @@ class Executor:
         max_message_size: int,
         max_result_size: int,
         hooks: list[ExecuteHook] | None = None,
+        threads: Threads | None = None,
     ) -> None:
         self._tasks = tasks
+        self.threads = threads or Threads(1)  # plain def tasks' threads, started on first use
         self._defaults = defaults
         self._default_policy = RetryPolicy.from_config(TaskConfig(), defaults)
         self._emit = emit
@@ -258,10 +262,13 @@ class Executor:
                 token = _current.set(ctx)
                 try:
                     if self._hooks:
-                        call = lambda: task.fn(*args, **kwargs)  # noqa: E731
-                        value = await run_with_hooks(self._hooks, ctx, call)
-                    else:
+                        value = await run_with_hooks(
+                            self._hooks, ctx, self._call(job, task, args, kwargs)
+                        )
+                    elif task.is_async:
                         value = await task.fn(*args, **kwargs)
+                    else:  # a plain def: in a thread, whose end the job waits for
+                        value = await self.threads.run(job, task.fn, args, kwargs)
                 finally:
                     _current.reset(token)
         except _LeaseLost:  # the ack found the message gone: the transaction rolled back
@@ -285,6 +292,14 @@ class Executor:
             if job.cancel_reason is CancelReason.TIMEOUT:
                 error = JobTimeout(f"the run exceeded its time limit of {timeout:g}s")
             self.decide.failed(job, policy, error, duration)
+
+    def _call(
+        self, job: Job, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[[], Awaitable[Any]]:
+        """The run, as the execute hooks call it."""
+        if task.is_async:
+            return lambda: task.fn(*args, **kwargs)
+        return lambda: self.threads.run(job, task.fn, args, kwargs)
 
     async def _run_in_transaction(
         self,

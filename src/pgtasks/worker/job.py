@@ -14,6 +14,9 @@ asyncio task is cancelled, so nothing downstream guesses from a bare `CancelledE
 * ``TIMEOUT`` (the task's time limit): a failed attempt;
 * ``REQUESTED`` (a user cancelled the job): recorded as cancelled.
 
+The run sees every cancellation in its context (``current_job().cancel_requested`` and
+``cancel_reason``), which is all a plain ``def`` task in a thread can see (`threads.py`).
+
 A `CancelledError` that reaches the job boundary with no reason set was raised by the task
 itself, and is a failed attempt like any other exception. Once a job is FINISHING its
 outcome is decided: a cancellation is refused and lease events are ignored (the completer
@@ -124,6 +127,9 @@ class Job:
         if current is not None and _RANK[current] > _RANK[reason]:
             return False
         self.cancel_reason = reason
+        control = self.control  # what the task sees: a thread polls it
+        control.cancel_requested = True
+        control.cancel_reason = reason.name.lower()
         if self.task is not None:
             self.task.cancel()
         return True

@@ -49,6 +49,7 @@ class WorkerOptions(TypedDict, total=False):
 
     queues: Sequence[str] | None
     concurrency: int
+    threads: int | None
     burst: bool
     shutdown_timeout: float
     listen: bool
@@ -72,6 +73,16 @@ WORKER_OPTIONS = OptionSet(
         "jobs run at once (and so messages claimed at most)",
         Number(1, 100_000, integer=True),
         flags=("-c", "--concurrency"),
+        metavar="N",
+    ),
+    Option(
+        "threads",
+        None,
+        "plain def tasks run at once, in threads; a run waits (claimed, its lease kept) for "
+        "a free one",
+        Number(1, 10_000, integer=True, none="min(concurrency, 40)"),
+        default_text="min(concurrency, 40)",
+        flags=("--threads",),
         metavar="N",
     ),
     Option(

@@ -12,8 +12,9 @@ scope holds the fetch loop and the running jobs. A soft stop ends the fetch loop
 running jobs ``shutdown_timeout`` seconds; then every job still running
 is cancelled for the reason "stop" and hands its message back at once. A job that ignores
 the cancellation is given a few seconds more, then its message is handed back anyway (its
-attempt counted) and the worker returns without it. Pending outcomes are flushed, shielded
-and bounded, before the service scope closes.
+attempt counted) and the worker returns without it; except a plain ``def`` job whose thread
+still runs: nothing is written for it, and its lease lapses (`threads.py`). Pending
+outcomes are flushed, shielded and bounded, before the service scope closes.
 
 The library never installs signal handlers; the CLI does. Embedded use::
 
@@ -61,6 +62,7 @@ from .settings import (
     checked_queues,
     transactional_slots,
 )
+from .threads import Threads
 
 logger = logging.getLogger("pgtasks")
 
@@ -81,9 +83,9 @@ class Worker:
             `Scheduler` in its service scope when the ``schedule`` option is on (not in
             ``burst`` mode).
         **options: the worker options (`WorkerOptions`): ``queues``, ``concurrency``,
-            ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``, ``schedule``;
-            see [Configuration](configuration.md#worker-options) for each one's meaning,
-            default and range.
+            ``threads``, ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``,
+            ``schedule``; see [Configuration](configuration.md#worker-options) for each
+            one's meaning, default and range.
     """
 
     def __init__(
@@ -103,6 +105,9 @@ class Worker:
         self._tasks = dict(tasks)
         self.queues: list[str] = checked_queues(opts["queues"], self._tasks)
         self.concurrency: int = opts["concurrency"]
+        self.threads: int = (
+            opts["threads"] if opts["threads"] is not None else min(self.concurrency, 40)
+        )
         self.burst: bool = opts["burst"]
         self.shutdown_timeout: float = opts["shutdown_timeout"]
         self.listen: bool = opts["listen"]
@@ -116,10 +121,11 @@ class Worker:
         self._force = False
         self._fetcher: Fetcher | None = None
         self._completer: Completer | None = None
+        self._executor: Executor | None = None
         self._background: TaskGroup | None = None
         self._done = anyio.Event()
         self.listener: Listener | None = None
-        self.abandoned = 0  # jobs that ignored cancellation at the last stop
+        self.abandoned = 0  # jobs that ignored cancellation at the last stop (threads too)
         self.id = uuid.uuid4()
         """This worker's id in ``pgtasks.workers`` (see `pgtasks.admin.workers`)."""
         self.heartbeat_interval = HEARTBEAT_INTERVAL
@@ -214,7 +220,9 @@ class Worker:
             max_message_size=settings.max_message_size,
             max_result_size=settings.max_result_size,
             hooks=self._hooks.execute if self._hooks is not None else None,
+            threads=Threads(self.threads),
         )
+        self._executor = executor
         read_vt = {q: self._read_vt(executor, q) for q in self.queues}
         self._completer = Completer(
             complete_conn,
@@ -272,6 +280,7 @@ class Worker:
                     await heartbeat.stopped()
                 service.cancel_scope.cancel()
         finally:
+            executor.threads.shutdown()
             self._done.set()
             logger.info("worker stopped: %s", self._events.summary())
 
@@ -306,7 +315,11 @@ class Worker:
         with anyio.CancelScope(shield=True):
             _, pending = await asyncio.wait(tasks, timeout=CANCEL_GRACE)
         left = [job for job in self._jobs if job.task in pending]
+        threads = self._executor.threads if self._executor is not None else None
         for job in left:  # it ignores cancellation: hand its message back without it
+            if threads is not None and threads.leave(job, CANCEL_GRACE):
+                self._jobs.discard(job)  # nothing written: its lease lapses
+                continue
             logger.error(
                 "%s ignored cancellation for %.0fs; its message is handed back (the attempt "
                 "counts) while it may still be running in this process",

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Django's command line for the example shop: ``python manage.py test``, ``runserver``,
+``migrate``, and ``runworker`` (the pgtasks worker, see shop/management/commands)."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shop.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)

@@ -1,0 +1,1 @@
+"""A Django shop that defers a job in the same transaction as the order it creates."""
