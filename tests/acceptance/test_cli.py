@@ -101,6 +101,7 @@ COMMANDS = {
                   "--burst", "--no-listen", "--poll-interval", "--log-jobs", "--no-log-jobs"],
     ("migrate",): ["--sql", "--json"],
     ("status",): ["--json"],
+    ("doctor",): ["--horizon-age", "--json"],
     ("prune",): ["--errors-older-than", "--archive-older-than", "--json"],
     ("dead", "list"): ["--queue", "--task", "--limit", "--json"],
     ("dead", "show"): ["--json"],

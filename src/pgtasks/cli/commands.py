@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from ..app import App
 from ..db import schema
 from . import dead, jobs, schedules
+from .doctor import doctor
 from .output import print_json
 from .status import status
 
@@ -68,6 +69,7 @@ async def prune(app: App, args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
     "migrate": migrate,
     "status": status,
+    "doctor": doctor,
     "prune": prune,
     "list": dead.list_letters,
     "show": dead.show_letter,

@@ -274,6 +274,24 @@ def build() -> argparse.ArgumentParser:
     )
     _json_option(status)
 
+    doctor = _command(
+        sub,
+        "doctor",
+        "the queue tables' dead rows and sizes, what holds back vacuum, and advice",
+        "python -m pgtasks doctor --horizon-age 5m",
+        "doctor",
+        "Exit status 0 when there is no advice, 2 when there is some.",
+    )
+    doctor.add_argument(
+        "--horizon-age",
+        type=lambda text: duration(text).total_seconds(),
+        default=60.0,
+        metavar="AGE",
+        help="report a transaction that has held the xmin horizon this long, e.g. 30s, 5m "
+        "(default: 60s)",
+    )
+    _json_option(doctor)
+
     board = _command(
         sub,
         "dashboard",

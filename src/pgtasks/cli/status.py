@@ -69,7 +69,7 @@ def age(seconds: float | None) -> str:
     return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
+def columns(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
     """Columns as wide as their widest cell; the first ``left`` columns left-aligned."""
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [
@@ -114,7 +114,7 @@ def render(snapshot: Status) -> list[str]:
         )
         for q in snapshot.queues
     ]
-    lines = _table(header, rows) if rows else ["no queues yet"]
+    lines = columns(header, rows) if rows else ["no queues yet"]
     lines.append("")
     lines += workers(snapshot.workers, snapshot.at)
     return lines
@@ -138,4 +138,4 @@ def workers(infos: Sequence[WorkerInfo], now: dt.datetime) -> list[str]:
         for w in alive
     ]
     header = ("worker", "queues", "running", "succeeded", "failed", "version", "up", "seen")
-    return [f"workers: {len(alive)} alive", *_table(header, rows, left=2)]
+    return [f"workers: {len(alive)} alive", *columns(header, rows, left=2)]
