@@ -14,8 +14,9 @@ or standalone: ``python -m pgtasks dashboard --app myproj.tasks:app --port 8080`
 Server-rendered pages that work without JavaScript (a small script of its own refreshes the
 live pages): the queues, a queue's jobs by state, search by job id, task or idempotency key,
 one job with its arguments, headers and failed attempts, the dead letters (retry or purge one
-or many), and the workers. Every query goes through `pgtasks.admin`; the dashboard never
-talks to a worker. Actions are POSTs with CSRF protection (see `security`).
+or many), the schedules (pause, resume, run now), and the workers. Every query goes through
+`pgtasks.admin`; the dashboard never talks to a worker. Actions are POSTs with CSRF
+protection (see `security`).
 """
 
 from __future__ import annotations

@@ -3,9 +3,11 @@ acting only through `pgtasks.admin` (never a running worker).
 
 Pages (GET): ``/`` the queues; ``/queues/{queue}?state=&task=`` a queue's jobs by state;
 ``/jobs/{queue}/{id}`` one job; ``/search?q=`` by job id, idempotency key or task name;
-``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/workers``. Actions (POST, with
-a CSRF token, refused in read-only mode): ``/dead/action`` retries or purges dead letters,
-one or many (a purge asks to confirm on a page of its own).
+``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/schedules``; ``/workers``.
+Actions (POST, with a CSRF token, refused in read-only mode): ``/dead/action`` retries or
+purges dead letters, one or many (a purge asks to confirm on a page of its own);
+``/schedules/action`` pauses, resumes or triggers (runs now) one schedule, named in the form
+(a schedule's name may hold any printable character, so it is never part of a path).
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from starlette.routing import Route
 
 from .._version import __version__
 from ..admin import jobs as admin_jobs
+from ..admin import schedules as admin_schedules
 from ..admin import status as admin_status
 from ..admin import workers as admin_workers
 from ..admin.dead_letters import DeadLetters
 from ..admin.status import QueueState
 from ..db.database import Database
-from ..exceptions import JobNotFound, PgTasksError
+from ..exceptions import JobNotFound, PgTasksError, ScheduleNotFound
+from ..queues import QUEUE_NAME
 from .security import CSRF_COOKIE, CSRF_FIELD, csrf_ok, csrf_token
 
 PAGE_SIZE = 50
@@ -111,6 +115,13 @@ class Dashboard:
                 Route("/dead", self.dead_page, name="dead"),
                 Route("/dead/action", self.dead_action, methods=["POST"], name="dead_action"),
                 Route("/dead/{dead_id:int}", self.dead_letter_page, name="dead_letter"),
+                Route("/schedules", self.schedules_page, name="schedules"),
+                Route(
+                    "/schedules/action",
+                    self.schedule_action,
+                    methods=["POST"],
+                    name="schedule_action",
+                ),
                 Route("/workers", self.workers_page, name="workers"),
                 Route("/static/{name}", self.static, name="static"),
             ],
@@ -245,6 +256,21 @@ class Dashboard:
         letter = await self.dead_letters.get(request.path_params["dead_id"])
         return self.render(request, "dead_letter.html", letter=letter)
 
+    async def schedules_page(self, request: Request) -> Response:
+        infos = await admin_schedules.list_schedules(self.database)
+        job = request.query_params.get("job") or ""
+        queue = request.query_params.get("queue") or ""
+        return self.render(
+            request,
+            "schedules.html",
+            live=True,
+            schedules=infos,
+            done=request.query_params.get("done"),
+            # the job a trigger enqueued, linked from the banner (only a real id and queue)
+            job=int(job) if job.isdigit() and len(job) < 19 else None,
+            job_queue=queue if QUEUE_NAME.fullmatch(queue) else None,
+        )
+
     async def workers_page(self, request: Request) -> Response:
         infos = await admin_workers.list_workers(self.database, everyone=True)
         return self.render(request, "workers.html", live=True, workers=infos)
@@ -299,6 +325,44 @@ class Dashboard:
         return RedirectResponse(
             f"{back}{separator}{urlencode({'done': done})}",
             status_code=303,
+        )
+
+    async def schedule_action(self, request: Request) -> Response:
+        form = await _form(request)
+        refused = self._refused(request, form)
+        if refused is not None:
+            return refused
+        chosen = [(a, form[a][0]) for a in ("pause", "resume", "trigger") if form.get(a)]
+        if len(chosen) != 1:
+            return self.render(
+                request,
+                "error.html",
+                status_code=400,
+                message="choose one schedule, and pause, resume or run it now",
+            )
+        [(action, name)] = chosen
+        params: dict[str, str | int] = {}
+        try:
+            if action == "trigger":
+                ref = await admin_schedules.trigger(self.database, name)
+                if ref.deduplicated:
+                    done = f"schedule {name!r}: job {ref.id} in {ref.queue} already holds this tick"
+                else:
+                    done = f"ran schedule {name!r} now: job {ref.id} in {ref.queue}"
+                params = {"job": ref.id, "queue": ref.queue}
+            elif action == "pause":
+                await admin_schedules.pause(self.database, name)
+                done = f"paused schedule {name!r}: its ticks are not enqueued until resumed"
+            else:
+                await admin_schedules.resume(self.database, name)
+                done = f"resumed schedule {name!r}: it ticks again from now on"
+        except ScheduleNotFound as exc:
+            return self.render(
+                request, "error.html", status_code=404, message=str(exc), back="schedules"
+            )
+        base = request.scope.get("root_path", "").rstrip("/")
+        return RedirectResponse(
+            f"{base}/schedules?{urlencode({'done': done, **params})}", status_code=303
         )
 
     def _refused(self, request: Request, form: Mapping[str, list[str]]) -> Response | None:

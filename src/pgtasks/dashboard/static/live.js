@@ -1,5 +1,6 @@
 // pgtasks dashboard: live refresh of the pages marked data-live (the queues, a queue's jobs,
-// the workers). Off until the "live" box is ticked; the choice is kept in localStorage.
+// the schedules, the workers). Off until the "live" box is ticked; the choice is kept in
+// localStorage.
 // The pages work without this script: reload them to refresh.
 (function () {
   "use strict";
