@@ -2,8 +2,9 @@
 actions need the CSRF token and a same-site origin, read-only refuses every action and shows
 no button, basic auth guards every request, a standalone dashboard refuses to serve beyond
 this machine without credentials, mounted under FastAPI its links carry the mount path, and
-text from jobs and schedules' names is escaped. The schedules' actions as a page without
-JavaScript sends them (plain form posts), down to a name that names no schedule."""
+text from jobs and schedules' names is escaped. The schedules' actions are sent as plain
+form posts (what a browser without JavaScript sends), down to a name that names no
+schedule."""
 
 from __future__ import annotations
 
