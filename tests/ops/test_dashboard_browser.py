@@ -1,7 +1,7 @@
 """The dashboard in a real browser: headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, which ``.ci/run`` installs) driven by Selenium clicks through every page
 and action against a real database and a real worker (with two real schedules: one every
-second, one weekly), and saves a screenshot of each page
+second, one weekly, and jobs to cancel on a queue of their own), and saves a screenshot of each page
 under ``$PGTASKS_SCREENSHOT_DIR`` (default: a ``pgtasks-dashboard-screenshots`` folder in the
 system's temporary directory): the CI artifact.
 
@@ -84,6 +84,10 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             if pgtasks.current_job().attempt == 1 and day == "flaky":
                 raise pgtasks.Retry(delay=3600)
 
+        @app.task(queue="cancels", name="cancels.wait")
+        async def wait() -> None:
+            await asyncio.sleep(3600)
+
         @app.periodic(every=dt.timedelta(seconds=1), name="heartbeat")
         @app.task(queue="ticks", name="ticks.beat")
         async def beat() -> None:
@@ -100,7 +104,20 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
         worker = app.worker(concurrency=4, queues=["emails", "reports"])
         worker.heartbeat_interval = 0.5
         ticker = app.worker(concurrency=1, queues=["ticks"], schedule=False)
+        # the cancel test starts the worker of its queue, so that the workers page and the
+        # main worker's numbers are the same whichever tests run
+        wanted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        site.ids["start_cancels_worker"] = lambda: loop.call_soon_threadsafe(wanted.set)
+
+        async def cancels_worker() -> None:
+            await wanted.wait()
+            if not stop.is_set():
+                async with app.worker(concurrency=1, queues=["cancels"], schedule=False):
+                    await stop.wait()
+
         async with worker, ticker:
+            cancelling = asyncio.create_task(cancels_worker())
             done = asyncio.Event()
             seen: dict[str, int] = {"dead": 0, "succeeded": 0, "retried": 0}
 
@@ -119,8 +136,11 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             for _ in range(3):
                 await build.defer("bad")
             running = await slow.defer()
+            to_cancel = [await wait.options(delay=3600).defer() for _ in range(2)]
+            to_stop = await wait.defer()  # waiting until the cancel test starts its worker
             await asyncio.wait_for(done.wait(), 30)
             site.ids.update(keyed=keyed.id, later=later.id, running=running.id)
+            site.ids.update(to_cancel=[r.id for r in to_cancel], to_stop=to_stop.id)
             server = uvicorn.Server(
                 uvicorn.Config(dashboard(app), host="127.0.0.1", port=port, log_level="warning")
             )
@@ -132,6 +152,8 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             server.should_exit = True
             hold.set()
             await serving
+            wanted.set()
+            await cancelling
         await app.close()
 
     loop = asyncio.new_event_loop()
@@ -459,3 +481,41 @@ def test_schedules_pause_resume_and_run_now(site: Site, browser: Any) -> None:
     assert state == "succeeded"
     assert '"x-pgtasks-schedule": "reports.weekly"' in text(browser, "#job-headers")
     shot(browser, "11-scheduled-job")
+
+
+def test_cancel_scheduled_jobs_and_a_running_one(site: Site, browser: Any) -> None:
+    chosen, later = site.ids["to_cancel"]
+    # one of the scheduled jobs, selected in the queue's list
+    browser.get(f"{site.url}/queues/cancels?state=scheduled")
+    assert heading(browser, "Queue cancels") == "Queue cancels"
+    assert sorted(int(r[0]) for r in rows(browser, "#jobs")) == [chosen, later]
+    browser.find_element(By.CSS_SELECTOR, f"input[name=id][value='{chosen}']").click()
+    follow(browser, browser.find_element(By.ID, "cancel-selected"))
+    assert text(browser, "#done") == "cancelled 1 job(s)"
+    assert [int(r[0]) for r in rows(browser, "#jobs")] == [later]
+    follow(browser, browser.find_element(By.ID, "tab-cancelled"))
+    assert [int(r[0]) for r in rows(browser, "#jobs")] == [chosen]
+
+    # the other one from its page
+    browser.get(f"{site.url}/jobs/cancels/{later}")
+    assert text(browser, "#job-state") == "scheduled"
+    follow(browser, browser.find_element(By.ID, "cancel-job"))
+    assert text(browser, "#done").startswith("Cancelled: it had not started")
+    assert text(browser, "#job-state") == "cancelled"
+    assert "cancel-job" not in browser.page_source  # nothing left to cancel
+    shot(browser, "12-job-cancelled")
+
+    # a running one: its worker is asked, and the run ends as cancelled
+    site.ids["start_cancels_worker"]()
+    browser.get(f"{site.url}/jobs/cancels/{site.ids['to_stop']}")
+    state = reload_until(browser, lambda: text(browser, "#job-state"), lambda s: s == "running")
+    assert state == "running"
+    follow(browser, browser.find_element(By.ID, "cancel-job"))
+    assert text(browser, "#done").startswith("Cancel requested: it is running")
+    if text(browser, "#job-state") == "running":  # asked once: no second button
+        assert "cancel-job" not in browser.page_source
+        assert text(browser, "#job-cancel-requested").startswith("Cancel requested")
+    shot(browser, "13-job-cancel-requested")
+    state = reload_until(browser, lambda: text(browser, "#job-state"), lambda s: s == "cancelled")
+    assert state == "cancelled"
+    assert "cancel-job" not in browser.page_source
