@@ -295,6 +295,9 @@ async def test_a_cancel_needs_the_csrf_token_and_says_what_it_did(app: pgtasks.A
         gone = await http.post("/jobs/dash_cancel/999999/cancel", data={"csrf": cookie})
         assert gone.status_code == 404
         assert "no job 999999 in queue &#39;dash_cancel&#39;: nothing to cancel" in gone.text
+        for path in ("/jobs/Dash/1", f"/jobs/dash_cancel/{2**63}"):  # no such name or id
+            assert (await http.get(path)).status_code == 404
+            assert (await http.post(f"{path}/cancel", data={"csrf": cookie})).status_code == 404
 
 
 async def test_a_finished_job_is_not_cancelled_and_the_page_says_so(app: pgtasks.App) -> None:

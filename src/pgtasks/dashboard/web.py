@@ -233,9 +233,7 @@ class Dashboard:
         )
 
     async def job_page(self, request: Request) -> Response:
-        job = await admin_jobs.get_job(
-            self.database, request.path_params["queue"], request.path_params["msg_id"]
-        )
+        job = await admin_jobs.get_job(self.database, *_job_path(request))
         cancel = request.query_params.get("cancel")
         return self.render(
             request, "job.html", job=job, cancel=cancel if cancel in CANCEL_OUTCOMES else None
@@ -397,7 +395,7 @@ class Dashboard:
         refused = self._refused(request, form)
         if refused is not None:
             return refused
-        queue, msg_id = request.path_params["queue"], request.path_params["msg_id"]
+        queue, msg_id = _job_path(request)
         [outcome] = await self._cancel(queue, [msg_id])
         if outcome == "unknown":
             raise JobNotFound(f"no job {msg_id} in queue {queue!r}: nothing to cancel")
@@ -470,6 +468,15 @@ def _action(form: Mapping[str, list[str]]) -> tuple[str | None, list[int]]:
     if action not in ("retry", "purge"):
         return None, []
     return action, _ids(form.get("id") or [])
+
+
+def _job_path(request: Request) -> tuple[str, int]:
+    """A job's queue and id from its path; `JobNotFound` (a 404) for a path that can name no
+    job: a queue name pgtasks refuses, an id beyond a bigint."""
+    queue, msg_id = request.path_params["queue"], request.path_params["msg_id"]
+    if not QUEUE_NAME.fullmatch(queue) or msg_id >= 2**63:
+        raise JobNotFound(f"no job {msg_id} in queue {queue!r}")
+    return queue, msg_id
 
 
 def _cancelled(params: Mapping[str, str]) -> str:
