@@ -10,6 +10,7 @@ import ast
 import datetime as dt
 import inspect
 import itertools
+import zoneinfo
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -260,6 +261,31 @@ async def test_pause_resume_trigger_and_delete(app: pgtasks.App, conn: asyncpg.C
         await admin.trigger(app.database, "nope")
     await admin.delete(app.database, "ops")
     assert await admin.list_schedules(app.database) == []
+
+
+async def test_a_schedule_not_due_yet_lists_its_next_tick(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.periodic("0 6 * * 1", tz="Europe/Paris")
+    @app.task(queue="periodic_weekly")
+    async def weekly() -> None:
+        pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(app.scheduler().run)
+        with anyio.fail_after(10):  # its first pass fires nothing, and says when it will
+            while not (infos := await admin.list_schedules(app.database)) or (
+                infos[0].next_tick is None
+            ):
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    (info,) = infos
+    assert info.next_tick is not None
+    now = await db_now(conn)
+    assert now < info.next_tick <= now + dt.timedelta(days=7)
+    paris = info.next_tick.astimezone(zoneinfo.ZoneInfo("Europe/Paris"))
+    assert (paris.weekday(), paris.hour, paris.minute, paris.second) == (0, 6, 0, 0)
+    assert (info.last_tick, info.last_job, info.last_job_id) == (None, None, None)
 
 
 async def test_a_schedule_removed_from_the_code_is_orphaned(

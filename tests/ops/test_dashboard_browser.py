@@ -1,6 +1,7 @@
 """The dashboard in a real browser: headless Chromium (Debian's ``chromium`` and
 ``chromium-driver``, which ``.ci/run`` installs) driven by Selenium clicks through every page
-and action against a real database and a real worker, and saves a screenshot of each page
+and action against a real database and a real worker (with two real schedules: one every
+second, one weekly, and jobs to cancel on a queue of their own), and saves a screenshot of each page
 under ``$PGTASKS_SCREENSHOT_DIR`` (default: a ``pgtasks-dashboard-screenshots`` folder in the
 system's temporary directory): the CI artifact.
 
@@ -11,7 +12,9 @@ is installed.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -44,6 +47,8 @@ pytestmark = [
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 T = TypeVar("T")
 
@@ -79,10 +84,40 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             if pgtasks.current_job().attempt == 1 and day == "flaky":
                 raise pgtasks.Retry(delay=3600)
 
+        @app.task(queue="cancels", name="cancels.wait")
+        async def wait() -> None:
+            await asyncio.sleep(3600)
+
+        @app.periodic(every=dt.timedelta(seconds=1), name="heartbeat")
+        @app.task(queue="ticks", name="ticks.beat")
+        async def beat() -> None:
+            pass
+
+        @app.periodic("0 6 * * 1", tz="Europe/Paris")
+        @app.task(queue="reports", name="reports.weekly")
+        async def weekly() -> str:
+            return "the week's report"
+
         await app.migrate()
-        worker = app.worker(concurrency=4)
+        # the main worker runs the scheduler; the ticks have a worker of their own, so that
+        # the main one's numbers (running, done) stay what the other tests expect
+        worker = app.worker(concurrency=4, queues=["emails", "reports"])
         worker.heartbeat_interval = 0.5
-        async with worker:
+        ticker = app.worker(concurrency=1, queues=["ticks"], schedule=False)
+        # the cancel test starts the worker of its queue, so that the workers page and the
+        # main worker's numbers are the same whichever tests run
+        wanted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        site.ids["start_cancels_worker"] = lambda: loop.call_soon_threadsafe(wanted.set)
+
+        async def cancels_worker() -> None:
+            await wanted.wait()
+            if not stop.is_set():
+                async with app.worker(concurrency=1, queues=["cancels"], schedule=False):
+                    await stop.wait()
+
+        async with worker, ticker:
+            cancelling = asyncio.create_task(cancels_worker())
             done = asyncio.Event()
             seen: dict[str, int] = {"dead": 0, "succeeded": 0, "retried": 0}
 
@@ -101,8 +136,11 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             for _ in range(3):
                 await build.defer("bad")
             running = await slow.defer()
+            to_cancel = [await wait.options(delay=3600).defer() for _ in range(2)]
+            to_stop = await wait.defer()  # waiting until the cancel test starts its worker
             await asyncio.wait_for(done.wait(), 30)
             site.ids.update(keyed=keyed.id, later=later.id, running=running.id)
+            site.ids.update(to_cancel=[r.id for r in to_cancel], to_stop=to_stop.id)
             server = uvicorn.Server(
                 uvicorn.Config(dashboard(app), host="127.0.0.1", port=port, log_level="warning")
             )
@@ -114,6 +152,8 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             server.should_exit = True
             hold.set()
             await serving
+            wanted.set()
+            await cancelling
         await app.close()
 
     loop = asyncio.new_event_loop()
@@ -188,6 +228,15 @@ def _settled(read: Callable[[], T]) -> T:
 
 def text(browser: Any, css: str) -> str:
     return _settled(lambda: str(browser.find_element(By.CSS_SELECTOR, css).text))
+
+
+def follow(browser: Any, element: Any) -> None:
+    """Click ``element`` (a link, a form's button) and wait until the page it leads to has
+    replaced this one, so that nothing is read from the old page (an action on the schedules
+    page leads back to the schedules page: its heading does not change)."""
+    old = browser.find_element(By.TAG_NAME, "html")
+    element.click()
+    WebDriverWait(browser, 10).until(staleness_of(old))
 
 
 def heading(browser: Any, expected: str) -> str:
@@ -299,7 +348,10 @@ def test_dead_letters_retry_one_and_purge_many(site: Site, browser: Any) -> None
 
 def test_the_workers_page(site: Site, browser: Any) -> None:
     browser.get(site.url + "/workers")
-    [worker] = rows(browser, "#workers")
+    workers = {r[2]: r for r in rows(browser, "#workers")}
+    assert sorted(workers) == ["emails, reports", "ticks"]
+    assert workers["ticks"][1] == "alive"
+    worker = workers["emails, reports"]
     assert worker[1] == "alive"
     assert worker[2] == "emails, reports"
     assert worker[3] == "1/4"
@@ -314,3 +366,156 @@ def test_an_action_without_the_csrf_token_is_refused(site: Site, browser: Any) -
     )
     assert text(browser, "#error").startswith("refused: the form's CSRF token")
     shot(browser, "09-csrf-refused")
+
+
+SCHEDULE_COLUMNS = (
+    "name", "task", "queue", "timing", "tz", "catch_up", "state", "next", "last", "job"
+)  # fmt: skip
+
+
+def schedules(browser: Any) -> dict[str, dict[str, str]]:
+    """The schedules page's rows (but their buttons) by name, each by column."""
+    return {r[0]: dict(zip(SCHEDULE_COLUMNS, r, strict=False)) for r in rows(browser, "#schedules")}
+
+
+def reload_until(browser: Any, read: Callable[[], T], done: Callable[[T], bool]) -> T:
+    """``read()`` of the page, reloaded until ``done`` says yes, or as it is after ten
+    seconds (for what a worker or the scheduler changes meanwhile)."""
+    deadline = time.monotonic() + 10
+    while not done(seen := read()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        browser.refresh()
+    return seen
+
+
+def button(browser: Any, schedule: str, action: str) -> Any:
+    return browser.find_element(
+        By.CSS_SELECTOR, f"tr[data-schedule='{schedule}'] button[name={action}]"
+    )
+
+
+def actions(browser: Any, schedule: str) -> list[str]:
+    return _settled(
+        lambda: [
+            str(b.get_attribute("name"))
+            for b in browser.find_elements(
+                By.CSS_SELECTOR, f"tr[data-schedule='{schedule}'] button"
+            )
+        ]
+    )
+
+
+def job_id(cell: str) -> str:
+    """The id in a "last job" cell (``succeeded 12``)."""
+    return cell.split()[-1]
+
+
+def test_schedules_pause_resume_and_run_now(site: Site, browser: Any) -> None:
+    browser.get(site.url + "/")
+    follow(browser, browser.find_element(By.ID, "nav-schedules"))
+    assert heading(browser, "Schedules") == "Schedules"
+    assert browser.title == "Schedules · pgtasks"
+    table = schedules(browser)
+    assert sorted(table) == ["heartbeat", "reports.weekly"]
+    beat = table["heartbeat"]
+    assert [beat[c] for c in ("task", "queue", "timing", "tz", "catch_up", "state")] == [
+        "ticks.beat", "ticks", "every 1s", "UTC", "latest", "active"
+    ]  # fmt: skip
+    assert actions(browser, "heartbeat") == ["pause", "trigger"]
+    weekly = table["reports.weekly"]
+    assert [weekly[c] for c in ("task", "queue", "timing", "tz", "catch_up", "state")] == [
+        "reports.weekly", "reports", "cron 0 6 * * 1", "Europe/Paris", "latest", "active"
+    ]  # fmt: skip
+    next_tick = dt.datetime.strptime(weekly["next"].split(" UTC")[0], "%Y-%m-%d %H:%M:%S")
+    assert (next_tick.weekday(), next_tick.hour) in ((0, 4), (0, 5))  # 06:00 in Paris
+    assert (weekly["last"], weekly["job"]) == ("-", "-")  # never ticked, never run
+
+    # pause the one that ticks every second: it does not tick while paused
+    reload_until(browser, lambda: schedules(browser)["heartbeat"], lambda r: r["last"] != "-")
+    follow(browser, button(browser, "heartbeat", "pause"))
+    assert text(browser, "#done") == (
+        "paused schedule 'heartbeat': its ticks are not enqueued until resumed"
+    )
+    paused = schedules(browser)["heartbeat"]  # read after the pause committed
+    assert (paused["state"], paused["next"]) == ("paused", "-")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", paused["last"])
+    assert actions(browser, "heartbeat") == ["resume", "trigger"]
+    time.sleep(3.0)  # three ticks' worth
+    browser.refresh()
+    still = schedules(browser)["heartbeat"]
+    assert (still["state"], still["last"]) == ("paused", paused["last"])  # no tick...
+    assert job_id(still["job"]) == job_id(paused["job"])  # ...and no job (its state may move)
+
+    # resume it: it ticks again, and its jobs run
+    follow(browser, button(browser, "heartbeat", "resume"))
+    assert text(browser, "#done") == "resumed schedule 'heartbeat': it ticks again from now on"
+    assert schedules(browser)["heartbeat"]["state"] == "active"
+    again = reload_until(
+        browser,
+        lambda: schedules(browser)["heartbeat"],
+        lambda r: r["last"] > paused["last"] and r["job"].split()[0] == "succeeded",
+    )
+    assert again["last"] > paused["last"]
+    assert again["job"].split()[0] == "succeeded"
+    assert job_id(again["job"]) != job_id(paused["job"])
+
+    # run the weekly one now, and follow the link to the job that ran
+    follow(browser, button(browser, "reports.weekly", "trigger"))
+    done = re.fullmatch(
+        r"ran schedule 'reports.weekly' now: job (\d+) in reports · job (\d+)",
+        text(browser, "#done"),
+    )
+    assert done is not None
+    assert done[1] == done[2]
+    ran = done[1]
+    weekly = schedules(browser)["reports.weekly"]
+    assert (weekly["state"], weekly["last"]) == ("active", "-")  # its ticks are left alone
+    assert job_id(weekly["job"]) == ran
+    shot(browser, "10-schedules")
+    follow(
+        browser,
+        browser.find_element(By.CSS_SELECTOR, "tr[data-schedule='reports.weekly'] a.last-job"),
+    )
+    assert browser.current_url == f"{site.url}/jobs/reports/{ran}"
+    state = reload_until(browser, lambda: text(browser, "#job-state"), lambda s: s == "succeeded")
+    assert state == "succeeded"
+    assert '"x-pgtasks-schedule": "reports.weekly"' in text(browser, "#job-headers")
+    shot(browser, "11-scheduled-job")
+
+
+def test_cancel_scheduled_jobs_and_a_running_one(site: Site, browser: Any) -> None:
+    chosen, later = site.ids["to_cancel"]
+    # one of the scheduled jobs, selected in the queue's list
+    browser.get(f"{site.url}/queues/cancels?state=scheduled")
+    assert heading(browser, "Queue cancels") == "Queue cancels"
+    assert sorted(int(r[0]) for r in rows(browser, "#jobs")) == [chosen, later]
+    browser.find_element(By.CSS_SELECTOR, f"input[name=id][value='{chosen}']").click()
+    follow(browser, browser.find_element(By.ID, "cancel-selected"))
+    assert text(browser, "#done") == "cancelled 1 job(s)"
+    assert [int(r[0]) for r in rows(browser, "#jobs")] == [later]
+    follow(browser, browser.find_element(By.ID, "tab-cancelled"))
+    assert [int(r[0]) for r in rows(browser, "#jobs")] == [chosen]
+
+    # the other one from its page
+    browser.get(f"{site.url}/jobs/cancels/{later}")
+    assert text(browser, "#job-state") == "scheduled"
+    follow(browser, browser.find_element(By.ID, "cancel-job"))
+    assert text(browser, "#done").startswith("Cancelled: it had not started")
+    assert text(browser, "#job-state") == "cancelled"
+    assert "cancel-job" not in browser.page_source  # nothing left to cancel
+    shot(browser, "12-job-cancelled")
+
+    # a running one: its worker is asked, and the run ends as cancelled
+    site.ids["start_cancels_worker"]()
+    browser.get(f"{site.url}/jobs/cancels/{site.ids['to_stop']}")
+    state = reload_until(browser, lambda: text(browser, "#job-state"), lambda s: s == "running")
+    assert state == "running"
+    follow(browser, browser.find_element(By.ID, "cancel-job"))
+    assert text(browser, "#done").startswith("Cancel requested: it is running")
+    if text(browser, "#job-state") == "running":  # asked once: no second button
+        assert "cancel-job" not in browser.page_source
+        assert text(browser, "#job-cancel-requested").startswith("Cancel requested")
+    shot(browser, "13-job-cancel-requested")
+    state = reload_until(browser, lambda: text(browser, "#job-state"), lambda s: s == "cancelled")
+    assert state == "cancelled"
+    assert "cancel-job" not in browser.page_source

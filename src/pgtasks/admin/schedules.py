@@ -31,7 +31,8 @@ class ScheduleInfo:
     for a while: it does not fire); ``next_tick`` is None unless it is active. ``last_job``
     is the state of the job of its last tick or trigger: ``waiting``, ``running``,
     ``retrying``, ``succeeded``, ``dead``, or None (none yet, or no longer known: pruned,
-    deleted by hand).
+    deleted by hand); ``last_job_id`` and ``last_job_queue`` say which job that is (its
+    queue is the schedule's, unless the schedule moved to another queue since).
     """
 
     name: str
@@ -46,6 +47,7 @@ class ScheduleInfo:
     last_tick: dt.datetime | None
     last_job: str | None
     last_job_id: int | None
+    last_job_queue: str | None
     seen_at: dt.datetime
     paused_at: dt.datetime | None
     orphaned_at: dt.datetime | None
@@ -64,6 +66,7 @@ class ScheduleInfo:
             "last_tick": self.last_tick,
             "last_job": self.last_job,
             "last_job_id": self.last_job_id,
+            "last_job_queue": self.last_job_queue,
             "seen_at": self.seen_at,
             "paused_at": self.paused_at,
             "orphaned_at": self.orphaned_at,
@@ -91,6 +94,7 @@ def _info(row: sql.ScheduleRow, orphan_after: float) -> ScheduleInfo:
         last_tick=row.last_tick,
         last_job=row.last_job,
         last_job_id=row.last_msg_id,
+        last_job_queue=row.last_queue,
         seen_at=row.seen_at,
         paused_at=row.paused_at,
         orphaned_at=row.orphaned_at,

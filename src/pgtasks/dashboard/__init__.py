@@ -14,8 +14,10 @@ or standalone: ``python -m pgtasks dashboard --app myproj.tasks:app --port 8080`
 Server-rendered pages that work without JavaScript (a small script of its own refreshes the
 live pages): the queues, a queue's jobs by state, search by job id, task or idempotency key,
 one job with its arguments, headers and failed attempts, the dead letters (retry or purge one
-or many), and the workers. Every query goes through `pgtasks.admin`; the dashboard never
-talks to a worker. Actions are POSTs with CSRF protection (see `security`).
+or many), the schedules (pause, resume, run now), and the workers; a job not over yet can
+be cancelled, from its page or from a queue's list. Every query goes through
+`pgtasks.admin` (a cancel through `App.cancel`); the dashboard never talks to a worker.
+Actions are POSTs with CSRF protection (see `security`).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def dashboard(
         title: the name in the page titles.
         refresh: seconds between refreshes of the live pages (when live refresh is on).
     """
-    board = Dashboard(app.database, read_only=read_only, title=title, refresh=refresh)
+    board = Dashboard(app, read_only=read_only, title=title, refresh=refresh)
     if basic_auth is not None:
         return BasicAuth(board.app, *basic_auth)
     return board.app

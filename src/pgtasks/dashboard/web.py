@@ -1,11 +1,17 @@
 """The dashboard's pages and actions: a Starlette app rendering Jinja2 templates, reading and
-acting only through `pgtasks.admin` (never a running worker).
+acting only through `pgtasks.admin` and, to cancel jobs, `App.cancel` (never a running
+worker).
 
 Pages (GET): ``/`` the queues; ``/queues/{queue}?state=&task=`` a queue's jobs by state;
 ``/jobs/{queue}/{id}`` one job; ``/search?q=`` by job id, idempotency key or task name;
-``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/workers``. Actions (POST, with
-a CSRF token, refused in read-only mode): ``/dead/action`` retries or purges dead letters,
-one or many (a purge asks to confirm on a page of its own).
+``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/schedules``; ``/workers``.
+Actions (POST, with a CSRF token, refused in read-only mode): ``/jobs/{queue}/{id}/cancel``
+cancels one job, ``/queues/{queue}/cancel`` the jobs selected in a list (through
+`App.cancel`: at once if not running, else a request its worker acts on);
+``/dead/action`` retries or purges dead letters, one or many (a purge asks to confirm on a
+page of its own); ``/schedules/action`` pauses, resumes or triggers (runs now) one schedule,
+named in the form (a schedule's name may hold any printable character, so it is never part
+of a path). An action leads back to its page, with a banner saying what it did.
 """
 
 from __future__ import annotations
@@ -25,16 +31,23 @@ from starlette.routing import Route
 
 from .._version import __version__
 from ..admin import jobs as admin_jobs
+from ..admin import schedules as admin_schedules
 from ..admin import status as admin_status
 from ..admin import workers as admin_workers
 from ..admin.dead_letters import DeadLetters
 from ..admin.status import QueueState
+from ..app import App
 from ..db.database import Database
-from ..exceptions import JobNotFound, PgTasksError
+from ..exceptions import JobNotFound, PgTasksError, ScheduleNotFound
+from ..queues import QUEUE_NAME
+from ..tasks.handle import FINAL_STATES
 from .security import CSRF_COOKIE, CSRF_FIELD, csrf_ok, csrf_token
 
 PAGE_SIZE = 50
 STATIC = {"live.js": "text/javascript", "style.css": "text/css"}
+# the states a job can be cancelled in (a running one through a request to its worker)
+CANCELLABLE = tuple(s for s in admin_jobs.STATES if s not in FINAL_STATES)
+CANCEL_OUTCOMES = ("cancelled", "requested", "finished", "unknown")
 
 
 def _age(value: dt.datetime | float | None, now: dt.datetime | None = None) -> str:
@@ -76,23 +89,25 @@ def _pretty(value: Any) -> str:
 
 
 class Dashboard:
-    """The dashboard of one database; `app` is its ASGI app (see `pgtasks.dashboard`)."""
+    """The dashboard of one pgtasks app's database; its attribute `app` is the ASGI app (see
+    `pgtasks.dashboard`)."""
 
     def __init__(
         self,
-        database: Database,
+        pgtasks_app: App,
         *,
         read_only: bool = False,
         title: str = "pgtasks",
         refresh: float = 5.0,
         mounted_note: str | None = None,
     ) -> None:
-        self.database = database
+        self.pgtasks_app = pgtasks_app
+        self.database: Database = pgtasks_app.database
         self.read_only = read_only
         self.title = title
         self.refresh = refresh
         self.note = mounted_note
-        self.dead_letters = DeadLetters(database)
+        self.dead_letters = DeadLetters(self.database)
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("pgtasks.dashboard", "templates"),
             autoescape=True,
@@ -101,16 +116,35 @@ class Dashboard:
             lstrip_blocks=True,
         )
         self.templates.filters.update(age=_age, when=_when, pretty=_pretty)
-        self.templates.globals.update(count=_count, version=__version__)
+        self.templates.globals.update(count=_count, version=__version__, cancellable=CANCELLABLE)
         self.app = Starlette(
             routes=[
                 Route("/", self.queues_page, name="queues"),
                 Route("/queues/{queue}", self.queue_page, name="queue"),
                 Route("/jobs/{queue}/{msg_id:int}", self.job_page, name="job"),
+                Route(
+                    "/jobs/{queue}/{msg_id:int}/cancel",
+                    self.job_cancel,
+                    methods=["POST"],
+                    name="job_cancel",
+                ),
+                Route(
+                    "/queues/{queue}/cancel",
+                    self.queue_cancel,
+                    methods=["POST"],
+                    name="queue_cancel",
+                ),
                 Route("/search", self.search_page, name="search"),
                 Route("/dead", self.dead_page, name="dead"),
                 Route("/dead/action", self.dead_action, methods=["POST"], name="dead_action"),
                 Route("/dead/{dead_id:int}", self.dead_letter_page, name="dead_letter"),
+                Route("/schedules", self.schedules_page, name="schedules"),
+                Route(
+                    "/schedules/action",
+                    self.schedule_action,
+                    methods=["POST"],
+                    name="schedule_action",
+                ),
                 Route("/workers", self.workers_page, name="workers"),
                 Route("/static/{name}", self.static, name="static"),
             ],
@@ -195,13 +229,15 @@ class Dashboard:
             states=admin_jobs.STATES,
             jobs=jobs,
             page_size=PAGE_SIZE,
+            cancelled=_cancelled(request.query_params),
         )
 
     async def job_page(self, request: Request) -> Response:
-        job = await admin_jobs.get_job(
-            self.database, request.path_params["queue"], request.path_params["msg_id"]
+        job = await admin_jobs.get_job(self.database, *_job_path(request))
+        cancel = request.query_params.get("cancel")
+        return self.render(
+            request, "job.html", job=job, cancel=cancel if cancel in CANCEL_OUTCOMES else None
         )
-        return self.render(request, "job.html", job=job)
 
     async def search_page(self, request: Request) -> Response:
         text = (request.query_params.get("q") or "").strip()
@@ -244,6 +280,21 @@ class Dashboard:
     async def dead_letter_page(self, request: Request) -> Response:
         letter = await self.dead_letters.get(request.path_params["dead_id"])
         return self.render(request, "dead_letter.html", letter=letter)
+
+    async def schedules_page(self, request: Request) -> Response:
+        infos = await admin_schedules.list_schedules(self.database)
+        job = request.query_params.get("job") or ""
+        queue = request.query_params.get("queue") or ""
+        return self.render(
+            request,
+            "schedules.html",
+            live=True,
+            schedules=infos,
+            done=request.query_params.get("done"),
+            # the job a trigger enqueued, linked from the banner (only a real id and queue)
+            job=int(job) if job.isdigit() and len(job) < 19 else None,
+            job_queue=queue if QUEUE_NAME.fullmatch(queue) else None,
+        )
 
     async def workers_page(self, request: Request) -> Response:
         infos = await admin_workers.list_workers(self.database, everyone=True)
@@ -301,6 +352,88 @@ class Dashboard:
             status_code=303,
         )
 
+    async def schedule_action(self, request: Request) -> Response:
+        form = await _form(request)
+        refused = self._refused(request, form)
+        if refused is not None:
+            return refused
+        chosen = [(a, form[a][0]) for a in ("pause", "resume", "trigger") if form.get(a)]
+        if len(chosen) != 1:
+            return self.render(
+                request,
+                "error.html",
+                status_code=400,
+                message="choose one schedule, and pause, resume or run it now",
+            )
+        [(action, name)] = chosen
+        params: dict[str, str | int] = {}
+        try:
+            if action == "trigger":
+                ref = await admin_schedules.trigger(self.database, name)
+                if ref.deduplicated:
+                    done = f"schedule {name!r}: job {ref.id} in {ref.queue} already holds this tick"
+                else:
+                    done = f"ran schedule {name!r} now: job {ref.id} in {ref.queue}"
+                params = {"job": ref.id, "queue": ref.queue}
+            elif action == "pause":
+                await admin_schedules.pause(self.database, name)
+                done = f"paused schedule {name!r}: its ticks are not enqueued until resumed"
+            else:
+                await admin_schedules.resume(self.database, name)
+                done = f"resumed schedule {name!r}: it ticks again from now on"
+        except ScheduleNotFound as exc:
+            return self.render(
+                request, "error.html", status_code=404, message=str(exc), back="schedules"
+            )
+        base = request.scope.get("root_path", "").rstrip("/")
+        return RedirectResponse(
+            f"{base}/schedules?{urlencode({'done': done, **params})}", status_code=303
+        )
+
+    async def job_cancel(self, request: Request) -> Response:
+        form = await _form(request)
+        refused = self._refused(request, form)
+        if refused is not None:
+            return refused
+        queue, msg_id = _job_path(request)
+        [outcome] = await self._cancel(queue, [msg_id])
+        if outcome == "unknown":
+            raise JobNotFound(f"no job {msg_id} in queue {queue!r}: nothing to cancel")
+        base = request.scope.get("root_path", "").rstrip("/")
+        return RedirectResponse(
+            f"{base}/jobs/{queue}/{msg_id}?{urlencode({'cancel': outcome})}", status_code=303
+        )
+
+    async def queue_cancel(self, request: Request) -> Response:
+        form = await _form(request)
+        refused = self._refused(request, form)
+        if refused is not None:
+            return refused
+        ids = _ids(form.get("id") or [])
+        if not ids:
+            return self.render(
+                request, "error.html", status_code=400, message="choose at least one job to cancel"
+            )
+        queue = request.path_params["queue"]
+        outcomes = await self._cancel(queue, ids)
+        # back to the list it came from, with a count of each outcome
+        params: dict[str, str | int] = {"state": "waiting"}
+        state = (form.get("state") or [""])[0]
+        task = (form.get("task") or [""])[0]
+        if state in admin_jobs.STATES:
+            params["state"] = state
+        if task:
+            params["task"] = task
+        params.update({o: outcomes.count(o) for o in CANCEL_OUTCOMES if o in outcomes})
+        base = request.scope.get("root_path", "").rstrip("/")
+        return RedirectResponse(f"{base}/queues/{queue}?{urlencode(params)}", status_code=303)
+
+    async def _cancel(self, queue: str, ids: Sequence[int]) -> list[str]:
+        if not QUEUE_NAME.fullmatch(queue):
+            raise JobNotFound(f"no queue {queue!r}")
+        app = self.pgtasks_app
+        return list(await app.cancel(app.job(queue, i) for i in ids))
+
     def _refused(self, request: Request, form: Mapping[str, list[str]]) -> Response | None:
         if self.read_only:
             return self.render(
@@ -335,6 +468,31 @@ def _action(form: Mapping[str, list[str]]) -> tuple[str | None, list[int]]:
     if action not in ("retry", "purge"):
         return None, []
     return action, _ids(form.get("id") or [])
+
+
+def _job_path(request: Request) -> tuple[str, int]:
+    """A job's queue and id from its path; `JobNotFound` (a 404) for a path that can name no
+    job: a queue name pgtasks refuses, an id beyond a bigint."""
+    queue, msg_id = request.path_params["queue"], request.path_params["msg_id"]
+    if not QUEUE_NAME.fullmatch(queue) or msg_id >= 2**63:
+        raise JobNotFound(f"no job {msg_id} in queue {queue!r}")
+    return queue, msg_id
+
+
+def _cancelled(params: Mapping[str, str]) -> str:
+    """What a cancel of selected jobs did, from its count of each outcome (numbers only, so
+    that a link cannot put words in the banner)."""
+    said = {
+        "cancelled": "cancelled {} job(s)",
+        "requested": "cancel requested for {} running job(s)",
+        "finished": "{} already finished",
+        "unknown": "{} not found",
+    }
+    return "; ".join(
+        text.format(int(n))
+        for outcome, text in said.items()
+        if (n := params.get(outcome, "")).isdigit() and len(n) < 7 and int(n)
+    )
 
 
 def _ids(values: Sequence[str]) -> list[int]:

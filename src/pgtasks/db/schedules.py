@@ -102,12 +102,13 @@ class ScheduleState(NamedTuple):
     watermark: dt.datetime
     paused: bool
     orphaned: bool
+    next_tick: dt.datetime | None  # as the row has it, for listings
 
 
 SCHEDULES_STATE = """
 WITH clock AS (SELECT clock_timestamp() AS now)
 SELECT clock.now, s.name, s.fingerprint, s.watermark,
-       s.paused_at IS NOT NULL, s.orphaned_at IS NOT NULL
+       s.paused_at IS NOT NULL, s.orphaned_at IS NOT NULL, s.next_tick
 FROM clock LEFT JOIN pgtasks.schedules AS s ON s.name = ANY($1::text[])
 """
 
@@ -119,6 +120,20 @@ async def schedules_state(
     rows = await conn.fetch(SCHEDULES_STATE, list(names))
     now: dt.datetime = rows[0][0]
     return now, {r[1]: ScheduleState(*r[1:]) for r in rows if r[1] is not None}
+
+
+# For listings only: a pass that fires nothing (a schedule not due yet since its start or its
+# resume) still says when it ticks next. Nothing else of the row moves.
+SCHEDULE_NEXT_TICK = """
+UPDATE pgtasks.schedules SET next_tick = $3::timestamptz
+WHERE name = $1::text AND fingerprint = $2::text AND next_tick IS DISTINCT FROM $3::timestamptz
+"""
+
+
+async def schedule_next_tick(
+    conn: Executor, name: str, fingerprint: str, next_tick: dt.datetime | None
+) -> None:
+    await conn.execute(SCHEDULE_NEXT_TICK, name, fingerprint, next_tick)
 
 
 SCHEDULE_FIRE = """

@@ -198,6 +198,8 @@ class Scheduler:
                     schedule.timing, schedule.catch_up, row.watermark, now, self._watching_since
                 )
                 if todo.advance_to is None:
+                    if row.next_tick != next_tick:  # not due since its start or resume
+                        await sql.schedule_next_tick(conn, name, definition.fingerprint, next_tick)
                     continue
                 if todo.missed:
                     logger.info(

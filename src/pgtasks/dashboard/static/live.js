@@ -1,5 +1,6 @@
 // pgtasks dashboard: live refresh of the pages marked data-live (the queues, a queue's jobs,
-// the workers). Off until the "live" box is ticked; the choice is kept in localStorage.
+// the schedules, the workers). Off until the "live" box is ticked; the choice is kept in
+// localStorage. A page with a box ticked (jobs selected to cancel) is not refreshed.
 // The pages work without this script: reload them to refresh.
 (function () {
   "use strict";
@@ -12,6 +13,8 @@
   var timer = null;
 
   function refresh() {
+    // jobs ticked for a cancel would be unticked by a refresh: wait until none is
+    if (document.querySelector("#content input[type=checkbox]:checked")) { return; }
     fetch(window.location.href, { credentials: "same-origin", headers: { "x-pgtasks-live": "1" } })
       .then(function (response) { return response.ok ? response.text() : null; })
       .then(function (html) {
