@@ -174,3 +174,32 @@ async def test_a_workflow_deferred_in_a_rolled_back_transaction_is_not_there(
     await app.worker(queues=["wf_gone"], burst=True).run()
     assert ran == []
     assert await conn.fetchval("SELECT count(*) FROM pgtasks.workflow_steps") == 0
+
+
+async def test_a_chord_whose_results_outgrow_a_message_fails_at_its_callback(
+    db_dsn: str,
+) -> None:
+    app = pgtasks.App(db_dsn, max_message_size=400)
+    ran: list[int] = []
+
+    @app.task(queue="wf_big")
+    async def member(n: int) -> str:
+        return "x" * 150
+
+    @app.task(queue="wf_big")
+    async def total(values: list[str]) -> int:
+        ran.append(len(values))
+        return len(values)
+
+    try:
+        ref = await chord((member.s(i) for i in range(4)), total.partial()).defer()
+        async with app.worker(queues=["wf_big"], poll_interval=0.2):
+            with pytest.raises(pgtasks.WorkflowFailed) as failed:
+                await ref.result(timeout=15)
+        status = await ref.status()
+    finally:
+        await app.close()
+    assert failed.value.step == 4  # the callback: its message, not a member, is too large
+    assert "max_message_size" in str(failed.value.error)
+    assert ran == []
+    assert [s.state for s in status.steps] == ["succeeded"] * 4 + ["failed"]

@@ -59,6 +59,23 @@ async def steps_ended(conn: Executor, ends: Sequence[StepEnd]) -> None:
     )
 
 
+STEPS_FAILED_UNREAD = """
+SELECT pgtasks.workflow_step_ended(s.workflow_id, s.step, 'failed', NULL,
+                                   jsonb_build_object('reason', t.reason))
+FROM unnest($2::bigint[], $3::text[]) AS t(msg_id, reason)
+JOIN pgtasks.workflow_steps AS s ON s.queue = $1::text AND s.msg_id = t.msg_id
+ORDER BY s.workflow_id, s.step
+"""
+
+
+async def steps_failed_unread(
+    conn: Executor, queue: str, ids: Sequence[int], reasons: Sequence[str]
+) -> None:
+    """Fail the workflow steps among these dead-lettered messages whose headers were never
+    loaded (too large), found by their rows; in the transaction of the dead letters."""
+    await conn.execute(STEPS_FAILED_UNREAD, queue, list(ids), list(reasons))
+
+
 WORKFLOW_CANCEL = "SELECT pgtasks.workflow_cancel($1::bigint, $2::float8)"
 
 
