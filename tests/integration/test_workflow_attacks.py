@@ -203,3 +203,40 @@ async def test_a_chord_whose_results_outgrow_a_message_fails_at_its_callback(
     assert "max_message_size" in str(failed.value.error)
     assert ran == []
     assert [s.state for s in status.steps] == ["succeeded"] * 4 + ["failed"]
+
+
+async def test_a_cancel_that_meets_a_members_ack_waits_instead_of_deadlocking(
+    app: pgtasks.App, db_dsn: str
+) -> None:
+    @app.task(queue="wf_race")
+    async def member(n: int) -> int:
+        return n
+
+    ref = await group(member.s(0), member.s(1)).defer()
+    first = (await ref.status()).steps[0]
+    acker = await asyncpg.connect(db_dsn)
+    cancelled: list[int] = []
+    try:
+        # what a worker's acknowledgement does, in its order: the member's row, then the
+        # workflow's; the cancel used to take the workflow's first, then wait for the
+        # member's, and one of the two failed with a deadlock
+        tx = acker.transaction()
+        await tx.start()
+        await acker.execute("DELETE FROM pgmq.q_wf_race WHERE msg_id = $1", first.job_id)
+
+        async def cancel() -> None:
+            cancelled.append(await ref.cancel())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel)
+            await anyio.sleep(0.3)  # the cancel waits for the member's row
+            await acker.execute(
+                "SELECT pgtasks.workflow_step_ended($1, 0, 'succeeded', '0', NULL)", ref.id
+            )
+            await tx.commit()
+    finally:
+        await acker.close()
+    assert cancelled == [1]  # the member still waiting
+    status = await ref.status()
+    assert status.state == "cancelled"
+    assert [s.state for s in status.steps] == ["succeeded", "cancelled"]

@@ -6,6 +6,13 @@
 --    step in the same transaction, as the worker does for a step cancelled while it runs:
 --    the workflow ends as cancelled, naming the step. The previous function is kept under
 --    another name and called (as 0008 does for grant_roles).
+-- 3. pgtasks.workflow_cancel locked the workflow's row, then each sent step's message; a
+--    worker acknowledging a member holds the member's message, then wants the workflow's
+--    row. The two deadlocked, and PostgreSQL failed one of them (the cancel, usually).
+--    The cancel now locks in the worker's order: the sent steps' messages first (waiting
+--    for an acknowledgement in progress to commit), then the workflow. Should two
+--    workers' batches still make a cycle with it, its attempt is a savepoint and it tries
+--    again.
 -- 2. A step whose return value could not be encoded ended as succeeded with no result, and
 --    only a chain whose next step receives the result noticed. A chord's callback received
 --    null in its place, a group's results() and a chain's result() returned None. The
@@ -102,6 +109,48 @@ BEGIN
     SELECT jsonb_agg(result ORDER BY step) INTO v_results
         FROM pgtasks.workflow_steps WHERE workflow_id = p_workflow AND step < v_members;
     PERFORM pgtasks.workflow_send(p_workflow, v_members, v_results);
+END $$;
+
+CREATE OR REPLACE FUNCTION pgtasks.workflow_cancel(p_workflow bigint,
+                                                    p_ttl double precision DEFAULT 604800)
+RETURNS integer
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_n      integer;
+    v_tries  integer := 0;
+    s        record;
+BEGIN
+    LOOP
+        BEGIN
+            v_n := 0;
+            FOR s IN SELECT queue, msg_id FROM pgtasks.workflow_steps
+                     WHERE workflow_id = p_workflow AND state = 'sent' ORDER BY queue, msg_id
+            LOOP
+                IF to_regclass(format('pgmq.%I', 'q_' || s.queue)) IS NOT NULL THEN
+                    EXECUTE format('SELECT 1 FROM pgmq.%I WHERE msg_id = $1 FOR UPDATE',
+                                   'q_' || s.queue) USING s.msg_id;
+                END IF;
+            END LOOP;
+            PERFORM 1 FROM pgtasks.workflows WHERE id = p_workflow AND state = 'running'
+                FOR UPDATE;
+            IF NOT FOUND THEN
+                RETURN 0;
+            END IF;
+            PERFORM pgtasks.workflow_finish(p_workflow, 'cancelled', NULL,
+                                            jsonb_build_object('reason', 'cancelled'));
+            FOR s IN SELECT queue, msg_id FROM pgtasks.workflow_steps
+                     WHERE workflow_id = p_workflow AND state = 'sent' ORDER BY step LOOP
+                v_n := v_n + (SELECT count(*) FROM pgtasks.cancel(s.queue, ARRAY[s.msg_id], p_ttl)
+                              AS c WHERE c.outcome IN ('cancelled', 'requested'));
+            END LOOP;
+            RETURN v_n;
+        EXCEPTION WHEN deadlock_detected THEN
+            v_tries := v_tries + 1;  -- a step's acknowledgement went first: try again
+            IF v_tries >= 5 THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
 END $$;
 
 -- the group roles' grants (0004's grant on pgtasks.cancel names the function anew), for
