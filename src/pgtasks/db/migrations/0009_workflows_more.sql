@@ -1,4 +1,4 @@
--- pgtasks 0009: two holes in the workflows of 0005.
+-- pgtasks 0009: three holes in the workflows of 0005, found by attacking them.
 --
 -- 1. A step's job cancelled before it ran (pgtasks.cancel: `pgtasks cancel`, JobRef.cancel,
 --    the dashboard) was removed from its queue without telling its workflow, which then
@@ -6,6 +6,11 @@
 --    step in the same transaction, as the worker does for a step cancelled while it runs:
 --    the workflow ends as cancelled, naming the step. The previous function is kept under
 --    another name and called (as 0008 does for grant_roles).
+-- 2. A step whose return value could not be encoded ended as succeeded with no result, and
+--    only a chain whose next step receives the result noticed. A chord's callback received
+--    null in its place, a group's results() and a chain's result() returned None. The
+--    workflow now fails at that step wherever its result is needed: a member of a group or
+--    chord, a chord's callback, a chain's last step, or a step whose next step receives it.
 -- 3. pgtasks.workflow_cancel locked the workflow's row, then each sent step's message; a
 --    worker acknowledging a member holds the member's message, then wants the workflow's
 --    row. The two deadlocked, and PostgreSQL failed one of them (the cancel, usually).
@@ -13,11 +18,6 @@
 --    for an acknowledgement in progress to commit), then the workflow. Should two
 --    workers' batches still make a cycle with it, its attempt is a savepoint and it tries
 --    again.
--- 2. A step whose return value could not be encoded ended as succeeded with no result, and
---    only a chain whose next step receives the result noticed. A chord's callback received
---    null in its place, a group's results() and a chain's result() returned None. The
---    workflow now fails at that step wherever its result is needed: a member of a group or
---    chord, a chord's callback, a chain's last step, or a step whose next step receives it.
 
 ALTER FUNCTION pgtasks.cancel(text, bigint[], double precision) RENAME TO cancel_before_0009;
 REVOKE ALL ON FUNCTION pgtasks.cancel_before_0009(text, bigint[], double precision) FROM PUBLIC;
