@@ -240,3 +240,29 @@ async def test_a_cancel_that_meets_a_members_ack_waits_instead_of_deadlocking(
     status = await ref.status()
     assert status.state == "cancelled"
     assert [s.state for s in status.steps] == ["succeeded", "cancelled"]
+
+
+async def test_a_result_the_next_step_refuses_fails_the_workflow_at_that_step(
+    app: pgtasks.App,
+) -> None:
+    ran: list[int] = []
+
+    @app.task(queue="wf_type")
+    async def word(n: int) -> str:
+        return f"n{n}"
+
+    @app.task(queue="wf_type")
+    async def double(n: int) -> int:
+        ran.append(n)
+        return 2 * n
+
+    # nothing checks a result against the next step's hints before it runs (to a type
+    # checker, what partial() receives is Any); the worker does, when it binds the step
+    ref = await chain(word.s(1), double.partial(), double.partial()).defer()
+    async with app.worker(queues=["wf_type"], poll_interval=0.2):
+        with pytest.raises(pgtasks.WorkflowFailed) as failed:
+            await ref.result(timeout=15)
+    assert failed.value.step == 1
+    assert "'n'" in str(failed.value.error)  # names the argument it refused
+    assert ran == []
+    assert [s.state for s in (await ref.status()).steps] == ["succeeded", "failed", "pending"]
