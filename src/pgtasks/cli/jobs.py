@@ -28,6 +28,13 @@ async def show(app: App, args: argparse.Namespace) -> int:
         print(f"  idempotency key: {one_line(s.idempotency_key, 200)}")
     if job.cancel_requested:
         print("  cancel requested")
+    if job.workflow is not None:
+        w = job.workflow
+        callback = " (the callback)" if w.kind == "chord" and w.step == w.steps - 1 else ""
+        print(
+            f"  workflow {w.workflow}, a {w.kind} of {w.steps} steps: step {w.step}{callback}"
+            f" (pgtasks workflow show {w.workflow})"
+        )
     print(f"  message: {_json(job.body)}")
     if job.headers:
         print(f"  headers: {_json(job.headers)}")

@@ -385,6 +385,28 @@ def build() -> argparse.ArgumentParser:
     job_list.add_argument("--limit", type=_positive, default=50, help="at most (default: 50)")
     _json_option(job_list)
 
+    workflow = sub.add_parser(
+        "workflow",
+        help="show a workflow (chain, group, chord): its steps, their states and timings",
+        description="Show a workflow (chain, group or chord): its steps, their states and timings.",
+        epilog=f"example:\n  python -m pgtasks workflow show 12\n\ndocs: {DOCS}#workflow",
+        formatter_class=_Formatter,
+    )
+    _add_common(workflow)
+    workflow_sub = workflow.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
+    workflow_show = _command(
+        workflow_sub,
+        "show",
+        "one workflow: its state, and every step's task, job, state and timings",
+        "python -m pgtasks workflow show 12",
+        "workflow",
+        "Steps are counted from 0, as in WorkflowStatus; a chord's callback is its last.\n"
+        "A step's state is its job's while it is in its queue (waiting, running, retrying).\n"
+        "Exit status 1 when the id names no workflow.",
+    )
+    workflow_show.add_argument("id", type=int, help="the workflow's id (WorkflowRef.id)")
+    _json_option(workflow_show)
+
     cancel = _command(
         sub,
         "cancel",

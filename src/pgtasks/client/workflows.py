@@ -22,6 +22,7 @@ from ..db.workflows import (
     WorkflowRow,
     workflow_cancel,
     workflow_start,
+    workflow_status,
     workflow_steps,
     workflows_get,
 )
@@ -29,7 +30,7 @@ from ..exceptions import JobCancelled, JobNotFound, WorkflowFailed
 from ..serialization import envelope
 from ..serialization.hints import load_value
 from ..tasks import Signature, Task
-from ..tasks.canvas import StepStatus, Workflow, WorkflowRef, WorkflowStatus
+from ..tasks.canvas import Workflow, WorkflowRef, WorkflowStatus
 from .jobs import JobClient
 
 TOPIC = "@workflows"  # what workflows are waited for under (never a queue's name)
@@ -107,11 +108,10 @@ class WorkflowClient:
     async def status(self, ref: WorkflowRef, /) -> WorkflowStatus:
         pool = await self._database.pool()
         async with acquire_clean(pool) as conn:
-            row = (await workflows_get(conn, [ref.id])).get(ref.id)
-            if row is None:
-                raise JobNotFound(f"no workflow {ref.id} (or it was pruned)")
-            steps = await workflow_steps(conn, ref.id)
-        return _status(row, steps)
+            status = await workflow_status(conn, ref.id)
+        if status is None:
+            raise JobNotFound(f"no workflow {ref.id} (or it was pruned)")
+        return status
 
     async def results(self, ref: WorkflowRef, /, *, timeout: float | None) -> list[Any]:  # noqa: ASYNC109
         with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
@@ -152,22 +152,3 @@ class WorkflowClient:
         async with acquire_clean(pool) as conn:
             rows = await workflows_get(conn, ids)
         return {i: rows.get(i) for i in ids if i not in rows or rows[i].state != "running"}
-
-
-def _status(row: WorkflowRow, steps: Sequence[Any]) -> WorkflowStatus:
-    at: int | None = row.failed_step
-    if at is None and row.kind == "chain" and row.state == "running":
-        at = next((s.step for s in steps if s.state != "succeeded"), None)
-    return WorkflowStatus(
-        row.state,  # type: ignore[arg-type]
-        row.kind,  # type: ignore[arg-type]
-        at,
-        row.failed_step,
-        orjson.loads(row.error) if row.error else None,
-        row.created_at,
-        row.finished_at,
-        [
-            StepStatus(s.step, s.task, s.queue, s.state, s.msg_id, s.sent_at, s.finished_at)
-            for s in steps
-        ],
-    )

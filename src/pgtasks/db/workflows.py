@@ -1,14 +1,20 @@
 """The SQL of workflows (see the 0005 migration): start one, move it on when a step's job
-ends (in the worker's transaction that writes that end), cancel it, read it."""
+ends (in the worker's transaction that writes that end), cancel it, read it (its status, for
+its handle and for operators; the workflow a job belongs to)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 
+from .._shared import Connection
+from ..tasks.canvas import StepStatus, WorkflowStatus
 from .sql import Executor
 
 WORKFLOW_START = "SELECT pgtasks.workflow_start($1::text, $2::text::jsonb, $3::text::jsonb)"
@@ -51,6 +57,23 @@ async def steps_ended(conn: Executor, ends: Sequence[StepEnd]) -> None:
         [e.result for e in ends],
         [e.error for e in ends],
     )
+
+
+STEPS_FAILED_UNREAD = """
+SELECT pgtasks.workflow_step_ended(s.workflow_id, s.step, 'failed', NULL,
+                                   jsonb_build_object('reason', t.reason))
+FROM unnest($2::bigint[], $3::text[]) AS t(msg_id, reason)
+JOIN pgtasks.workflow_steps AS s ON s.queue = $1::text AND s.msg_id = t.msg_id
+ORDER BY s.workflow_id, s.step
+"""
+
+
+async def steps_failed_unread(
+    conn: Executor, queue: str, ids: Sequence[int], reasons: Sequence[str]
+) -> None:
+    """Fail the workflow steps among these dead-lettered messages whose headers were never
+    loaded (too large), found by their rows; in the transaction of the dead letters."""
+    await conn.execute(STEPS_FAILED_UNREAD, queue, list(ids), list(reasons))
 
 
 WORKFLOW_CANCEL = "SELECT pgtasks.workflow_cancel($1::bigint, $2::float8)"
@@ -101,15 +124,62 @@ async def workflow_steps(conn: Executor, workflow_id: int) -> list[StepRow]:
     return [StepRow(*r) for r in await conn.fetch(WORKFLOW_STEPS, workflow_id)]
 
 
+async def workflow_status(conn: Connection, workflow_id: int) -> WorkflowStatus | None:
+    """A workflow's state and every step's, read in one snapshot (None: no such workflow,
+    or it was pruned)."""
+    async with _snapshot(conn):
+        row = (await workflows_get(conn, [workflow_id])).get(workflow_id)
+        if row is None:
+            return None
+        steps = await workflow_steps(conn, workflow_id)
+    at: int | None = row.failed_step
+    if at is None and row.kind == "chain" and row.state == "running":
+        at = next((s.step for s in steps if s.state != "succeeded"), None)
+    return WorkflowStatus(
+        row.state,  # type: ignore[arg-type]
+        row.kind,  # type: ignore[arg-type]
+        at,
+        row.failed_step,
+        orjson.loads(row.error) if row.error else None,
+        row.created_at,
+        row.finished_at,
+        [
+            StepStatus(s.step, s.task, s.queue, s.state, s.msg_id, s.sent_at, s.finished_at)
+            for s in steps
+        ],
+    )
+
+
+def _snapshot(conn: Connection) -> Any:
+    """A repeatable-read transaction on a connection outside one (the workflow and its
+    steps agree), else nothing more (the caller's transaction decides)."""
+    if not conn.is_in_transaction():
+        return conn.transaction(isolation="repeatable_read", readonly=True)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class WorkflowPlace:
+    """Where a job stands in its workflow: the workflow's id and kind, the job's step
+    (0 is the first; a chord's callback is the last) and how many steps there are."""
+
+    workflow: int
+    kind: str
+    step: int
+    steps: int
+
+
 WORKFLOW_OF_JOB = """
-SELECT workflow_id, step FROM pgtasks.workflow_steps WHERE queue = $1 AND msg_id = $2
+SELECT s.workflow_id, w.kind, s.step, w.steps
+FROM pgtasks.workflow_steps AS s JOIN pgtasks.workflows AS w ON w.id = s.workflow_id
+WHERE s.queue = $1 AND s.msg_id = $2
 """
 
 
-async def workflow_of_job(conn: Executor, queue: str, msg_id: int) -> tuple[int, int] | None:
+async def workflow_of_job(conn: Executor, queue: str, msg_id: int) -> WorkflowPlace | None:
     """The workflow (and step) a job belongs to, if any."""
     try:
         row: Any = await conn.fetchrow(WORKFLOW_OF_JOB, queue, msg_id)
     except asyncpg.UndefinedTableError:  # not migrated this far
         return None
-    return (row[0], row[1]) if row is not None else None
+    return WorkflowPlace(*row) if row is not None else None

@@ -346,6 +346,12 @@ class Completer:
         ends = [o.step_end for o in done if o.step_end is not None]
         if ends:  # in this transaction: a workflow moves on exactly when its step's end is written
             await workflows.steps_ended(conn, ends)
+        # a message too large to load: its headers too are unread, so its row names its step
+        unread = [o for o in done if o.kind == "dead" and o.step_end is None and o.job.unread]
+        if unread:
+            await workflows.steps_failed_unread(
+                conn, queue, [o.job.msg_id for o in unread], [o.reason for o in unread]
+            )
         return done
 
     # --- after a flush ---------------------------------------------------------------------

@@ -98,6 +98,11 @@ class Job:
         return self.message.msg_id
 
     @property
+    def unread(self) -> bool:
+        """Whether its body and headers were left on the server (over the size limit)."""
+        return self.message.body is None and self.message.headers is None
+
+    @property
     def decided(self) -> bool:
         """Whether the outcome is decided (FINISHING or DONE)."""
         return self.state >= JobState.FINISHING
