@@ -168,6 +168,101 @@ async def test_a_cancel_request_is_honoured_after_the_run_failed(
     assert await conn.fetchval("SELECT count(*) FROM pgtasks.cancel_requests") == 0
 
 
+# --- closing the app fails its waiters ----------------------------------------------------------
+
+
+async def test_closing_the_app_fails_the_coroutines_awaiting_results(app: pgtasks.App) -> None:
+    @app.task(queue="closing")
+    async def job() -> int:
+        return 1
+
+    ref = await job.defer()
+    failures: list[BaseException] = []
+
+    async def wait() -> None:
+        try:
+            await ref.result()
+        except pgtasks.PgTasksError as exc:
+            failures.append(exc)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(wait)
+            await anyio.sleep(0.3)  # they wait (nobody runs the job)
+            await app.close()
+    assert len(failures) == 3
+    assert all(isinstance(f, pgtasks.AppClosed) for f in failures)
+    assert "closed" in str(failures[0])
+
+
+# --- an id out of range -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2**63, 2**70])
+def test_a_handle_with_an_id_out_of_range_is_refused(bad: int) -> None:
+    app = pgtasks.App("postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(ValueError, match=str(bad)):
+        app.job("queue", bad)
+    with pytest.raises(ValueError, match=str(bad)):
+        pgtasks.JobRef(bad, "queue", "task")
+
+
+async def test_a_lookup_that_cannot_succeed_fails_its_waiters(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(queue="lookups")
+    async def job() -> int:
+        return 1
+
+    refs = [await job.defer(), await job.defer()]
+    await conn.execute("ALTER FUNCTION pgtasks.job_info(text, bigint[]) RENAME TO job_info_gone")
+    with anyio.fail_after(10):
+        for ref in refs:
+            with pytest.raises(pgtasks.PgTasksError, match="job_info"):
+                await ref.result()
+    await conn.execute("ALTER FUNCTION pgtasks.job_info_gone(text, bigint[]) RENAME TO job_info")
+    await app.worker(queues=["lookups"], burst=True).run()
+    with anyio.fail_after(10):
+        assert await refs[0].result() == 1  # the machinery still serves later waiters
+
+
+async def test_a_transient_lookup_error_is_retried(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(queue="transient")
+    async def job() -> int:
+        return 5
+
+    ref = await job.defer()
+    waiter = asyncio.ensure_future(ref.result())
+    try:
+        async with conn.transaction():
+            # a look-up waits on this lock; its connection is killed (a transient error)
+            await conn.execute("LOCK TABLE pgtasks.job_results IN ACCESS EXCLUSIVE MODE")
+            await wait_until(lambda: _blocked(conn), timeout=10, what="a blocked look-up")
+            killed = await conn.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            assert killed >= 1
+            await anyio.sleep(0.5)
+            assert not waiter.done()
+        await app.worker(queues=["transient"], burst=True).run()
+        with anyio.fail_after(10):
+            assert await waiter == 5
+    finally:
+        waiter.cancel()
+
+
+async def _blocked(conn: asyncpg.Connection) -> bool:
+    count = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return bool(count)
+
+
 # --- concurrent cancels -------------------------------------------------------------------------
 
 
