@@ -5,6 +5,8 @@ worker processes killed and stopped)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import warnings
 from pathlib import Path
 
 import anyio
@@ -289,3 +291,30 @@ async def test_concurrent_cancels_of_overlapping_jobs_never_deadlock(
     finally:
         await a.close()
         await b.close()
+
+
+# --- a pool whose event loop is gone ------------------------------------------------------------
+
+
+def test_an_app_used_from_one_event_loop_then_another(db_dsn: str) -> None:
+    app = pgtasks.App(db_dsn)
+
+    @app.task(queue="loops")
+    async def job() -> None:
+        pass
+
+    async def use() -> int:
+        ref = await job.defer()
+        assert (await ref.status()).state == "waiting"
+        with pytest.raises(TimeoutError):  # the waiters' machinery runs on this loop too
+            await ref.result(timeout=0.3)
+        return ref.id
+
+    with warnings.catch_warnings():
+        # the first loop's connections are dropped with it, unclosed
+        warnings.simplefilter("ignore", ResourceWarning)
+        first = asyncio.run(use())
+        second = asyncio.run(use())
+        asyncio.run(app.close())
+        gc.collect()
+    assert second == first + 1
