@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import anyio
 import asyncpg
 import pytest
 
 import pgtasks
+from pgtasks.cli.worker import log_job
 from tests.chaos._support import Fleet, wait_until, write_module
 from tests.helpers import Events
 
@@ -318,3 +321,24 @@ def test_an_app_used_from_one_event_loop_then_another(db_dsn: str) -> None:
         asyncio.run(app.close())
         gc.collect()
     assert second == first + 1
+
+
+# --- the worker command's job log --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("cancelled", "cancelled (cancelled while it ran)"),
+        ("expired", "expired (expired at 2026-11-29 10:00:00+00)"),
+        ("lost", "lost its lease, not acked"),
+    ],
+)
+def test_the_job_log_says_how_a_job_ended(
+    kind: Literal["cancelled", "expired", "lost"], says: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    reason = {"cancelled": "cancelled while it ran", "expired": "expired at 2026-11-29 10:00:00+00"}
+    event = pgtasks.JobEvent(kind, "q", 7, 2, "t", reason=reason.get(kind))
+    with caplog.at_level(logging.INFO, logger="pgtasks.jobs"):
+        log_job(event)
+    assert [r.getMessage() for r in caplog.records] == [f"t[7] queue=q attempt=2 {says}"]
