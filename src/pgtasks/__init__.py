@@ -5,6 +5,7 @@ from ._version import __version__
 from .app import App
 from .context import JobContext, JobControl, current_job
 from .exceptions import (
+    AppClosed,
     ConfigurationError,
     DatabaseError,
     DatabaseUnavailable,
@@ -56,6 +57,7 @@ from .worker.scheduler import Scheduler
 
 __all__ = [
     "App",
+    "AppClosed",
     "CancelOutcome",
     "ConfigurationError",
     "DatabaseError",

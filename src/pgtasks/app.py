@@ -364,7 +364,8 @@ class App:
 
     def job(self, queue: str, id: int) -> JobRef[Any]:
         """A handle on a job from its stored queue and id (a later request, another
-        process): ``await app.job(queue, id).status()``, ``.result()``, ``.cancel()``."""
+        process): ``await app.job(queue, id).status()``, ``.result()``, ``.cancel()``.
+        Raises `ValueError` for an id no job can have (below 1, or 2**63 and up)."""
         return self._jobs.ref(check_queue_name(queue), id)
 
     async def cancel(self, refs: Iterable[JobRef[Any]]) -> list[CancelOutcome]:

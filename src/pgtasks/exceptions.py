@@ -22,6 +22,7 @@ catches them all::
     ├── JobCancelled                the job awaited was cancelled
     │   └── JobExpired              ... or expired before it started
     ├── ResultUnavailable           the job succeeded, and no result was kept
+    ├── AppClosed                   the app was closed while a result was awaited
     └── ScheduleNotFound            a name that names no schedule
 
 `Retry` and `Fail` are signals a task raises to steer its own retries. They are not errors
@@ -131,6 +132,12 @@ class ResultUnavailable(PgTasksError):
     """The job succeeded, and no result of it was kept: its task keeps none
     (``keep_result=False``), the result was too large or could not be encoded, or its
     record was pruned after ``result_ttl``."""
+
+
+class AppClosed(PgTasksError):
+    """The app was closed (``await app.close()``) while a coroutine awaited a job's result
+    (or a workflow's): the wait ends with this error instead of hanging. The job itself is
+    not affected; a handle from an app that is open again can wait for it."""
 
 
 class WorkflowFailed(JobFailed):

@@ -55,6 +55,8 @@ def log_job(event: JobEvent) -> None:
         outcome = f"failed{took}, retrying in {event.retry_in or 0:.1f}s"
     elif event.kind == "dead":
         outcome = f"failed{took}, moved to the dead letters" if took else "dead-lettered"
+    elif event.kind in ("cancelled", "expired"):
+        outcome = event.kind + (f" ({event.reason})" if event.reason else "")
     else:
         outcome = "lost its lease, not acked"
     job_logger.info(

@@ -7,7 +7,9 @@ letters, a cancellation) notifies channel ``pgtasks_done`` once, with the queue'
 notified (and every second, in case a notification was missed), looks up every job still
 awaited in that queue with one call of ``pgtasks.job_info`` on a pooled connection. A
 thousand concurrent ``result()`` calls cost two connections, and a job is looked up as soon
-as it ends.
+as it ends. A look-up that fails for a transient reason is tried again; one that cannot
+succeed (a missing function, a privilege) fails the waits it serves, with the error, rather
+than leaving them waiting forever. Closing the app fails every wait with `AppClosed`.
 """
 
 from __future__ import annotations
@@ -27,10 +29,19 @@ import orjson
 from ..context import current_job
 from ..db.connect import acquire_clean, connect
 from ..db.database import Database
+from ..db.errors import is_transient, translate
 from ..db.jobs import DONE_CHANNEL
 from ..db.queues import messages_waiting
 from ..db.results import JobInfo, job_info, jobs_cancel
-from ..exceptions import JobCancelled, JobExpired, JobFailed, JobNotFound, ResultUnavailable
+from ..exceptions import (
+    AppClosed,
+    DatabaseError,
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobNotFound,
+    ResultUnavailable,
+)
 from ..serialization.hints import load_value
 from ..tasks import CancelOutcome, JobRef, JobStatus, Task
 from ..tasks.handle import FINAL_STATES
@@ -237,11 +248,20 @@ class _Waiters:
                     del self._pending[queue][msg_id]
 
     async def close(self) -> None:
+        """Stop listening; every wait still pending ends with `AppClosed`."""
         pump, self._pump = self._pump, None
         if pump is not None and not pump.done():
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
+        pending, self._pending = self._pending, defaultdict(dict)
+        for topic, waiting in pending.items():
+            for key, futures in waiting.items():
+                error = AppClosed(
+                    f"the app was closed while this coroutine waited for {_what(topic, key)} "
+                    "to end; the job itself goes on"
+                )
+                _fail(futures, error)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -294,10 +314,38 @@ class _Waiters:
             waiting = self._pending.get(queue)
             if not waiting:
                 continue
-            for key, info in (await self._ended(queue, list(waiting))).items():
+            try:
+                ended = await self._ended(queue, list(waiting))
+            except Exception as exc:
+                if is_transient(exc):
+                    self._dirty.add(queue)  # look again after the loop's backoff
+                    raise
+                # trying again cannot help: the waits this look-up serves end with the error
+                # (later waits try again, so a fix, such as a migration, serves them)
+                logger.warning("looking up awaited jobs of %r failed: %s", queue, exc)
+                what = f"waiting for the jobs of queue {queue!r}"
+                error = translate(exc, what) or DatabaseError(f"{what} failed: {exc}")
+                for futures in waiting.values():
+                    _fail(futures, error)
+                continue
+            for key, info in ended.items():
                 for future in waiting.get(key, []):
                     if not future.done():
                         future.set_result(info)
+
+
+def _what(topic: str, key: int) -> str:
+    """A thing waited for, for a message: a queue's job, or another topic's (``@workflows``:
+    a workflow)."""
+    if topic.startswith("@"):
+        return f"{topic[1:].rstrip('s')} {key}"
+    return f"job {key} in queue {topic!r}"
+
+
+def _fail(futures: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 async def wait_for(database: Database, refs: Iterable[JobRef[Any]], *, poll: float = 0.05) -> None:

@@ -154,9 +154,7 @@ class Database:
             return self._pool
         if self._pool_lock is None or self._pool_loop is not loop:
             self._pool_lock = asyncio.Lock()
-            if self._pool is not None:  # opened on an event loop that is gone
-                self._pool.terminate()
-                self._pool = None
+            self._forget_pool()  # one opened on another event loop
             self._pool_loop = loop
         async with self._pool_lock:
             if self._pool is None:
@@ -187,6 +185,17 @@ class Database:
 
     async def close(self) -> None:
         """Close the pool (the embedded server, if any, stops when the process exits)."""
+        if self._pool is not None and self._pool_loop is not asyncio.get_running_loop():
+            self._forget_pool()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
+
+    def _forget_pool(self) -> None:
+        """Drop a pool opened on an event loop other than the running one: terminated when
+        that loop is still open; left alone when it is closed (an ``asyncio.run()`` that
+        ended), since nothing can run on a closed loop, not even a terminate: its sockets
+        close when it is collected."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._pool_loop is not None and not self._pool_loop.is_closed():
+            pool.terminate()

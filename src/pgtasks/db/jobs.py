@@ -46,6 +46,8 @@ class Message:
     ``body`` and ``headers`` are None when together they are larger than the claim's size
     limit (``size`` says how large): they are never loaded. ``key_holder`` is the id of
     another job that already succeeded with this message's idempotency key, if any.
+    ``cancel_requested``: someone asked to cancel this job while an earlier claim of it
+    ran (that worker stopped or died before it heard): it must end as cancelled, unrun.
 
     ``(msg_id, read_ct, enqueued_at)`` is the claim token (`Token`): ``read_ct`` only ever
     grows (a release gives the attempt back by counting it in the ``x-pgtasks-released``
@@ -64,6 +66,7 @@ class Message:
     size: int
     headers: str | None
     key_holder: int | None
+    cancel_requested: bool
 
 
 @lru_cache(maxsize=256)
@@ -73,7 +76,10 @@ def _read_sql(queue: str) -> str:
     # per call, and ordered by vt rather than msg_id: the vt index stops the scan after qty
     # visible rows, where msg_id order walks every invisible (delayed, leased) row ahead of
     # them. Jobs are claimed in the order they became due. Bodies over the size limit stay
-    # on the server; the idempotency-key lookup runs only for messages that carry a key.
+    # on the server; the idempotency-key lookup runs only for messages that carry a key,
+    # and the look-up of a pending cancel request only when this queue has one (the
+    # uncorrelated EXISTS is evaluated once per statement, on an index of a table that is
+    # nearly always empty).
     q = table("q", queue)
     return f"""
 WITH due AS (
@@ -99,7 +105,10 @@ SELECT c.msg_id, c.read_ct, c.enqueued_at, c.vt,
            SELECT k.msg_id FROM pgtasks.idempotency_keys AS k
            WHERE k.key = c.headers ->> 'idempotency_key' AND k.expires_at > now()
              AND NOT (k.queue = '{queue}' AND k.msg_id = c.msg_id)
-       ) END
+       ) END,
+       CASE WHEN EXISTS (SELECT 1 FROM pgtasks.cancel_requests WHERE queue = '{queue}')
+            THEN pgtasks.cancel_requested('{queue}', c.msg_id, c.enqueued_at)
+            ELSE false END
 FROM claimed AS c,
      LATERAL (SELECT c.headers::text AS text) AS h,
      LATERAL (SELECT octet_length(c.body) + coalesce(octet_length(h.text), 0) AS size) AS x

@@ -80,6 +80,7 @@ WITH done AS (
     DELETE FROM pgtasks.cancel_requests AS c
     USING done
     WHERE c.queue = $4::text AND c.msg_id = done.msg_id
+      AND (c.enqueued_at IS NULL OR c.enqueued_at = done.enqueued_at)
 ), recorded AS (
     {RESULTS_INSERT}
     SELECT $4::text, msg_id, enqueued_at, $7::text, message ->> 'task', NULL, error::jsonb,
@@ -115,8 +116,7 @@ SET vt = clock_timestamp() + make_interval(secs => t.delay)
 FROM unnest($1::bigint[], $2::integer[], $3::float8[], $4::timestamptz[]) WITH ORDINALITY
     AS t(id, ct, delay, enq, i)
 WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
-RETURNING t.i, EXISTS (SELECT 1 FROM pgtasks.cancel_requests AS c
-                       WHERE c.queue = $5::text AND c.msg_id = m.msg_id)
+RETURNING t.i, pgtasks.cancel_requested($5::text, m.msg_id, m.enqueued_at)
 """
 
 

@@ -42,6 +42,9 @@ JobState = Literal[
 * ``unknown``: no job has this id in this queue, or its record was pruned.
 """
 
+MAX_JOB_ID = 2**63 - 1
+"""The largest job id: pgmq's message ids are PostgreSQL ``bigint``s, from 1."""
+
 FINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled", "expired"})
 
 CancelOutcome = Literal["cancelled", "requested", "finished", "unknown"]
@@ -96,7 +99,8 @@ class JobRef(Generic[R_co]):
     ``deduplicated`` is true when the idempotency key was already held, so nothing was sent
     and ``id`` is the message of the job that holds the key. Typed by what the task returns
     (``JobRef[int]`` for ``-> int``), so that ``await ref.result()`` is typed too. Compares
-    and hashes by ``(id, queue, task, deduplicated)``, and unpacks as that tuple.
+    and hashes by ``(id, queue, task, deduplicated)``, and unpacks as that tuple. An id no
+    job can have (below 1, or beyond a ``bigint``: 2**63 and up) raises `ValueError`.
     """
 
     __slots__ = ("_jobs", "deduplicated", "id", "queue", "task")
@@ -110,6 +114,11 @@ class JobRef(Generic[R_co]):
         *,
         jobs: Jobs | None = None,
     ) -> None:
+        if type(id) is not int or not 1 <= id <= MAX_JOB_ID:
+            raise ValueError(
+                f"job id {id!r} is not one: a job id is an integer from 1 to 2**63 - 1 "
+                "(pgmq's message ids)"
+            )
         self.id = id
         self.queue = queue
         self.task = task

@@ -199,13 +199,27 @@ class Decisions:
         )
 
     def cancelled(
-        self, job: Job, task: Task[Any, Any] | None, error: BaseException | None, duration: float
+        self,
+        job: Job,
+        task: Task[Any, Any] | None,
+        error: BaseException | None,
+        duration: float,
+        *,
+        ran: bool = True,
     ) -> None:
-        """Cancelled as someone asked while it ran: recorded as such, never retried."""
+        """Cancelled as someone asked while it ran: recorded as such, never retried. Not
+        ``ran``: the request came while an earlier claim ran, whose worker stopped or died
+        before it heard; this claim ends the job without running it again."""
         if not job.finish():
             return
-        how = "its run ended" if error is None else f"its run ended with {describe_error(error)}"
+        if ran:
+            how = (
+                "its run ended" if error is None else f"its run ended with {describe_error(error)}"
+            )
+        else:
+            how = "its cancellation was asked while an earlier claim of it ran; not run again"
         logger.info("%s cancelled, as requested; %s", job, how)
+        reason = "cancelled while it ran"
         event = JobEvent(
             "cancelled",
             job.queue,
@@ -214,10 +228,10 @@ class Decisions:
             job.task_name,
             None,
             duration,
-            reason="cancelled while it ran",
+            reason=reason,
         )
-        note = orjson.dumps({"reason": "cancelled while it ran"}).decode()
-        end = _step_end(job, "cancelled", "cancelled while it ran", None)
+        note = orjson.dumps({"reason": reason}).decode()
+        end = _step_end(job, "cancelled", reason, None)
         self._submit(
             Outcome("cancel", job, error=note, ttl=self.ttl(task), event=event, step_end=end)
         )

@@ -18,7 +18,8 @@ arguments do not bind goes to the dead letters at once; an unknown task is retri
 backoff (a rolling deploy may bring a worker that knows it), then dead-lettered; a message
 whose attempts already exceed the policy (runs that crashed the worker or lost the lease) is
 dead-lettered before it runs again. A job whose ``expires`` passed before it started is
-recorded as expired, not run.
+recorded as expired, not run; one whose cancellation was asked while an earlier claim ran
+(its worker was killed or stopped before it heard) is recorded as cancelled, not run again.
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ class Executor:
             return
         job.task_name = env.task
         task = self._tasks.get(env.task)
+        if msg.cancel_requested:  # asked while an earlier claim ran, which never heard
+            self.decide.cancelled(job, task, None, 0.0, ran=False)
+            return
         # before the task's own lease replaces the claim's (which dates the claim)
         expired = _expired(job) if envelope.HEADER_EXPIRES in headers else None
         if expired is not None:
