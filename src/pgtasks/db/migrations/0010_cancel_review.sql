@@ -1,4 +1,4 @@
--- pgtasks 0009: a job's records answer only for that job, and cancels never deadlock.
+-- pgtasks 0010: a job's records answer only for that job, and cancels never deadlock.
 --
 -- pgmq's message ids start again when a queue is dropped and created again, and pgtasks'
 -- own tables (records, cancel requests, dead letters, attempt errors) outlive the queue.
@@ -110,7 +110,9 @@ BEGIN
     $q$, 'q_' || p_queue, 'a_' || p_queue) USING p_queue, p_ids;
 END $$;
 
-CREATE OR REPLACE FUNCTION pgtasks.cancel(
+-- The cancel itself: since 0009, pgtasks.cancel wraps the function renamed
+-- cancel_before_0009 (and ends a workflow step it cancelled), so that one is replaced.
+CREATE OR REPLACE FUNCTION pgtasks.cancel_before_0009(
     p_queue text, p_ids bigint[], p_ttl double precision DEFAULT 604800
 )
 RETURNS TABLE (msg_id bigint, outcome text)
@@ -191,11 +193,11 @@ REVOKE ALL ON FUNCTION pgtasks.cancel_requested(text, bigint, timestamptz) FROM 
 
 -- The worker's claim and lease extensions ask cancel_requested; grant_roles composes as
 -- described in docs/design.md (it calls the one before it).
-ALTER FUNCTION pgtasks.grant_roles() RENAME TO grant_roles_before_0009;
+ALTER FUNCTION pgtasks.grant_roles() RENAME TO grant_roles_before_0010;
 CREATE FUNCTION pgtasks.grant_roles() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
-    PERFORM pgtasks.grant_roles_before_0009();
+    PERFORM pgtasks.grant_roles_before_0010();
     IF to_regrole('pgtasks_producer') IS NULL OR to_regrole('pgtasks_worker') IS NULL THEN
         RETURN;
     END IF;
@@ -203,5 +205,5 @@ BEGIN
         TO pgtasks_worker;
 END $$;
 REVOKE ALL ON FUNCTION pgtasks.grant_roles() FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgtasks.grant_roles_before_0009() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgtasks.grant_roles_before_0010() FROM PUBLIC;
 SELECT pgtasks.grant_roles();
