@@ -1,9 +1,11 @@
 """Defects an adversarial review of job handles and results found (issue 13), each on a real
-worker and database: results whose encoding raises or that hold NaN or an infinity, and a
-false NUL."""
+worker and database: handles from a dead letter's retry, results whose encoding raises or
+that hold NaN or an infinity, a false NUL, and what a retried dead letter's original job
+says afterwards."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
@@ -14,6 +16,8 @@ import pydantic
 import pytest
 
 import pgtasks
+from pgtasks.admin import jobs as admin_jobs
+from pgtasks.cli import jobs as cli_jobs
 from tests.helpers import Events
 
 WIDE = 2**70  # beyond 64 bits: orjson refuses it, the standard library's encoder takes over
@@ -46,6 +50,11 @@ class Dumpless(pydantic.BaseModel):
         raise RuntimeError("model_dump exploded")
 
 
+async def _dead_letter_of(app: pgtasks.App, queue: str) -> int:
+    (dead,) = await app.dead_letters.list(queue=queue)
+    return dead.id
+
+
 async def _stored(conn: asyncpg.Connection, ref: pgtasks.JobRef[Any]) -> asyncpg.Record:
     row = await conn.fetchrow(
         "SELECT state, result::text AS result, error::text AS error FROM pgtasks.job_results "
@@ -55,6 +64,33 @@ async def _stored(conn: asyncpg.Connection, ref: pgtasks.JobRef[Any]) -> asyncpg
     )
     assert row is not None, f"no record of job {ref.id}"
     return row
+
+
+# --- 1. the refs a dead letter's retry returns are handles -----------------------------------
+
+
+async def test_refs_from_a_dead_letter_retry_answer_status_and_result(app: pgtasks.App) -> None:
+    healthy = False
+
+    @app.task(queue="replayed", max_retries=0)
+    async def double(n: int) -> int:
+        if not healthy:
+            raise RuntimeError("provider down")
+        return n * 2
+
+    await app.defer_many([double.s(1), double.s(2), double.s(3)])
+    await app.worker(burst=True).run()
+    letters = sorted(d.id for d in await app.dead_letters.list(queue="replayed"))
+    healthy = True
+    (one,) = await app.dead_letters.retry(letters[:1])
+    ((_, two),) = await app.dead_letters.retry_by_id(letters[1:2])
+    (three,) = await app.dead_letters.retry_all(queue="replayed")
+    for ref in (one, two, three):
+        assert (await ref.status()).state == "waiting"
+    async with app.worker(poll_interval=30):
+        with anyio.fail_after(10):
+            assert [await r.result() for r in (one, two, three)] == [2, 4, 6]
+    assert (await one.status()).state == "succeeded"
 
 
 # --- 2. a result whose encoding raises: succeeded, not stored, never run again ---------------
@@ -231,3 +267,76 @@ def test_arguments_with_a_nul_inside_a_model_are_refused_before_sending() -> Non
     with pytest.raises(pgtasks.SerializationError, match="positional argument 1 contains a NUL"):
         envelope.encode("t", (1, Note(text="a\x00b")), {}, max_size=10_000)
     assert "\\\\u0000" in envelope.encode("t", ("\\u0000",), {}, max_size=10_000)
+
+
+# --- 5. a retried dead letter's original job still failed, and names its retry ---------------
+
+
+async def test_a_retried_dead_letter_keeps_its_failure_and_names_the_new_job(
+    app: pgtasks.App, capsys: pytest.CaptureFixture[str]
+) -> None:
+    healthy = False
+
+    @app.task(queue="again", max_retries=1, retry_backoff=0.01)
+    async def charge(order: int) -> int:
+        if not healthy:
+            raise RuntimeError(f"provider down for {order}")
+        return order
+
+    original = await charge.defer(7)
+    async with app.worker(poll_interval=0.05):
+        with pytest.raises(pgtasks.JobFailed):
+            await original.result(timeout=10)
+    healthy = True
+    (retried,) = await app.dead_letters.retry([await _dead_letter_of(app, "again")])
+    assert retried.id != original.id
+
+    for ref in (original, app.job("again", original.id)):
+        status = await ref.status()
+        assert status.state == "failed"
+        assert status.retried_as == retried.id
+        assert status.attempts == 2
+        assert status.error is not None
+        assert status.error["type"] == "RuntimeError"
+        assert "retries exhausted" in status.error["reason"]
+        with pytest.raises(pgtasks.JobFailed) as failed:
+            await ref.result(timeout=5)
+        assert failed.value.retried_as == retried.id
+        assert f"retried as job {retried.id}" in str(failed.value)
+        assert failed.value.error_type == "RuntimeError"
+
+    async with app.worker(poll_interval=30):
+        assert await retried.result(timeout=10) == 7
+    assert (await original.status()).state == "failed"  # the retry's success is its own
+
+    detail = await admin_jobs.get_job(app.database, "again", original.id)
+    assert detail.summary.state == "failed"
+    assert detail.retried_as == retried.id
+    assert detail.body == {"v": 1, "task": charge.name, "kwargs": {"order": 7}}
+    assert [a.attempt for a in detail.attempts] == [1, 2]
+    failed_ids = [j.id for j in await admin_jobs.list_jobs(app.database, "again", "failed")]
+    assert failed_ids == [original.id]
+    everything = {j.id: j.state for j in await admin_jobs.list_jobs(app.database, "again")}
+    assert everything == {original.id: "failed", retried.id: "succeeded"}
+
+    args = argparse.Namespace(queue="again", id=original.id, json=False)
+    assert await cli_jobs.show(app, args) == 0
+    shown = capsys.readouterr().out
+    assert f"job {original.id} in queue again: failed" in shown
+    assert f"retried as job {retried.id}" in shown
+
+
+async def test_a_retry_that_fails_again_chains_the_records(app: pgtasks.App) -> None:
+    @app.task(queue="chain", max_retries=0)
+    async def broken() -> int:
+        raise RuntimeError("still broken")
+
+    first = await broken.defer()
+    await app.worker(burst=True).run()
+    (second,) = await app.dead_letters.retry([await _dead_letter_of(app, "chain")])
+    await app.worker(burst=True).run()
+    (third,) = await app.dead_letters.retry([await _dead_letter_of(app, "chain")])
+    assert (await first.status()).retried_as == second.id
+    assert (await second.status()).retried_as == third.id
+    assert (await third.status()).state == "waiting"
+    assert [s.state for s in [await first.status(), await second.status()]] == ["failed"] * 2

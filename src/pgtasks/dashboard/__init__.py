@@ -55,7 +55,13 @@ def dashboard(
         title: the name in the page titles.
         refresh: seconds between refreshes of the live pages (when live refresh is on).
     """
-    board = Dashboard(app.database, read_only=read_only, title=title, refresh=refresh)
+    board = Dashboard(
+        app.database,
+        read_only=read_only,
+        title=title,
+        refresh=refresh,
+        dead_letters=app.dead_letters,
+    )
     if basic_auth is not None:
         return BasicAuth(board.app, *basic_auth)
     return board.app

@@ -76,12 +76,15 @@ def _pretty(value: Any) -> str:
 
 
 class Dashboard:
-    """The dashboard of one database; `app` is its ASGI app (see `pgtasks.dashboard`)."""
+    """The dashboard of one database; `app` is its ASGI app (see `pgtasks.dashboard`).
+    ``dead_letters`` is the app's (``app.dead_letters``): retries record with its
+    ``result_ttl``."""
 
     def __init__(
         self,
         database: Database,
         *,
+        dead_letters: DeadLetters,
         read_only: bool = False,
         title: str = "pgtasks",
         refresh: float = 5.0,
@@ -92,7 +95,7 @@ class Dashboard:
         self.title = title
         self.refresh = refresh
         self.note = mounted_note
-        self.dead_letters = DeadLetters(database)
+        self.dead_letters = dead_letters
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("pgtasks.dashboard", "templates"),
             autoescape=True,
