@@ -332,7 +332,7 @@ class App:
     @property
     def dead_letters(self) -> DeadLetters:
         """Jobs that failed for good: list, inspect, retry, purge."""
-        return DeadLetters(self._database)
+        return DeadLetters(self._database, self._jobs, record_ttl=self._record_ttl)
 
     async def prune(
         self,

@@ -95,13 +95,16 @@ class JobNotFound(PgTasksError):
 
 
 class JobFailed(PgTasksError):
-    """The job whose result was awaited failed for good (it is in the dead letters).
+    """The job whose result was awaited failed for good (it is in the dead letters, or was
+    retried from there as a new job).
 
     Attributes:
         error_type: the type name of its last attempt's exception (or None).
         error_message: that exception's message.
         traceback: its traceback, as text.
         reason: why it was dead-lettered (e.g. "retries exhausted after 4 attempt(s)").
+        retried_as: the id of the job its dead letter was retried as (same queue), if it
+            was: ``await app.job(queue, retried_as).result()`` waits for that one.
     """
 
     def __init__(
@@ -112,12 +115,14 @@ class JobFailed(PgTasksError):
         error_message: str | None = None,
         traceback: str | None = None,
         reason: str | None = None,
+        retried_as: int | None = None,
     ) -> None:
         super().__init__(message)
         self.error_type = error_type
         self.error_message = error_message
         self.traceback = traceback
         self.reason = reason
+        self.retried_as = retried_as
 
 
 class JobCancelled(PgTasksError):

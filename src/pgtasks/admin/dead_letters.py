@@ -22,7 +22,7 @@ import orjson
 from ..db import dead_letters
 from ..db.database import Database
 from ..exceptions import JobNotFound
-from ..tasks import JobRef
+from ..tasks import JobRef, Jobs
 
 
 @dataclass(frozen=True)
@@ -85,10 +85,17 @@ def _not_found(ids: Sequence[int], queue: str | None, *, retried: bool = False) 
 
 
 class DeadLetters:
-    """The dead letters of an app's database; get it as ``app.dead_letters``."""
+    """The dead letters of an app's database; get it as ``app.dead_letters``.
 
-    def __init__(self, database: Database) -> None:
+    ``jobs`` is what the refs `retry` returns ask (the app's job client: they are handles
+    like those ``defer`` returns); ``record_ttl`` how long, in seconds, the record of a
+    retried dead letter's job (failed, retried as a new job) is kept.
+    """
+
+    def __init__(self, database: Database, jobs: Jobs, *, record_ttl: float) -> None:
         self._database = database
+        self._jobs = jobs
+        self._record_ttl = record_ttl
 
     async def list(
         self, *, queue: str | None = None, task: str | None = None, limit: int = 100
@@ -122,9 +129,11 @@ class DeadLetters:
 
     async def retry(self, ids: Sequence[int], *, queue: str | None = None) -> Sequence[JobRef[Any]]:
         """Enqueue these dead letters again, as new jobs with fresh attempts, and remove
-        them from the dead letters, in one transaction; the refs are in the order of the
-        dead letters' ids. Raises `JobNotFound`, naming them, if any id is not a dead letter
-        (of ``queue``, if given); nothing is retried then."""
+        them from the dead letters, in one transaction; the refs (handles on the new jobs)
+        are in the order of the dead letters' ids. The job each dead letter was still
+        answers ``failed``, and names the new job (`JobStatus.retried_as`). Raises
+        `JobNotFound`, naming them, if any id is not a dead letter (of ``queue``, if given);
+        nothing is retried then."""
         return [ref for _, ref in await self.retry_by_id(ids, queue=queue)]
 
     async def retry_all(self, *, queue: str | None = None) -> Sequence[JobRef[Any]]:
@@ -139,13 +148,18 @@ class DeadLetters:
         ids = None if ids is None else list(ids)
         pool = await self._database.pool()
         async with pool.acquire() as conn, conn.transaction():
-            rows = await dead_letters.dead_retry(conn, ids, queue)
+            rows = await dead_letters.dead_retry(conn, ids, queue, self._record_ttl)
             if ids is not None:
                 missing = sorted(set(ids) - {r["id"] for r in rows})
                 if missing:  # rolls the others back: all or nothing
                     raise JobNotFound(_not_found(missing, queue, retried=len(rows) > 0))
         return [
-            (r["id"], JobRef(r["msg_id"], r["queue"], r["task"] or "", r["deduplicated"]))
+            (
+                r["id"],
+                JobRef(
+                    r["msg_id"], r["queue"], r["task"] or "", r["deduplicated"], jobs=self._jobs
+                ),
+            )
             for r in rows
         ]
 

@@ -5,7 +5,8 @@ workflow it is a step of), the jobs a search names. Cancelling is the app's (`Ap
 
 States are those of `pgtasks.JobState`: ``scheduled``, ``waiting``, ``running`` and
 ``retrying`` (in the queue, as ``pgtasks status`` counts them), ``succeeded`` (archived, or
-recorded with its result), ``failed`` (in the dead letters), ``cancelled`` and ``expired``.
+recorded with its result), ``failed`` (in the dead letters, or recorded when its dead letter
+was retried as a new job), ``cancelled`` and ``expired``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class JobSummary:
 @dataclass(frozen=True)
 class JobDetail:
     """One job in full. ``result`` is what it returned (as JSON) when kept; ``error`` why it
-    ended when it did not succeed; ``dead_letter`` the id of the dead letter it became."""
+    ended when it did not succeed; ``dead_letter`` the id of the dead letter it became;
+    ``retried_as`` the id of the job that dead letter was retried as."""
 
     summary: JobSummary
     body: Any = None
@@ -71,6 +73,7 @@ class JobDetail:
     dead_letter: int | None = None
     reason: str | None = None  # why it was dead-lettered
     workflow: WorkflowPlace | None = None  # the workflow it is a step of
+    retried_as: int | None = None
 
 
 def _loads(text: str | None) -> Any:
@@ -122,24 +125,11 @@ async def list_jobs(
     if state is not None and state not in STATES:
         raise ValueError(f"unknown state {state!r} (one of: {', '.join(STATES)})")
     pool = await database.pool()
-    if state == "failed":
-        rows = await dead_letters.dead_list(pool, queue, task, limit)
-        return [
-            JobSummary(
-                queue=r["queue"],
-                id=r["msg_id"],
-                task=r["task"],
-                state="failed",
-                attempt=r["read_ct"],
-                enqueued_at=r["enqueued_at"],
-                finished_at=r["failed_at"],
-            )
-            for r in rows
-        ]
     if state in browse.STATES:
         records = await browse.jobs_in_state(pool, queue, state, task, limit)
         return [_from_browse(r, queue, state) for r in records]
-    # Any state, or one only the job records know (cancelled, expired).
+    # Any state, or one the dead letters and the job records know (failed, cancelled,
+    # expired).
     infos = await results.jobs_list(pool, queue, state=state, task=task, limit=limit)
     return [_from_info(i, queue) for i in infos]
 
@@ -185,6 +175,11 @@ async def get_job(database: Database, queue: str, msg_id: int) -> JobDetail:
         return JobDetail(
             summary, body, headers, dead_letter=dead_id, reason=dead["reason"], **outcome
         )
+    again = results.retried_as(outcome["error"]) if info.state == "failed" else None
+    if again is not None:  # its dead letter was retried: the new job has the same message
+        body, headers = await results.job_message(pool, queue, again)
+        summary = _from_info(info, queue)
+        return JobDetail(summary, _loads(body), _loads(headers), retried_as=again, **outcome)
     if known:  # deleted from its queue, but recorded (cancelled, expired, or its result kept)
         return JobDetail(_from_info(info, queue), **outcome)
     raise JobNotFound(

@@ -44,6 +44,8 @@ async def show(app: App, args: argparse.Namespace) -> int:
         print(f"  ended with: {_json(job.error)}")
     if job.dead_letter is not None:
         print(f"  dead letter {job.dead_letter}: {one_line(job.reason or '', 200)}")
+    if job.retried_as is not None:
+        print(f"  retried as job {job.retried_as} (its dead letter was retried)")
     for a in job.attempts:
         print(
             f"  attempt {a.attempt} on {a.worker} at {_time(a.failed_at)}: "

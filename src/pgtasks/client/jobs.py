@@ -32,7 +32,7 @@ from ..db.database import Database
 from ..db.errors import is_transient, translate
 from ..db.jobs import DONE_CHANNEL
 from ..db.queues import messages_waiting
-from ..db.results import JobInfo, job_info, jobs_cancel
+from ..db.results import JobInfo, job_info, jobs_cancel, retried_as
 from ..exceptions import (
     AppClosed,
     DatabaseError,
@@ -142,13 +142,17 @@ class JobClient:
             return self._no_result(what, info.task or ref.task)
         if state == "failed":
             reason = error.get("reason")
+            again = retried_as(error)
             message = f"{what} failed: {reason}" if reason else f"{what} failed"
+            if again is not None:
+                message += f"; it was retried as job {again}"
             raise JobFailed(
                 message,
                 error_type=error.get("type"),
                 error_message=error.get("message"),
                 traceback=error.get("traceback"),
                 reason=reason,
+                retried_as=again,
             )
         if state == "cancelled":
             raise JobCancelled(f"{what} was cancelled ({error.get('reason', 'no reason')})")
@@ -202,14 +206,16 @@ def _warn_if_inside_own_queue(ref: JobRef[Any]) -> None:
 
 
 def _status(info: JobInfo) -> JobStatus:
+    error = orjson.loads(info.error) if info.error else None
     return JobStatus(
         typing.cast(Any, info.state),
         info.task,
         info.attempts,
         info.enqueued_at,
         info.finished_at,
-        orjson.loads(info.error) if info.error else None,
+        error,
         info.cancel_requested,
+        retried_as(error) if info.state == "failed" else None,
     )
 
 

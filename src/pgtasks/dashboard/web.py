@@ -34,7 +34,6 @@ from ..admin import jobs as admin_jobs
 from ..admin import schedules as admin_schedules
 from ..admin import status as admin_status
 from ..admin import workers as admin_workers
-from ..admin.dead_letters import DeadLetters
 from ..admin.status import QueueState
 from ..app import App
 from ..db.database import Database
@@ -90,7 +89,9 @@ def _pretty(value: Any) -> str:
 
 class Dashboard:
     """The dashboard of one pgtasks app's database; its attribute `app` is the ASGI app (see
-    `pgtasks.dashboard`)."""
+    `pgtasks.dashboard`).
+    Its dead letters are the app's (``app.dead_letters``): retries record with its
+    ``result_ttl``."""
 
     def __init__(
         self,
@@ -107,7 +108,7 @@ class Dashboard:
         self.title = title
         self.refresh = refresh
         self.note = mounted_note
-        self.dead_letters = DeadLetters(self.database)
+        self.dead_letters = pgtasks_app.dead_letters
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("pgtasks.dashboard", "templates"),
             autoescape=True,

@@ -1,6 +1,7 @@
 """The SQL of ``pgtasks.dead_letters``: listing, counting, reading (with the attempts'
-errors), retrying (re-enqueued through pgtasks.send, in one statement) and purging. The
-move of a job into the dead letters is part of its life (`jobs.messages_dead_letter`).
+errors), retrying (re-enqueued through pgtasks.send, and the job that failed recorded as
+such, in one statement) and purging. The move of a job into the dead letters is part of its
+life (`jobs.messages_dead_letter`).
 """
 
 from __future__ import annotations
@@ -62,20 +63,39 @@ DEAD_RETRY = """
 WITH picked AS (
     DELETE FROM pgtasks.dead_letters
     WHERE ($1::bigint[] IS NULL OR id = ANY($1)) AND ($2::text IS NULL OR queue = $2)
-    RETURNING id, queue, task, message, headers
+    RETURNING id, queue, msg_id, task, message, headers, read_ct, enqueued_at, failed_at,
+              reason, error
+), sent AS (
+    SELECT p.*, s.msg_id AS new_id, s.deduplicated
+    FROM picked AS p, LATERAL pgtasks.send(p.queue, p.message, p.headers) AS s
+), recorded AS (
+    INSERT INTO pgtasks.job_results AS r
+        (queue, msg_id, enqueued_at, state, task, error, finished_at, expires_at)
+    SELECT DISTINCT ON (queue, msg_id)
+           queue, msg_id, enqueued_at, 'failed', task,
+           coalesce(error, '{}') || jsonb_build_object(
+               'reason', reason, 'attempts', read_ct, 'retried_as', new_id),
+           failed_at, now() + make_interval(secs => $3)
+    FROM sent
+    ORDER BY queue, msg_id, id DESC
+    ON CONFLICT (queue, msg_id) DO UPDATE SET
+        enqueued_at = EXCLUDED.enqueued_at, state = EXCLUDED.state, task = EXCLUDED.task,
+        result = NULL, error = EXCLUDED.error, finished_at = EXCLUDED.finished_at,
+        expires_at = EXCLUDED.expires_at
 )
-SELECT p.id, p.queue, p.task, s.msg_id, s.deduplicated
-FROM picked AS p, LATERAL pgtasks.send(p.queue, p.message, p.headers) AS s
-ORDER BY p.id
+SELECT id, queue, task, new_id AS msg_id, deduplicated FROM sent ORDER BY id
 """
 
 
 async def dead_retry(
-    conn: Executor, ids: Sequence[int] | None, queue: str | None
+    conn: Executor, ids: Sequence[int] | None, queue: str | None, record_ttl: float
 ) -> list[asyncpg.Record]:
     """Re-enqueue dead letters (as new messages with fresh attempts) and remove them, in one
-    statement; ``ids=None`` takes every dead letter (of ``queue``, if given)."""
-    return list(await conn.fetch(DEAD_RETRY, None if ids is None else list(ids), queue))
+    statement; ``ids=None`` takes every dead letter (of ``queue``, if given). The job each
+    one was is recorded in ``pgtasks.job_results`` as failed, for ``record_ttl`` seconds,
+    its error that of the dead letter plus ``reason``, ``attempts`` and ``retried_as`` (the
+    id of the new job)."""
+    return list(await conn.fetch(DEAD_RETRY, None if ids is None else list(ids), queue, record_ttl))
 
 
 DEAD_PURGE = """

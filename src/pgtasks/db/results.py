@@ -3,9 +3,11 @@
 A job ends in one of four places, each written in the statement that removes it from its
 queue: the queue's archive (acked; `jobs.messages_ack`, which also keeps a result when there
 is one), the dead letters (`jobs.messages_dead_letter`), or ``pgtasks.job_results`` with
-state ``cancelled`` or ``expired`` (`messages_end`, here). ``pgtasks.job_info`` reads all of
-them (and the queue) in one snapshot; ``pgtasks.cancel`` cancels jobs from anywhere (both
-in the 0004 migration). Statements that end jobs notify `jobs.DONE_CHANNEL` once.
+state ``cancelled`` or ``expired`` (`messages_end`, here). A dead letter that is retried
+leaves a record of state ``failed`` there, naming the job it was retried as
+(`dead_letters.dead_retry`). ``pgtasks.job_info`` reads all of them (and the queue) in one
+snapshot; ``pgtasks.cancel`` cancels jobs from anywhere (both in the 0004 migration).
+Statements that end jobs notify `jobs.DONE_CHANNEL` once.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import asyncpg
 
@@ -38,9 +40,18 @@ class JobInfo(NamedTuple):
     cancel_requested: bool
 
 
+def retried_as(error: dict[str, Any] | None) -> int | None:
+    """From a failed job's ``error``: the job its dead letter was retried as, if it was
+    (`dead_letters.dead_retry` records it)."""
+    value = (error or {}).get("retried_as")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# A failed job's record (its dead letter was retried) keeps its attempts in its error.
 JOB_INFO = """
-SELECT msg_id, state, task, attempts, enqueued_at, finished_at, result::text, error::text,
-       cancel_requested
+SELECT msg_id, state, task,
+       coalesce(attempts, CASE WHEN state = 'failed' THEN (error ->> 'attempts')::integer END),
+       enqueued_at, finished_at, result::text, error::text, cancel_requested
 FROM pgtasks.job_info($1::text, $2::bigint[])
 """
 
@@ -188,7 +199,7 @@ STATE_SOURCES: dict[str | None, tuple[str, ...]] = {
     "running": ("queue",),
     "retrying": ("queue",),
     "succeeded": ("archive", "records"),
-    "failed": ("dead",),
+    "failed": ("dead", "records"),  # records: those retried as a new job
     "cancelled": ("records",),
     "expired": ("records",),
 }

@@ -17,6 +17,12 @@ hinted types of the arguments is `shapes` and `hints`' work (see docs/messages.m
 table). orjson reads a non-integer or an integer beyond 64 bits as a double; where a hint
 needs such a number exactly, the body is read again with the standard library's json, every
 number exact (`Envelope.exactly`). Ordinary messages are read once, by orjson.
+
+A task's result is encoded the same way, but stricter (`dumps_result`), since it is kept in
+jsonb to come back as it was: NaN and the infinities (which orjson writes as null) and NUL
+characters (which jsonb refuses) are refused, and so is anything the value's own code raises.
+Each check costs a scan of the bytes; the value is looked at again only when the scan finds
+a ``null`` or a ``\\u0000`` escape.
 """
 
 from __future__ import annotations
@@ -117,7 +123,7 @@ def encode(
         raise SerializationError(
             f"cannot encode the arguments of task {task!r}: {_culprit(args, kwargs)}: {exc}"
         ) from None
-    if b"\\u0000" in data and _has_nul(body):
+    if has_nul(data):
         raise SerializationError(
             f"cannot encode the arguments of task {task!r}: {_culprit_nul(args, kwargs)} "
             "contains a NUL character (\\x00), which PostgreSQL's jsonb cannot store"
@@ -162,26 +168,95 @@ def _culprit(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     return "the arguments"
 
 
+def has_nul(data: bytes) -> bool:
+    """Whether JSON text (as `dumps` writes it) holds a NUL character: the escape ``\\u0000``
+    may also be the end of a string's text ``\\\\u0000`` (a backslash, then "u0000"), so
+    what the scan finds is confirmed on the decoded value. One that cannot be decoded again
+    counts as holding one (the safe side: jsonb would refuse a real one)."""
+    if b"\\u0000" not in data:
+        return False
+    try:
+        return _has_nul(json.loads(data))
+    except (ValueError, RecursionError):
+        return True
+
+
 def _has_nul(value: Any) -> bool:
+    """Whether decoded JSON holds a NUL character, in a string or a key."""
     if isinstance(value, str):
         return "\x00" in value
     if isinstance(value, dict):
         return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
-    if isinstance(value, list | tuple | set | frozenset):
+    if isinstance(value, list):
         return any(_has_nul(v) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _has_nul(dataclasses.asdict(value))
     return False
 
 
 def _culprit_nul(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
     for i, value in enumerate(args):
-        if _has_nul(value):
+        if has_nul(dumps(value)):
             return f"positional argument {i}"
     for key, value in kwargs.items():
-        if _has_nul(value):
+        if has_nul(dumps(value)):
             return f"argument {key!r}"
     return "an argument"
+
+
+NOT_FINITE = "it holds a float that is not a JSON number (NaN or an infinity)"
+_OUT_OF_RANGE = "Out of range float values"  # the standard library's encoder says so
+
+
+def dumps_result(value: Any) -> bytes:
+    """`dumps` for a value that is kept to come back as it was (a task's result). Raises
+    `ValueError` saying why it cannot be: it could not be encoded (whatever the encoder or
+    the value's own code, a ``model_dump``, raised; nesting too deep), it holds NaN or an
+    infinity (which orjson writes as null, and JSON has no number for), or it contains a
+    NUL character (which jsonb cannot store)."""
+    try:
+        data = dumps(value)
+    except BaseException as exc:
+        # Synchronous: no cancellation of the worker's can arrive in here, so whatever was
+        # raised (a CancelledError or a SystemExit included) came from the value's own code.
+        raise ValueError(f"could not be encoded: {_unencodable(exc)}") from None
+    if b"null" in data and not _finite(value):
+        raise ValueError(f"could not be encoded: {NOT_FINITE}")
+    if has_nul(data):
+        raise ValueError("contains a NUL character, which PostgreSQL's jsonb cannot store")
+    return data
+
+
+def _finite(value: Any) -> bool:
+    """Whether every float in ``value`` is a JSON number: the standard library's encoder,
+    told to, refuses NaN and the infinities where orjson writes null. A value it cannot
+    encode for another reason counts as finite (that reason is the one to tell)."""
+    try:
+        json.dumps(value, default=_default_wide, allow_nan=False)
+    except ValueError as exc:
+        return _OUT_OF_RANGE not in str(exc)
+    except Exception:
+        return True
+    return True
+
+
+def _unencodable(exc: BaseException) -> str:
+    """What went wrong when a value could not be encoded, for a person to read."""
+    text = _text(exc)
+    what = text if isinstance(exc, TypeError) else f"{type(exc).__qualname__}: {text}"
+    cause = exc.__cause__  # orjson raises its own error from the one a default raised
+    if cause is not None:
+        what += f" ({type(cause).__qualname__}: {_text(cause)})"
+    if isinstance(exc, RecursionError) or "Recursion limit reached" in text:
+        return f"it is nested too deeply ({what})"
+    if _OUT_OF_RANGE in text:  # the standard library's encoder (a wide int beside it)
+        return NOT_FINITE
+    return what
+
+
+def _text(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception:  # an exception whose __str__ raises
+        return f"<unprintable {type(exc).__qualname__}>"
 
 
 # --- decoding ------------------------------------------------------------------------------

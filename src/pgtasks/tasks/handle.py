@@ -37,8 +37,9 @@ JobState = Literal[
 * ``waiting``: in its queue, visible, to be claimed;
 * ``running``: claimed by a worker, its current attempt not over;
 * ``retrying``: waiting for its next attempt after a failed one;
-* ``succeeded``, ``failed`` (in the dead letters), ``cancelled``, ``expired`` (not started
-  before its ``expires``): over;
+* ``succeeded``, ``failed`` (in the dead letters, or retried from there as a new job:
+  see `JobStatus.retried_as`), ``cancelled``, ``expired`` (not started before its
+  ``expires``): over;
 * ``unknown``: no job has this id in this queue, or its record was pruned.
 """
 
@@ -67,6 +68,8 @@ class JobStatus(NamedTuple):
             for a cancelled or expired one, why (``reason``); for a succeeded one whose
             result could not be kept, why (``type``, ``message``).
         cancel_requested: whether someone asked to cancel it while it ran.
+        retried_as: for a failed job whose dead letter was retried, the id of the job
+            (in the same queue) it was sent again as: ``app.job(queue, retried_as)``.
     """
 
     state: JobState
@@ -76,6 +79,7 @@ class JobStatus(NamedTuple):
     finished_at: dt.datetime | None = None
     error: dict[str, Any] | None = None
     cancel_requested: bool = False
+    retried_as: int | None = None
 
     @property
     def final(self) -> bool:

@@ -5,8 +5,10 @@ Every decision marks the job decided first (`Job.finish`), so that a late lease 
 or cancellation cannot change it. Retries follow the task's policy: `Retry` asks for one
 (its delay cleaned: a task's data is never trusted), `Fail` and exhausted attempts go to the
 dead letters. A result is kept when the task returns something other than None (or keeps
-results explicitly), encoded as its arguments are; one that cannot be encoded or is over the
-size limit is not kept, and the record says why: the job still succeeded.
+results explicitly), encoded as its arguments are; one that cannot be kept as it was (its
+encoding raised anything at all, it holds NaN, an infinity or a NUL character, or it is over
+the size limit) is not kept, and the record says why: the job still succeeded, and is never
+run again for it.
 """
 
 from __future__ import annotations
@@ -95,18 +97,9 @@ class Decisions:
     def encoded(self, task: Task[Any, Any], value: object) -> tuple[str | None, str | None]:
         """``value`` as JSON text, or why it cannot be kept (JSON text)."""
         try:
-            data = envelope.dumps(value)
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            return None, _result_error(
-                "ResultNotStored",
-                f"the result of {task.name!r} could not be encoded: {clean_text(exc)}",
-            )
-        if b"\\u0000" in data:
-            return None, _result_error(
-                "ResultNotStored",
-                f"the result of {task.name!r} contains a NUL character, which PostgreSQL's "
-                "jsonb cannot store",
-            )
+            data = envelope.dumps_result(value)
+        except ValueError as exc:  # whatever went wrong: the job succeeded all the same
+            return None, _result_error("ResultNotStored", f"the result of {task.name!r} {exc}")
         if len(data) > self._max_result_size:
             return None, _result_error(
                 "ResultTooLarge",
@@ -295,5 +288,6 @@ def keeps(task: Task[Any, Any], defaults: TaskConfig, value: object) -> bool:
 
 
 def _result_error(kind: str, message: str) -> str:
+    message = clean_text(message)  # it quotes the value's own errors
     logger.warning("%s", message)
     return orjson.dumps({"type": kind, "message": message}).decode()
