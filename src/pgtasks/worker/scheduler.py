@@ -181,11 +181,11 @@ class Scheduler:
             wake: dt.datetime | None = None
             for name, definition in self._definitions.items():
                 row = rows.get(name)
-                if row is not None and row.fingerprint != definition.fingerprint:
-                    self._set_aside_once(name)
-                    continue
                 if row is None or row.orphaned:  # deleted or marked meanwhile: ours again
                     self._resync_soon()
+                    continue
+                if row.fingerprint != definition.fingerprint:
+                    self._set_aside_once(name)
                     continue
                 self._set_aside.discard(name)
                 schedule = self.schedules[name]
