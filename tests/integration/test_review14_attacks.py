@@ -435,6 +435,13 @@ def test_daylight_saving_days_walked_pass_by_pass(tz: str, day: dt.date) -> None
         sent = [t for t in walk_passes(timing, start, end + dt.timedelta(hours=1)) if t <= end]
         assert sent == expected, (tz, day, expression)
         assert len(set(sent)) == len(sent)
+        # and the backward walk a pass makes, from every moment of the day
+        for minutes in range(0, 28 * 60, 7):
+            until = start + dt.timedelta(minutes=minutes, seconds=minutes % 60)
+            after = until - dt.timedelta(hours=4)
+            window = [t for t in expected if after < t <= until]
+            if after >= start and until <= end:
+                assert timing.latest(until, after, 1000) == window, (expression, until)
         if expression == "30 2 * * *":  # once on the day, whatever the clock does
             on_day = [t for t in sent if t.astimezone(zone).date() == day]
             assert len(on_day) == 1, (tz, day, on_day)

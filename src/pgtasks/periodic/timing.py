@@ -247,14 +247,20 @@ class Cron:
                     yield tick
 
     def _overlap(self, instant: dt.datetime) -> dt.timedelta:
-        """How far the clock fell back in the hours before ``instant`` (zero on all but the
-        fall-back days): wall times up to that much later than instant's first occurred
-        at or before it. Overlaps last at most a few hours."""
-        before = (instant - OVERLAP_LIMIT).astimezone(self._zone).utcoffset()
+        """When ``instant`` is in the second pass of a fall-back overlap, how far the clock
+        fell back (wall times up to that much later than instant's first occurred at or
+        before it); zero at any other time. Overlaps last at most a few hours."""
         after = instant.astimezone(self._zone).utcoffset()
-        assert before is not None
+        before = (instant - OVERLAP_LIMIT).astimezone(self._zone).utcoffset()
         assert after is not None
-        return max(before - after, dt.timedelta(0))
+        assert before is not None
+        drop = before - after
+        if drop <= dt.timedelta(0):
+            return dt.timedelta(0)
+        # still within ``drop`` of the jump: the offset then was the one before it
+        earlier = (instant - drop).astimezone(self._zone).utcoffset()
+        assert earlier is not None
+        return drop if earlier > after else dt.timedelta(0)
 
     def _iterate(self, start: dt.datetime, *, reverse: bool) -> Iterator[dt.datetime]:
         it = self._cronsim(self.expression, start, reverse=reverse)
