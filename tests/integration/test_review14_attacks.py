@@ -117,6 +117,54 @@ async def test_host_clocks_hours_off_or_jumping_change_nothing(
     assert sum(s.stats["passes"] for s in schedulers) < 3 * 6 * 3
 
 
+@pytest.mark.parametrize("what", ["row", "queue"])
+async def test_a_schedule_locked_by_another_transaction_stops_no_other(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection, what: str
+) -> None:
+    """An operator's transaction left open on one schedule's row, or a VACUUM FULL of its
+    queue: that schedule waits, and the others go on (the lock timeout is 2 s)."""
+
+    @app.task(queue="attack_locked")
+    async def held() -> None:
+        pass
+
+    @app.task(queue="attack_free")
+    async def free() -> None:
+        pass
+
+    app.schedule(held.s(), every=SECOND, name="a-held")  # first in every loop and sort
+    app.schedule(free.s(), every=SECOND, name="b-free", catch_up="none")  # on time only
+    await run_for(app.scheduler(), 1.5)  # the rows and queues exist
+    locker = await asyncpg.connect(db_dsn)
+    scheduler = app.scheduler()  # starts while the lock is held: its first writes wait too
+    try:
+        async with anyio.create_task_group() as tg:
+            tx = locker.transaction()
+            await tx.start()
+            if what == "row":
+                await locker.execute(
+                    "SELECT 1 FROM pgtasks.schedules WHERE name = 'a-held' FOR UPDATE"
+                )
+            else:
+                await locker.execute("LOCK TABLE pgmq.q_attack_locked IN ACCESS EXCLUSIVE MODE")
+            locked_at = await db_now(conn)
+            tg.start_soon(scheduler.run)
+            await anyio.sleep(8.0)
+            await tx.rollback()
+            released_at = await db_now(conn)
+            await anyio.sleep(3.0)
+            tg.cancel_scope.cancel()
+    finally:
+        await locker.close()
+    jobs = await jobs_of(conn, "attack_free")
+    free_ticks = [j["tick"] for j in jobs if locked_at < j["tick"] <= released_at - SECOND]
+    assert len(free_ticks) >= 3, (free_ticks, scheduler.stats)  # it went on
+    held_ticks = [j["tick"] for j in await jobs_of(conn, "attack_locked")]
+    assert any(t > released_at for t in held_ticks)  # and the held one resumed
+    for ticks in ([j["tick"] for j in jobs], held_ticks):
+        assert len(ticks) == len(set(ticks))
+
+
 # --- definitions that change, or that two apps share --------------------------------------
 
 
