@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -101,7 +102,7 @@ class Scheduler:
         self.stats: Counter[str] = Counter()
         """``passes``, ``enqueued`` (jobs sent), ``failed`` (passes)."""
         self._defined = False
-        self._next_sync = 0.0
+        self._next_sync = -math.inf  # the host clock may be shifted (tests): any value is later
         self._watching_since: dt.datetime | None = None
         self._set_aside: set[str] = set()  # schedules another definition took over (logged)
         self._refused_now: set[str] = set()  # schedules whose fire fails (logged)
