@@ -469,7 +469,7 @@ class App:
         Args:
             cron: a cron expression: 5 fields (minute hour day month weekday), or 6 with
                 the seconds first. Needs the ``cron`` extra.
-            every: an interval instead (a ``timedelta`` of at least one second): ticks at
+            every: an interval instead (a ``timedelta`` from one second to 50 years): ticks at
                 its multiples since the Unix epoch.
             tz: the IANA time zone the cron expression is read in (default UTC).
             name: the schedule's name (default: the task's); unique in the app.

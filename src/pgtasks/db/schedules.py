@@ -25,10 +25,7 @@ SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
 # At a scheduler's start: its definitions become the rows' (the process started last wins,
 # which in a rolling deploy is the new code). A schedule whose timing changed starts over
 # from now: the ticks of the old timing are not ticks of the new one.
-SCHEDULES_DEFINE = f"""
-INSERT INTO pgtasks.schedules AS s
-    (name, task, queue, kind, expression, timezone, catch_up, message, headers, fingerprint)
-{_DEFINITIONS}
+_DEFINE = """
 ON CONFLICT (name) DO UPDATE SET
     task = EXCLUDED.task, queue = EXCLUDED.queue, kind = EXCLUDED.kind,
     expression = EXCLUDED.expression, timezone = EXCLUDED.timezone,
@@ -43,15 +40,17 @@ ON CONFLICT (name) DO UPDATE SET
     orphaned_at = NULL,
     seen_at = now()
 """
-
-# Every sync interval: "this process still defines these". A row deleted meanwhile is made
-# again; a row that another process defines differently is left to it.
-SCHEDULES_REFRESH = f"""
+SCHEDULES_DEFINE = f"""
 INSERT INTO pgtasks.schedules AS s
     (name, task, queue, kind, expression, timezone, catch_up, message, headers, fingerprint)
-{_DEFINITIONS}
-ON CONFLICT (name) DO UPDATE SET orphaned_at = NULL, seen_at = now()
-WHERE s.fingerprint = EXCLUDED.fingerprint
+{_DEFINITIONS}{_DEFINE}"""
+
+# Every sync interval: "this process still defines these". A row deleted meanwhile is made
+# again; a row that another running process defines differently is left to it, but one
+# that nobody else defines any more (orphaned: that process is gone, as after a rollback,
+# or an old process restarted during a deploy) is defined again by this one.
+SCHEDULES_REFRESH = f"""{SCHEDULES_DEFINE}
+WHERE s.fingerprint = EXCLUDED.fingerprint OR s.orphaned_at IS NOT NULL
 """
 
 # Rows no running scheduler has defined for a while: marked, and no longer fired.

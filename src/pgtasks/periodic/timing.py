@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 UTC = dt.timezone.utc
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=UTC)
 CRON_EXTRA = "pip install 'pgtasks[cron]'"
+OVERLAP_LIMIT = dt.timedelta(hours=3)  # the longest fall-back overlap looked for
+HORIZON = dt.timedelta(days=50 * 365)  # a schedule must fire within 50 years
 
 
 class Timing(Protocol):
@@ -223,9 +225,12 @@ class Cron:
         # without microseconds, in every version): starting at the next whole second
         # includes ``instant`` itself, ticks being whole seconds
         if self.wall_clock and not self._utc:
-            # in a fall-back overlap, a wall time later than instant's may map before it:
-            # start from a wall time past any overlap (they last at most a few hours)
-            start = (instant.astimezone(self._zone) + dt.timedelta(hours=3)).replace(tzinfo=None)
+            # in the second pass of a fall-back overlap, a wall time later than instant's
+            # may map before it: start from a wall time past the overlap (and from instant's
+            # own otherwise: starting hours ahead walks thousands of ticks of a
+            # second-resolution expression at every pass)
+            local = instant.astimezone(self._zone).replace(tzinfo=None)
+            start = local + self._overlap(instant)
             last: dt.datetime | None = None
             for wall in self._iterate(_next_second(start), reverse=True):
                 tick = self._instant(wall)
@@ -240,6 +245,22 @@ class Cron:
                 tick = local.astimezone(UTC)
                 if tick <= instant:
                     yield tick
+
+    def _overlap(self, instant: dt.datetime) -> dt.timedelta:
+        """When ``instant`` is in the second pass of a fall-back overlap, how far the clock
+        fell back (wall times up to that much later than instant's first occurred at or
+        before it); zero at any other time. Overlaps last at most a few hours."""
+        after = instant.astimezone(self._zone).utcoffset()
+        before = (instant - OVERLAP_LIMIT).astimezone(self._zone).utcoffset()
+        assert after is not None
+        assert before is not None
+        drop = before - after
+        if drop <= dt.timedelta(0):
+            return dt.timedelta(0)
+        # still within ``drop`` of the jump: the offset then was the one before it
+        earlier = (instant - drop).astimezone(self._zone).utcoffset()
+        assert earlier is not None
+        return drop if earlier > after else dt.timedelta(0)
 
     def _iterate(self, start: dt.datetime, *, reverse: bool) -> Iterator[dt.datetime]:
         it = self._cronsim(self.expression, start, reverse=reverse)
@@ -289,7 +310,7 @@ def _gap_end(tz: dt.tzinfo, wall: dt.datetime) -> dt.datetime:
 
 class Every:
     """A fixed interval: ticks at the multiples of ``interval`` since the Unix epoch (UTC).
-    At least one second; any number of whole microseconds."""
+    From one second to 50 years; any number of whole microseconds."""
 
     kind = "every"
     timezone = "UTC"
@@ -301,6 +322,8 @@ class Every:
             )
         if interval < dt.timedelta(seconds=1):
             raise ConfigurationError(f"every must be at least one second (got {interval})")
+        if interval > HORIZON:  # its ticks would soon be past the last date Python has
+            raise ConfigurationError(f"every must be at most 50 years (got {interval})")
         self.interval = interval
         self._us = interval // dt.timedelta(microseconds=1)
         self.expression = "every " + _human(interval)

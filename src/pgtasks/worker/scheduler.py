@@ -22,25 +22,29 @@ it still defines them (``seen_at``), and marks the rows that no running schedule
 defined for ``orphan_after`` seconds as orphaned: they no longer fire. A scheduler whose
 definition of a schedule differs from the row's leaves that schedule alone.
 
-No error ends it: a transient one (the connection, a lock timeout) is retried after a short
-backoff, anything else is logged and retried after ``ERROR_PAUSE``; after a failed pass the
-scheduler counts as just started (see `periodic.schedule` on missed ticks).
+No error ends it: a transient one (the connection) is retried after a short backoff,
+anything else is logged and retried after ``ERROR_PAUSE``; after a failed pass the
+scheduler counts as just started (see `periodic.schedule` on missed ticks). A lock timeout
+(another transaction holds a schedule's row or its queue) is one schedule's problem, not
+the pass's: that schedule waits, the others fire.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
 import anyio
+import asyncpg
 
 from ..db import schedules as sql
 from ..db.database import Database
-from ..db.errors import ErrorKind, classify
+from ..db.errors import LOCK_NOT_AVAILABLE, ErrorKind, classify, sqlstate
 from ..exceptions import ConfigurationError
 from ..periodic.schedule import Definition, Schedule, plan
 from .connection import OwnConnection
@@ -54,6 +58,7 @@ SYNC_INTERVAL = 60.0
 ORPHAN_AFTER = 300.0
 WAKE_AFTER = 0.001  # seconds after a tick to wake: never before it on the database clock
 ERROR_PAUSE = 30.0  # after an error that is not transient
+LOCKED_RETRY = 10.0  # seconds before writing the rows again when one was locked
 
 
 def check_schedules(schedules: Sequence[Schedule]) -> list[Schedule]:
@@ -97,11 +102,12 @@ class Scheduler:
         self.stats: Counter[str] = Counter()
         """``passes``, ``enqueued`` (jobs sent), ``failed`` (passes)."""
         self._defined = False
-        self._next_sync = 0.0
+        self._next_sync = -math.inf  # the host clock may be shifted (tests): any value is later
         self._watching_since: dt.datetime | None = None
         self._set_aside: set[str] = set()  # schedules another definition took over (logged)
         self._refused_now: set[str] = set()  # schedules whose fire fails (logged)
         self._failing_since: float | None = None
+        self._locked_rows = False  # the last writing of the rows waited for a lock (logged)
 
     def __repr__(self) -> str:
         return f"<pgtasks.Scheduler schedules={len(self.schedules)}>"
@@ -157,23 +163,13 @@ class Scheduler:
 
     async def _pass(self, own: OwnConnection) -> float:
         """One pass over every schedule; returns the seconds until the next one is due."""
-        definitions = list(self._definitions.values())
         async with own.use() as conn:
-            if not self._defined:
-                await sql.schedules_define(conn, definitions)
-                self._defined = True
-                self._next_sync = 0.0
-            if host_clock() >= self._next_sync:
-                await sql.schedules_refresh(conn, definitions)
-                for name in await sql.schedules_sweep(conn, self.orphan_after):
-                    logger.warning(
-                        "schedule %r is orphaned: no running scheduler has defined it for "
-                        "%.0fs; it no longer fires (pgtasks schedules delete %s removes it)",
-                        name,
-                        self.orphan_after,
-                        name,
-                    )
-                self._next_sync = host_clock() + self.sync_interval
+            try:
+                await self._sync(conn)
+            except Exception as exc:
+                if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                    raise
+                self._sync_locked(exc)
             before = host_clock()
             now, rows = await sql.schedules_state(conn, list(self._definitions))
             at = (before + host_clock()) / 2  # when the database read its clock, about
@@ -181,11 +177,11 @@ class Scheduler:
             wake: dt.datetime | None = None
             for name, definition in self._definitions.items():
                 row = rows.get(name)
-                if row is not None and row.fingerprint != definition.fingerprint:
-                    self._set_aside_once(name)
-                    continue
                 if row is None or row.orphaned:  # deleted or marked meanwhile: ours again
                     self._resync_soon()
+                    continue
+                if row.fingerprint != definition.fingerprint:
+                    self._set_aside_once(name)
                     continue
                 self._set_aside.discard(name)
                 schedule = self.schedules[name]
@@ -214,9 +210,11 @@ class Scheduler:
                         conn, name, definition.fingerprint, todo.ticks, todo.advance_to, next_tick
                     )
                 except Exception as exc:
-                    if classify(exc) is ErrorKind.TRANSIENT:
+                    if classify(exc) is ErrorKind.TRANSIENT and sqlstate(exc) != LOCK_NOT_AVAILABLE:
                         raise  # the connection, or the database: the whole pass again
-                    self._refused(name, exc)  # this schedule only: the others go on
+                    # this schedule only (its row or its queue locked by another
+                    # transaction, say): the others go on
+                    self._refused(name, exc)
                     continue
                 self._refused_now.discard(name)
                 self._fired(name, fired)
@@ -226,6 +224,41 @@ class Scheduler:
             return sync_in
         until_tick = (wake - now).total_seconds() - (host_clock() - at) + WAKE_AFTER
         return min(until_tick, sync_in)
+
+    async def _sync(self, conn: asyncpg.Connection) -> None:
+        """Write the definitions (at start), say that they are still defined and mark the
+        orphaned rows (every sync interval)."""
+        if host_clock() < self._next_sync:
+            return
+        definitions = list(self._definitions.values())
+        if not self._defined:
+            await sql.schedules_define(conn, definitions)
+            self._defined = True
+        await sql.schedules_refresh(conn, definitions)
+        for name in await sql.schedules_sweep(conn, self.orphan_after):
+            logger.warning(
+                "schedule %r is orphaned: no running scheduler has defined it for "
+                "%.0fs; it no longer fires (pgtasks schedules delete %s removes it)",
+                name,
+                self.orphan_after,
+                name,
+            )
+        self._next_sync = host_clock() + self.sync_interval
+        self._locked_rows = False
+
+    def _sync_locked(self, exc: Exception) -> None:
+        """A row is locked by another transaction (an operator's, left open): the passes go
+        on without writing the rows (those that exist fire), and write them a little
+        later."""
+        self._next_sync = host_clock() + LOCKED_RETRY
+        if not self._locked_rows:
+            self._locked_rows = True
+            logger.warning(
+                "scheduler: a schedule's row is locked by another transaction (%s); the "
+                "schedules go on firing, and their rows are written again in %.0fs",
+                exc,
+                LOCKED_RETRY,
+            )
 
     def _fired(self, name: str, fired: sql.Fired) -> None:
         if fired.state == "fired":
