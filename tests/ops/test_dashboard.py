@@ -373,3 +373,43 @@ async def test_cancel_the_jobs_selected_in_a_queue(app: pgtasks.App) -> None:
         assert f'name="id" value="{more[1].id}"' in banner.text  # the one left
     states = [(await r.status()).state for r in (scheduled, *more, done)]
     assert states == ["cancelled", "cancelled", "scheduled", "succeeded"]
+
+
+async def test_a_workflow_page_lists_its_steps_and_a_step_links_to_it(app: pgtasks.App) -> None:
+    @app.task(queue="dash_flow", name="dash.add")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    @app.task(queue="dash_flow", name="dash.refuse_sum")
+    async def refuse_sum(total: int) -> None:
+        raise pgtasks.Fail(f"<script>no {total}</script>")
+
+    good = await pgtasks.chain(add.s(1, 2), add.partial(10)).defer()
+    bad = await pgtasks.chain(add.s(1, 1), refuse_sum.partial()).defer()
+    async with app.worker(queues=["dash_flow"]):
+        assert await good.result(timeout=20) == 13
+        with pytest.raises(pgtasks.JobFailed):
+            await bad.result(timeout=20)
+
+    async with client(dashboard(app)) as http:
+        page = await http.get(f"/workflows/{good.id}")
+        assert page.status_code == 200
+        assert 'id="workflow-state">succeeded<' in page.text
+        assert "a chain of 2 steps" in page.text
+        steps = re.findall(r'href="/jobs/dash_flow/(\d+)"', page.text)
+        assert len(steps) == 2
+        step_page = await http.get(f"/jobs/dash_flow/{steps[1]}")
+        assert f'href="/workflows/{good.id}" id="to-workflow">workflow {good.id}</a>' in (
+            step_page.text
+        )
+        assert "a chain of 2 steps: step 1" in step_page.text
+
+        failed = await http.get(f"/workflows/{bad.id}")
+        assert 'id="workflow-state">failed<' in failed.text
+        assert "&lt;script&gt;no 2&lt;/script&gt;" in failed.text
+        assert "<script>no" not in failed.text
+
+        for missing in (f"/workflows/{bad.id + 100}", f"/workflows/{2**64}"):
+            response = await http.get(missing)
+            assert response.status_code == 404, missing
+            assert "no workflow" in response.text

@@ -93,6 +93,11 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
         async def beat() -> None:
             pass
 
+        # a workflow's steps run on the ticks' worker (see below)
+        @app.task(queue="ticks", name="flows.add")
+        async def add(x: int, y: int) -> int:
+            return x + y
+
         @app.periodic("0 6 * * 1", tz="Europe/Paris")
         @app.task(queue="reports", name="reports.weekly")
         async def weekly() -> str:
@@ -138,9 +143,12 @@ def _start(dsn: str, port: int, ready: threading.Event, stop: asyncio.Event, sit
             running = await slow.defer()
             to_cancel = [await wait.options(delay=3600).defer() for _ in range(2)]
             to_stop = await wait.defer()  # waiting until the cancel test starts its worker
+            flow = await pgtasks.chain(add.s(1, 2), add.partial(10), add.partial(100)).defer()
+            assert await flow.result(timeout=30) == 113
             await asyncio.wait_for(done.wait(), 30)
             site.ids.update(keyed=keyed.id, later=later.id, running=running.id)
             site.ids.update(to_cancel=[r.id for r in to_cancel], to_stop=to_stop.id)
+            site.ids.update(workflow=flow.id)
             server = uvicorn.Server(
                 uvicorn.Config(dashboard(app), host="127.0.0.1", port=port, log_level="warning")
             )
@@ -519,3 +527,19 @@ def test_cancel_scheduled_jobs_and_a_running_one(site: Site, browser: Any) -> No
     state = reload_until(browser, lambda: text(browser, "#job-state"), lambda s: s == "cancelled")
     assert state == "cancelled"
     assert "cancel-job" not in browser.page_source
+
+
+def test_a_workflow_and_its_steps_link_to_each_other(site: Site, browser: Any) -> None:
+    workflow = site.ids["workflow"]
+    browser.get(f"{site.url}/workflows/{workflow}")
+    assert heading(browser, f"Workflow {workflow} succeeded") == f"Workflow {workflow} succeeded"
+    assert text(browser, "#workflow-kind") == "a chain of 3 steps"
+    steps = rows(browser, "#steps")
+    assert [r[:3] for r in steps] == [[str(i), "flows.add", "ticks"] for i in range(3)]
+    assert [r[4] for r in steps] == ["succeeded"] * 3
+    shot(browser, "14-workflow")
+    follow(browser, browser.find_element(By.LINK_TEXT, steps[2][3]))
+    assert text(browser, "#job-state") == "succeeded"
+    assert text(browser, "#job-result") == "113"
+    follow(browser, browser.find_element(By.ID, "to-workflow"))
+    assert heading(browser, f"Workflow {workflow} succeeded") == f"Workflow {workflow} succeeded"

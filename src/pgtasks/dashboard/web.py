@@ -34,6 +34,7 @@ from ..admin import jobs as admin_jobs
 from ..admin import schedules as admin_schedules
 from ..admin import status as admin_status
 from ..admin import workers as admin_workers
+from ..admin import workflows as admin_workflows
 from ..admin.status import QueueState
 from ..app import App
 from ..db.database import Database
@@ -135,6 +136,7 @@ class Dashboard:
                     methods=["POST"],
                     name="queue_cancel",
                 ),
+                Route("/workflows/{workflow_id:int}", self.workflow_page, name="workflow"),
                 Route("/search", self.search_page, name="search"),
                 Route("/dead", self.dead_page, name="dead"),
                 Route("/dead/action", self.dead_action, methods=["POST"], name="dead_action"),
@@ -239,6 +241,13 @@ class Dashboard:
         return self.render(
             request, "job.html", job=job, cancel=cancel if cancel in CANCEL_OUTCOMES else None
         )
+
+    async def workflow_page(self, request: Request) -> Response:
+        workflow_id = request.path_params["workflow_id"]
+        if not 1 <= workflow_id < 2**63:
+            raise JobNotFound(f"no workflow {workflow_id}")
+        w = await admin_workflows.get_workflow(self.database, workflow_id)
+        return self.render(request, "workflow.html", live=True, w=w)
 
     async def search_page(self, request: Request) -> Response:
         text = (request.query_params.get("q") or "").strip()
