@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from .._options import Number, Option, OptionSet, Text
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, DatabaseUnavailable
 from .connect import (
     APPLICATION_NAME,
     DsnSource,
@@ -33,6 +33,14 @@ logger = logging.getLogger("pgtasks")
 
 
 LOCK_TIMEOUT = "2s"  # of the worker's own connections
+
+
+def _refuses_parameter(exc: BaseException | None, name: str) -> bool:
+    """Whether a connection failed because the server (a PgBouncer) refuses the startup
+    parameter ``name``."""
+    return isinstance(exc, asyncpg.ProtocolViolationError) and (
+        f"unsupported startup parameter: {name}" in str(exc)
+    )
 
 
 def _pool_sizes(values: Mapping[str, Any], where: str) -> None:
@@ -104,6 +112,7 @@ class Database:
         self.pool_min_size = pool_min_size
         self.pool_max_size = pool_max_size
         self.statement_cache_size = statement_cache_size
+        self._lock_timeout_refused = False  # by PgBouncer: see `connect`
         self._explicit_dsn = dsn
         self._dsn_source: DsnSource | None = None
         self._dsn: str | None = None
@@ -176,11 +185,36 @@ class Database:
         """A connection of its own, outside the pool, with the pool's statement cache size
         (a worker's fetcher and completer each hold one). A statement on it that waits on a
         lock (a VACUUM FULL or ALTER of a queue table, say) gives up after ``LOCK_TIMEOUT``
-        instead of stalling the loop that owns it."""
+        instead of stalling the loop that owns it.
+
+        PgBouncer refuses ``lock_timeout`` as a connection parameter: then (logged once) the
+        connection is made without it, and the lock timeout is the role's or the server's
+        (``ALTER ROLE ... SET lock_timeout`` keeps it)."""
+        dsn = await self.dsn()
+        settings = {"application_name": APPLICATION_NAME}
+        if not self._lock_timeout_refused:
+            try:
+                return await connect(
+                    dsn,
+                    statement_cache_size=self.statement_cache_size,
+                    server_settings={**settings, "lock_timeout": LOCK_TIMEOUT},
+                )
+            except DatabaseUnavailable as exc:
+                if not _refuses_parameter(exc.__cause__, "lock_timeout"):
+                    raise
+            self._lock_timeout_refused = True
+            logger.warning(
+                "%s refuses lock_timeout as a connection parameter (PgBouncer does): the "
+                "worker's own connections run without their %s lock timeout, so a statement "
+                "waiting on a locked queue table waits as long as the role's lock_timeout "
+                "allows; to keep it, run ALTER ROLE <the worker's role> SET lock_timeout = "
+                "'%s'",
+                describe(dsn),
+                LOCK_TIMEOUT,
+                LOCK_TIMEOUT,
+            )
         return await connect(
-            await self.dsn(),
-            statement_cache_size=self.statement_cache_size,
-            server_settings={"application_name": APPLICATION_NAME, "lock_timeout": LOCK_TIMEOUT},
+            dsn, statement_cache_size=self.statement_cache_size, server_settings=settings
         )
 
     async def close(self) -> None:
