@@ -42,6 +42,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the chaos scenarios at full size (minutes) instead of their short CI form",
     )
+    parser.addoption(
+        "--via-pgbouncer",
+        choices=("session", "transaction"),
+        help="send every test's database (db_dsn) through a real PgBouncer in this pool mode",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -132,10 +137,32 @@ def _clone(server_dsn: str, template: str | None) -> tuple[str, str]:
     return name, with_database(server_dsn, name)
 
 
+@pytest.fixture(scope="session")
+def bouncer_port(request: pytest.FixtureRequest, server_dsn: str) -> Iterator[int | None]:
+    """The port of the PgBouncer that ``--via-pgbouncer MODE`` puts in front of every
+    test's database, or None."""
+    mode = request.config.getoption("--via-pgbouncer")
+    if mode is None:
+        yield None
+        return
+    from tests.pgbouncer import Bouncers
+
+    bouncers = Bouncers(server_dsn)
+    try:
+        yield bouncers.port(mode)
+    finally:
+        bouncers.stop()
+
+
 @pytest.fixture
-def db_dsn(server_dsn: str, template_db: str) -> Iterator[str]:
-    """DSN of a fresh, migrated database of this test's own."""
+def db_dsn(server_dsn: str, template_db: str, bouncer_port: int | None) -> Iterator[str]:
+    """DSN of a fresh, migrated database of this test's own (through a PgBouncer with
+    ``--via-pgbouncer``)."""
     name, dsn = _clone(server_dsn, template_db)
+    if bouncer_port is not None:
+        from tests.pgbouncer import via
+
+        dsn = via(dsn, bouncer_port)
     yield dsn
     asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
