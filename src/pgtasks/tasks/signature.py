@@ -86,11 +86,16 @@ class CallOptions:
         if expires is not None:
             changes["expires"] = _checked_expires(expires)
         if cursor is not None:
-            if not (hasattr(cursor, "execute") or hasattr(cursor, "exec_driver_sql")):
+            # both, or the statement would run and its answer could not be read (a psycopg
+            # 3 Connection has execute() alone: the job sent, and an error all the same)
+            if not hasattr(cursor, "exec_driver_sql") and not (
+                hasattr(cursor, "execute") and hasattr(cursor, "fetchall")
+            ):
                 raise TypeError(
-                    "cursor must be a DB-API cursor (psycopg, Django's connection.cursor()) or "
-                    f"a SQLAlchemy Connection (got {describe(cursor)}); for an asyncpg "
-                    "connection use connection=... with defer()"
+                    "cursor must be a DB-API cursor, with execute() and fetchall() (psycopg's "
+                    "conn.cursor(), Django's connection.cursor()), or a SQLAlchemy Connection "
+                    f"(got {describe(cursor)}); for an asyncpg connection use connection=... "
+                    "with defer()"
                 )
             changes["cursor"] = cursor
         merged = replace(self, **changes)
