@@ -11,7 +11,9 @@ The supervisor runs no jobs and opens no connection. It:
 
 * forwards SIGTERM and SIGINT to every worker (a second one too: the workers then stop at
   once), waits for them, and exits 0 when each stopped cleanly (1 otherwise). A worker
-  that has not exited ``--shutdown-timeout`` + 30 s after the first signal is killed.
+  that has not exited ``--shutdown-timeout`` + 30 s after the first signal is killed. A
+  worker that the forwarded signal itself ended (it came before the worker installed its
+  handlers, which it does before it claims anything) stopped cleanly too.
 * restarts a worker that dies (a crash, ``kill -9``, the OOM killer) after a backoff of
   1 s, 2 s, 4 s ... at most 30 s per slot, back to 1 s once a worker has run for a minute;
   each restart is logged. The dead worker's jobs are not lost: their leases lapse and any
@@ -143,6 +145,16 @@ class Supervisor:
         pid = slot.proc.pid
         slot.proc = None
         if self._stopping_since is not None:
+            if code < 0 and -code in self._signals:
+                # the forwarded signal's default action: it came before the worker could
+                # handle it (Python still starting), so it had claimed nothing: clean
+                logger.info(
+                    "worker process %d (pid %d) ended by %s before it could handle it",
+                    slot.index,
+                    pid,
+                    _signal_name(-code),
+                )
+                code = 0
             slot.status = code
             return
         if code == 0 or (self._burst and code > 0):
