@@ -274,3 +274,36 @@ async def test_a_sync_task_can_defer_on_its_own_cursor(
         second.name,
     )
     assert [r["n"] for r in deferred] == [2]  # the first attempt's job rolled back
+
+
+def test_a_cursor_on_an_item_of_a_batch_is_never_ignored(
+    sync_app: pgtasks.App, db_dsn: str
+) -> None:
+    """``defer_many_sync`` sends on the cursor given to it: an item's own ``cursor=`` that
+    is not that one would be silently ignored, and the job sent outside the transaction
+    the caller meant (it would survive a rollback). Refused before anything is sent."""
+    welcome = _register(sync_app)
+    with psycopg.connect(db_dsn) as conn, conn.cursor() as cur, conn.cursor() as other:
+        with pytest.raises(TypeError, match=r"defer_many_sync\(signatures, cursor="):
+            sync_app.defer_many_sync([welcome.s(1), welcome.options(cursor=cur).s(2)])
+        with pytest.raises(TypeError, match=r"defer_many_sync\(signatures, cursor="):
+            sync_app.defer_many_sync([welcome.options(cursor=other).s(1)], cursor=cur)
+        # the same cursor on the items and the call is what was meant
+        sync_app.defer_many_sync([welcome.options(cursor=cur).s(1)], cursor=cur)
+        conn.rollback()
+    assert _queued(db_dsn) == 0
+
+
+async def test_a_cursor_on_an_item_of_an_async_batch_is_refused(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    welcome = _register(app)
+    with (
+        psycopg.connect(db_dsn) as pconn,
+        pconn.cursor() as cur,
+        pytest.raises(TypeError, match=r"cursor=\.\.\.\) is for defer_sync"),
+    ):
+        await app.defer_many([welcome.s(1), welcome.options(cursor=cur).s(2)])
+    assert (
+        await conn.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 'q_rev_enqueue'") == 0
+    )

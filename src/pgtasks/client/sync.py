@@ -69,7 +69,7 @@ class SyncClient:
     # --- the two ways of sending -----------------------------------------------------------
 
     def defer(self, sig: Signature) -> JobRef[Any]:
-        _refuse_a_connection((sig,))
+        _check_items((sig,), sig.options.cursor)
         cursor = sig.options.cursor
         if cursor is not None:
             if self._hooks:
@@ -81,7 +81,7 @@ class SyncClient:
 
     def defer_many(self, signatures: Iterable[Signature], cursor: Any) -> list[JobRef[Any]]:
         sigs = tuple(signatures)
-        _refuse_a_connection(sigs)
+        _check_items(sigs, cursor)
         if cursor is not None:
             if self._hooks:
                 return self._hooked_on_cursor(EnqueueCall(sigs), cursor)
@@ -270,13 +270,23 @@ async def _coro(awaitable: Awaitable[T]) -> T:
     return await awaitable
 
 
-def _refuse_a_connection(sigs: Iterable[Signature]) -> None:
+def _check_items(sigs: Iterable[Signature], cursor: Any) -> None:
+    """Refuse what the sync path would misuse or silently ignore: an asyncpg connection
+    (of another event loop), and an item's cursor other than the one sent on (its job
+    would leave the transaction the caller meant)."""
     for sig in sigs:
-        if sig.options.connection is not None:
+        opts = sig.options
+        if opts.connection is not None:
             raise TypeError(
                 f"deferring {sig.task.name!r}: options(connection=...) is for defer(), "
                 "which sends on an asyncpg connection of your event loop; with defer_sync() "
                 "pass cursor= (a DB-API cursor) to enqueue in your transaction"
+            )
+        if opts.cursor is not None and opts.cursor is not cursor:
+            raise TypeError(
+                f"deferring {sig.task.name!r}: a batch is sent on one cursor, and this item's "
+                "options(cursor=...) is not it; pass it as "
+                "app.defer_many_sync(signatures, cursor=...)"
             )
 
 
