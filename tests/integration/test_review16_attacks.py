@@ -307,3 +307,41 @@ async def test_a_cursor_on_an_item_of_an_async_batch_is_refused(
     assert (
         await conn.fetchval("SELECT count(*) FROM pg_tables WHERE tablename = 'q_rev_enqueue'") == 0
     )
+
+
+def test_close_sync_during_a_hook_around_a_cursor_send_ends_the_call(
+    sync_app: pgtasks.App, db_dsn: str
+) -> None:
+    """An enqueue hook still running on the background loop when ``close_sync()`` stops it:
+    the caller, waiting in its own thread to send on its cursor, gets a `RuntimeError`
+    that says why, instead of a bare cancellation or a wait without end."""
+    welcome = _register(sync_app)
+    in_hook = threading.Event()
+
+    @sync_app.hooks.around_enqueue
+    async def slow(
+        call: pgtasks.EnqueueCall, next: pgtasks.EnqueueNext
+    ) -> list[pgtasks.JobRef[Any]]:
+        in_hook.set()
+        await asyncio.sleep(30)
+        return await next(call)
+
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        with psycopg.connect(db_dsn) as conn, conn.cursor() as cur:
+            try:
+                welcome.options(cursor=cur).defer_sync(1)
+            except BaseException as exc:
+                errors.append(exc)
+
+    caller = threading.Thread(target=produce, daemon=True)
+    caller.start()
+    assert in_hook.wait(10)
+    sync_app.close_sync()
+    caller.join(timeout=15)
+    assert not caller.is_alive(), "the caller never returned"
+    assert len(errors) == 1
+    assert isinstance(errors[0], RuntimeError), repr(errors[0])
+    assert "close_sync()" in str(errors[0])
+    assert _queued(db_dsn) == 0

@@ -163,7 +163,7 @@ class SyncClient:
                     answer.set_result(self._send_many_on_cursor(final.signatures, cursor))
             except BaseException as exc:
                 answer.set_exception(exc)
-        refs: list[JobRef[Any]] = outer.result()
+        refs: list[JobRef[Any]] = _answer(outer)
         return refs
 
     # --- on the background loop ------------------------------------------------------------
@@ -175,13 +175,7 @@ class SyncClient:
         async def run(background: _Background) -> T:
             return await work(self._enqueuer_of(background))
 
-        try:
-            return self._submit(run).result()
-        except concurrent.futures.CancelledError:
-            raise RuntimeError(
-                "close_sync() stopped the background loop while this call waited on it; the "
-                "job may or may not have been enqueued"
-            ) from None
+        return _answer(self._submit(run))
 
     def _submit(self, make: Callable[[_Background], Awaitable[T]]) -> concurrent.futures.Future[T]:
         """Hand the coroutine ``make`` returns to the background loop (started if need be).
@@ -259,6 +253,18 @@ class _Background:
                 if left:
                     loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
                 loop.close()
+
+
+def _answer(future: concurrent.futures.Future[T]) -> T:
+    """What a call handed to the background loop returned (or raised); `RuntimeError` if
+    `close` cancelled it (see `_Background.stop`)."""
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:
+        raise RuntimeError(
+            "close_sync() stopped the background loop while this call waited on it; the "
+            "job may or may not have been enqueued"
+        ) from None
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
