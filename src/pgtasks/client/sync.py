@@ -231,28 +231,30 @@ class _Background:
         self.thread.start()
 
     def stop(self) -> None:
-        """Close the pool (after the calls handed over before), stop the thread, and end
-        any call still pending (cancelled: its caller gets an error, never a hang)."""
+        """Close the pool (after the calls handed over before), end every call still
+        pending (cancelled: its caller gets an error, never a wait without end), and stop
+        the thread. Each step runs on the loop itself, bounded."""
+        for step in (self._close_pool, _cancel_the_rest):
+            try:
+                asyncio.run_coroutine_threadsafe(step(), self.loop).result(timeout=10)
+            except Exception as exc:  # at exit: a server that is gone must not hang or fail it
+                logger.warning("pgtasks: stopping the loop of defer_sync() failed: %r", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
 
-        async def close_pool() -> None:
-            if self.database is not None:
-                await self.database.close()
+    async def _close_pool(self) -> None:
+        if self.database is not None:
+            await self.database.close()
 
-        loop = self.loop
-        try:
-            asyncio.run_coroutine_threadsafe(close_pool(), loop).result(timeout=10)
-        except Exception as exc:  # at exit: a server that is gone must not hang or fail it
-            logger.warning("pgtasks: closing the pool of defer_sync() failed: %r", exc)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            self.thread.join(timeout=10)
-            if not self.thread.is_alive():
-                left = asyncio.all_tasks(loop)
-                for task in left:
-                    task.cancel()
-                if left:
-                    loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
-                loop.close()
+
+async def _cancel_the_rest() -> None:
+    this = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not this]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
 
 
 def _answer(future: concurrent.futures.Future[T]) -> T:
