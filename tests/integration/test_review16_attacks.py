@@ -5,8 +5,11 @@ enqueueing from sync code with odd cursors, odd arguments and concurrent ``close
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -345,3 +348,50 @@ def test_close_sync_during_a_hook_around_a_cursor_send_ends_the_call(
     assert isinstance(errors[0], RuntimeError), repr(errors[0])
     assert "close_sync()" in str(errors[0])
     assert _queued(db_dsn) == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_another_thread_hands_over_a_call_does_not_deadlock_the_child(
+    sync_app: pgtasks.App, db_dsn: str
+) -> None:
+    """gunicorn with --preload, or multiprocessing's fork: a thread of the parent is in the
+    middle of handing a call over (it holds the client's lock) when another forks. The
+    child, which has no such thread, must still be able to defer."""
+    welcome = _register(sync_app)
+    welcome.defer_sync(0)
+    lock = sync_app._sync._lock
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert held.wait(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+        pid = os.fork()
+    if pid == 0:  # the child: defer, and leave without pytest's teardown
+        code = 1
+        try:
+            signal.alarm(20)
+            welcome.defer_sync(1)
+            sync_app.close_sync()
+            code = 0
+        finally:
+            os._exit(code)
+    try:
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the child never deferred: the lock held at the fork deadlocked it")
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        release.set()
+        holder.join(10)
+    assert _queued(db_dsn) == 2

@@ -313,3 +313,14 @@ def _refuse_on_a_running_loop(what: str) -> None:
 def _close_all() -> None:
     for client in list(_clients):
         client.close()
+
+
+def _after_fork_in_child() -> None:
+    """Another thread of the parent may have held a client's lock at the fork; no thread
+    of the child ever will release it."""
+    for client in list(_clients):
+        client._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
