@@ -146,6 +146,7 @@ def _count(project: Project, sql: str) -> int:
     return int(str(row[0]))
 
 
+@pytest.mark.slow
 def test_a_thread_that_never_returns_ends_with_its_process_and_runs_again_once(
     project: Project,
 ) -> None:

@@ -395,3 +395,17 @@ def test_a_fork_while_another_thread_hands_over_a_call_does_not_deadlock_the_chi
         release.set()
         holder.join(10)
     assert _queued(db_dsn) == 2
+
+
+async def test_an_async_cursor_is_refused_with_a_pointer_to_defer(
+    app: pgtasks.App, db_dsn: str
+) -> None:
+    """psycopg's AsyncCursor (or SQLAlchemy's AsyncConnection) has execute and fetchall,
+    both coroutines: on the sync path they would only make coroutines never awaited."""
+    welcome = _register(app)
+    async with (
+        await psycopg.AsyncConnection.connect(db_dsn) as aconn,
+        aconn.cursor() as cur,
+    ):
+        with pytest.raises(TypeError, match=r"execute is async.*await defer\(\)"):
+            welcome.options(cursor=cur)
