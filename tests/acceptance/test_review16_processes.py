@@ -6,6 +6,7 @@ thread runs."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pgtasks
 
 TASKS = """
 import os
+import re
 import time
 
 import psycopg
@@ -205,3 +207,23 @@ def test_a_killed_supervisor_lets_a_thread_stop_and_hand_its_job_back(
         "FROM pgmq.q_rev_polite"
     )
     assert (read_ct, released, visible) == (1, 1, True), log.read_text()
+
+
+def test_a_worker_stopped_alone_is_restarted(project: Project) -> None:
+    """A SIGTERM sent to one worker process rather than to the supervisor: that worker
+    stops cleanly (exit 0), and the supervisor, asked for two workers, starts another
+    instead of running on with one without a word."""
+    sup, log = project.start("--processes", "2")
+
+    def pids() -> list[int]:
+        text = log.read_text()
+        return [int(p) for p in re.findall(r"worker process \d+ started \(pid (\d+)\)", text)]
+
+    project.until(lambda: len(pids()) == 2, "two workers", 30)
+    project.until(lambda: log.read_text().count("worker started") >= 2, "both running", 30)
+    os.kill(pids()[0], signal.SIGTERM)
+    project.until(lambda: len(pids()) == 3, "a replacement", 30)
+    assert "exited with status 0; restarting it" in log.read_text()
+    sup.send_signal(signal.SIGTERM)
+    assert _wait(sup, 60, project) == 0, project.logs()
+    assert not any(_alive(pid) for pid in pids())
