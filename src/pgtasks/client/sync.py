@@ -10,7 +10,10 @@ Two paths:
   sibling: a pool belongs to one loop). Callers from any number of threads hand it their
   call and wait for the answer; their context variables go with the call (an enqueue hook
   sees them). It stops at interpreter exit, or at ``app.close_sync()``; a forked child
-  starts its own.
+  starts its own. A call is handed over under the lock `close` takes the loop away under,
+  so it runs on the loop being closed, before that loop's pool closes, or on the next
+  one; whatever is still pending when a loop stops is cancelled, and its caller gets
+  `RuntimeError`, never a wait without end.
 
 Enqueue hooks run on both paths. On the cursor path they run on the background loop, and
 the send itself comes back to the calling thread, which alone may use its cursor (Django
