@@ -5,6 +5,7 @@ enqueueing from sync code with odd cursors, odd arguments and concurrent ``close
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import threading
@@ -409,3 +410,27 @@ async def test_an_async_cursor_is_refused_with_a_pointer_to_defer(
     ):
         with pytest.raises(TypeError, match=r"execute is async.*await defer\(\)"):
             welcome.options(cursor=cur)
+
+
+async def test_a_partial_or_a_callable_object_needs_a_name_and_then_runs(
+    app: pgtasks.App,
+) -> None:
+    """Neither has a ``__qualname__`` to name the task by: a clear error asks for
+    ``name=``; given one, each runs in a thread like any plain ``def``."""
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    class Double:
+        def __call__(self, n: int) -> int:
+            return 2 * n
+
+    for fn in (functools.partial(add, 1), Double()):
+        with pytest.raises(TypeError, match=r"has no __qualname__.*name=\.\.\."):
+            app.task(fn)
+    plus_one = app.task(name="rev.plus_one", queue="rev_callables")(functools.partial(add, 1))
+    double = app.task(name="rev.double", queue="rev_callables")(Double())
+    one, two = await plus_one.defer(b=2), await double.defer(21)
+    async with app.worker(poll_interval=0.1):
+        assert await one.result(timeout=10) == 3
+        assert await two.result(timeout=10) == 42
