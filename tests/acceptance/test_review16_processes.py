@@ -162,7 +162,7 @@ def test_a_thread_that_never_returns_ends_with_its_process_and_runs_again_once(
     stopped_at = time.monotonic()
     first.send_signal(signal.SIGTERM)
     assert _wait(first, 30, project) == 1, project.logs()
-    assert time.monotonic() - stopped_at < 15, project.logs()
+    assert time.monotonic() - stopped_at < 20, project.logs()  # 1 s + 3 s + its shutdown
     assert "still runs in its thread" in project.logs()
     ((read_ct, released),) = project.sql(
         "SELECT read_ct, headers->>'x-pgtasks-released' FROM pgmq.q_rev_deaf"
