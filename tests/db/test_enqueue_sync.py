@@ -92,6 +92,9 @@ async def test_defer_sync_on_a_running_loop_is_refused(app: pgtasks.App) -> None
 class _FakeCursor:
     def execute(self, sql: str, params: Any) -> None: ...
 
+    def fetchall(self) -> list[Any]:
+        return []
+
 
 # --- on the caller's cursor -------------------------------------------------------------------
 

@@ -11,10 +11,13 @@ The supervisor runs no jobs and opens no connection. It:
 
 * forwards SIGTERM and SIGINT to every worker (a second one too: the workers then stop at
   once), waits for them, and exits 0 when each stopped cleanly (1 otherwise). A worker
-  that has not exited ``--shutdown-timeout`` + 30 s after the first signal is killed.
-* restarts a worker that dies (a crash, ``kill -9``, the OOM killer) after a backoff of
-  1 s, 2 s, 4 s ... at most 30 s per slot, back to 1 s once a worker has run for a minute;
-  each restart is logged. The dead worker's jobs are not lost: their leases lapse and any
+  that has not exited ``--shutdown-timeout`` + 30 s after the first signal is killed. A
+  worker that the forwarded signal itself ended (it came before the worker installed its
+  handlers, which it does before it claims anything) stopped cleanly too.
+* restarts a worker that ends while it is not stopping them (a crash, ``kill -9``, the OOM
+  killer, a SIGTERM sent to that worker alone) after a backoff of 1 s, 2 s, 4 s ... at
+  most 30 s per slot, back to 1 s once a worker has run for a minute; each restart is
+  logged. The dead worker's jobs are not lost: their leases lapse and any
   worker (its replacement, a sibling, another machine) runs them.
 * with ``--burst``, does not restart a worker that exited by itself: it exits once every
   worker has, 0 if each did.
@@ -143,11 +146,23 @@ class Supervisor:
         pid = slot.proc.pid
         slot.proc = None
         if self._stopping_since is not None:
+            if code < 0 and -code in self._signals:
+                # the forwarded signal's default action: it came before the worker could
+                # handle it (Python still starting), so it had claimed nothing: clean
+                logger.info(
+                    "worker process %d (pid %d) ended by %s before it could handle it",
+                    slot.index,
+                    pid,
+                    _signal_name(-code),
+                )
+                code = 0
             slot.status = code
             return
-        if code == 0 or (self._burst and code > 0):
+        if self._burst and code >= 0:
             slot.status = code  # done by itself (a burst), or a burst that failed
             return
+        # not a burst: a worker ends only when told, and the supervisor told none (a signal
+        # sent to the worker itself, say); N workers were asked for, so it is restarted
         if now - slot.started_at >= HEALTHY_AFTER:
             slot.backoff = 1.0
         slot.restart_at = now + slot.backoff

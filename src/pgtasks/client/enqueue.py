@@ -118,10 +118,7 @@ class Enqueuer:
     async def _send_one(self, sig: Signature) -> JobRef[Any]:
         opts = sig.options
         if opts.cursor is not None:
-            raise TypeError(
-                f"deferring {sig.task.name!r}: options(cursor=...) is for defer_sync(), which "
-                "sends on a DB-API cursor; with defer() pass an asyncpg connection= instead"
-            )
+            raise _cursor_refused(sig.task.name, "defer()")
         body = sig.body(self._max_message_size)
         headers = sig.headers()
 
@@ -178,6 +175,8 @@ class Enqueuer:
                 headers.append(last_headers)
                 last_group.append(i)
                 continue
+            if opts.cursor is not None:  # sent on the pool, it would leave its transaction
+                raise _cursor_refused(task.name, "defer_many()")
             key = opts.idempotency_key
             last_headers = s.headers()
             headers.append(last_headers)
@@ -422,4 +421,11 @@ def warn_other_arguments(task: str, key: str | None, holder: int, queue: str) ->
         key,
         holder,
         queue,
+    )
+
+
+def _cursor_refused(task: str, call: str) -> TypeError:
+    return TypeError(
+        f"deferring {task!r}: options(cursor=...) is for defer_sync(), which sends on a "
+        f"DB-API cursor; with {call} pass an asyncpg connection= instead"
     )

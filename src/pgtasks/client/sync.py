@@ -10,7 +10,10 @@ Two paths:
   sibling: a pool belongs to one loop). Callers from any number of threads hand it their
   call and wait for the answer; their context variables go with the call (an enqueue hook
   sees them). It stops at interpreter exit, or at ``app.close_sync()``; a forked child
-  starts its own.
+  starts its own. A call is handed over under the lock `close` takes the loop away under,
+  so it runs on the loop being closed, before that loop's pool closes, or on the next
+  one; whatever is still pending when a loop stops is cancelled, and its caller gets
+  `RuntimeError`, never a wait without end.
 
 Enqueue hooks run on both paths. On the cursor path they run on the background loop, and
 the send itself comes back to the calling thread, which alone may use its cursor (Django
@@ -62,17 +65,14 @@ class SyncClient:
         self._hooks: list[EnqueueHook] = hooks.enqueue
         self._hooks_object = hooks
         self._jobs = jobs
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._database: Database | None = None
-        self._enqueuer: Enqueuer | None = None
+        self._lock = threading.Lock()  # held while a call is handed to the loop, and by close
+        self._background: _Background | None = None
         _clients.add(self)
 
     # --- the two ways of sending -----------------------------------------------------------
 
     def defer(self, sig: Signature) -> JobRef[Any]:
+        _check_items((sig,), sig.options.cursor)
         cursor = sig.options.cursor
         if cursor is not None:
             if self._hooks:
@@ -83,14 +83,14 @@ class SyncClient:
         return self._call(lambda enqueuer: enqueuer.defer_one(sig))
 
     def defer_many(self, signatures: Iterable[Signature], cursor: Any) -> list[JobRef[Any]]:
+        sigs = tuple(signatures)
+        _check_items(sigs, cursor)
         if cursor is not None:
-            sigs = tuple(signatures)
             if self._hooks:
                 return self._hooked_on_cursor(EnqueueCall(sigs), cursor)
             return self._send_many_on_cursor(sigs, cursor)
         _refuse_on_a_running_loop("defer_many_sync()")
-        sigs_list = list(signatures)
-        return self._call(lambda enqueuer: enqueuer.defer_many(sigs_list, None))
+        return self._call(lambda enqueuer: enqueuer.defer_many(sigs, None))
 
     # --- on the caller's cursor ------------------------------------------------------------
 
@@ -154,11 +154,8 @@ class SyncClient:
             requests.put((final, answer))
             return await asyncio.wrap_future(answer)
 
-        loop = self._running_loop()
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("defer_sync() was called on pgtasks' own background loop")
         chain = compose(list(self._hooks), send_here)
-        outer = asyncio.run_coroutine_threadsafe(_coro(chain(call)), loop)
+        outer = self._submit(lambda _: chain(call))
         outer.add_done_callback(lambda _: requests.put(None))
         while (request := requests.get()) is not None:
             final, answer = request
@@ -169,7 +166,7 @@ class SyncClient:
                     answer.set_result(self._send_many_on_cursor(final.signatures, cursor))
             except BaseException as exc:
                 answer.set_exception(exc)
-        refs: list[JobRef[Any]] = outer.result()
+        refs: list[JobRef[Any]] = _answer(outer)
         return refs
 
     # --- on the background loop ------------------------------------------------------------
@@ -177,58 +174,102 @@ class SyncClient:
     def _call(self, work: Callable[[Enqueuer], Awaitable[T]]) -> T:
         """Run ``work`` with the background loop's enqueuer; block for its answer. The
         caller's context variables go with it (call_soon_threadsafe copies them)."""
-        loop = self._running_loop()
 
-        async def run() -> T:
-            if self._enqueuer is None:
-                self._database = self._new_database()
-                self._enqueuer = Enqueuer(
-                    self._database,
-                    max_message_size=self._max_message_size,
-                    create_queues=self._create_queues,
-                    hooks=self._hooks_object,
-                    jobs=self._jobs,
-                )
-            return await work(self._enqueuer)
+        async def run(background: _Background) -> T:
+            return await work(self._enqueuer_of(background))
 
-        return asyncio.run_coroutine_threadsafe(run(), loop).result()
+        return _answer(self._submit(run))
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
+    def _submit(self, make: Callable[[_Background], Awaitable[T]]) -> concurrent.futures.Future[T]:
+        """Hand the coroutine ``make`` returns to the background loop (started if need be).
+        Under the lock: `close` takes the loop away under it too, so a call is either on
+        the loop it closes, before that close's own step, or on the next loop."""
         with self._lock:
-            if self._loop is not None and self._pid == os.getpid():
-                return self._loop
-            # first use, or a forked child: the parent's loop thread does not exist here
-            self._database = None
-            self._enqueuer = None
-            loop = asyncio.new_event_loop()
-            thread = threading.Thread(
-                target=_serve, args=(loop,), name="pgtasks-sync-loop", daemon=True
+            background = self._background
+            if background is None or background.pid != os.getpid():
+                # first use, or a forked child: the parent's loop thread does not exist here
+                background = self._background = _Background()
+            if threading.current_thread() is background.thread:
+                raise RuntimeError("defer_sync() was called on pgtasks' own background loop")
+            return asyncio.run_coroutine_threadsafe(_coro(make(background)), background.loop)
+
+    def _enqueuer_of(self, background: _Background) -> Enqueuer:
+        """The enqueuer (and pool) of ``background``'s loop, made on its first call there."""
+        if background.enqueuer is None:
+            background.database = self._new_database()
+            background.enqueuer = Enqueuer(
+                background.database,
+                max_message_size=self._max_message_size,
+                create_queues=self._create_queues,
+                hooks=self._hooks_object,
+                jobs=self._jobs,
             )
-            thread.start()
-            self._loop, self._thread, self._pid = loop, thread, os.getpid()
-            return loop
+        return background.enqueuer
 
     def close(self) -> None:
         """Close the background loop's pool and stop its thread (it starts again on the
-        next call)."""
+        next call). Calls handed to it before end first; one still waiting on the pool
+        when it closes raises `RuntimeError`."""
         with self._lock:
-            loop, thread, database = self._loop, self._thread, self._database
-            self._loop = self._thread = None
-            self._database = self._enqueuer = None
-            if loop is None or thread is None or self._pid != os.getpid():
+            background = self._background
+            if background is None or background.pid != os.getpid():
                 return
-        if threading.current_thread() is thread:
-            raise RuntimeError("close_sync() cannot be called from the background loop itself")
-        try:
-            if database is not None:
-                asyncio.run_coroutine_threadsafe(database.close(), loop).result(timeout=10)
-        except Exception as exc:  # at exit: a server that is gone must not hang or fail it
-            logger.warning("pgtasks: closing the pool of defer_sync() failed: %r", exc)
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join(timeout=10)
-            if not thread.is_alive():
-                loop.close()
+            if threading.current_thread() is background.thread:
+                raise RuntimeError("close_sync() cannot be called from the background loop itself")
+            self._background = None
+        background.stop()
+
+
+class _Background:
+    """One background event loop: its daemon thread, and the pool its enqueuer opens."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.database: Database | None = None
+        self.enqueuer: Enqueuer | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=_serve, args=(self.loop,), name="pgtasks-sync-loop", daemon=True
+        )
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Close the pool (after the calls handed over before), end every call still
+        pending (cancelled: its caller gets an error, never a wait without end), and stop
+        the thread. Each step runs on the loop itself, bounded."""
+        for step in (self._close_pool, _cancel_the_rest):
+            try:
+                asyncio.run_coroutine_threadsafe(step(), self.loop).result(timeout=10)
+            except Exception as exc:  # at exit: a server that is gone must not hang or fail it
+                logger.warning("pgtasks: stopping the loop of defer_sync() failed: %r", exc)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+    async def _close_pool(self) -> None:
+        if self.database is not None:
+            await self.database.close()
+
+
+async def _cancel_the_rest() -> None:
+    this = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not this]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+
+
+def _answer(future: concurrent.futures.Future[T]) -> T:
+    """What a call handed to the background loop returned (or raised); `RuntimeError` if
+    `close` cancelled it (see `_Background.stop`)."""
+    try:
+        return future.result()
+    except concurrent.futures.CancelledError:
+        raise RuntimeError(
+            "close_sync() stopped the background loop while this call waited on it; the "
+            "job may or may not have been enqueued"
+        ) from None
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -238,6 +279,26 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
 
 async def _coro(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+def _check_items(sigs: Iterable[Signature], cursor: Any) -> None:
+    """Refuse what the sync path would misuse or silently ignore: an asyncpg connection
+    (of another event loop), and an item's cursor other than the one sent on (its job
+    would leave the transaction the caller meant)."""
+    for sig in sigs:
+        opts = sig.options
+        if opts.connection is not None:
+            raise TypeError(
+                f"deferring {sig.task.name!r}: options(connection=...) is for defer(), "
+                "which sends on an asyncpg connection of your event loop; with defer_sync() "
+                "pass cursor= (a DB-API cursor) to enqueue in your transaction"
+            )
+        if opts.cursor is not None and opts.cursor is not cursor:
+            raise TypeError(
+                f"deferring {sig.task.name!r}: a batch is sent on one cursor, and this item's "
+                "options(cursor=...) is not it; pass it as "
+                "app.defer_many_sync(signatures, cursor=...)"
+            )
 
 
 def _refuse_on_a_running_loop(what: str) -> None:
@@ -255,3 +316,14 @@ def _refuse_on_a_running_loop(what: str) -> None:
 def _close_all() -> None:
     for client in list(_clients):
         client.close()
+
+
+def _after_fork_in_child() -> None:
+    """Another thread of the parent may have held a client's lock at the fork; no thread
+    of the child ever will release it."""
+    for client in list(_clients):
+        client._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -10,6 +10,7 @@ mapping of names to JSON values and leave pgtasks' own names alone, an asyncpg c
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 import math
 import numbers
 from collections.abc import Mapping
@@ -86,11 +87,23 @@ class CallOptions:
         if expires is not None:
             changes["expires"] = _checked_expires(expires)
         if cursor is not None:
-            if not (hasattr(cursor, "execute") or hasattr(cursor, "exec_driver_sql")):
+            # both, or the statement would run and its answer could not be read (a psycopg
+            # 3 Connection has execute() alone: the job sent, and an error all the same)
+            run = getattr(cursor, "exec_driver_sql", None) or getattr(cursor, "execute", None)
+            if inspect.iscoroutinefunction(run):  # psycopg's AsyncCursor, SQLAlchemy's async
                 raise TypeError(
-                    "cursor must be a DB-API cursor (psycopg, Django's connection.cursor()) or "
-                    f"a SQLAlchemy Connection (got {describe(cursor)}); for an asyncpg "
+                    f"cursor must be a synchronous DB-API cursor (got {describe(cursor)}, whose "
+                    "execute is async): in async code use `await defer()`, and for an asyncpg "
                     "connection use connection=... with defer()"
+                )
+            if not hasattr(cursor, "exec_driver_sql") and not (
+                hasattr(cursor, "execute") and hasattr(cursor, "fetchall")
+            ):
+                raise TypeError(
+                    "cursor must be a DB-API cursor, with execute() and fetchall() (psycopg's "
+                    "conn.cursor(), Django's connection.cursor()), or a SQLAlchemy Connection "
+                    f"(got {describe(cursor)}); for an asyncpg connection use connection=... "
+                    "with defer()"
                 )
             changes["cursor"] = cursor
         merged = replace(self, **changes)

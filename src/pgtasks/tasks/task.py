@@ -203,21 +203,28 @@ class Task(_Deferrer[P, R]):
     ) -> None:
         if not callable(fn):
             raise TypeError(f"@task needs a function, and {fn!r} is not callable")
+        qualname: str | None = getattr(fn, "__qualname__", None)
+        if name is None and qualname is None:  # a functools.partial, a callable object
+            raise TypeError(
+                f"@task cannot name {fn!r}, which has no __qualname__ (a partial or a "
+                "callable object): give it one with name=..."
+            )
+        label = qualname or repr(fn)
         if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
             raise TypeError(
-                f"@task needs a function that returns its result, and {fn.__qualname__} is a "
+                f"@task needs a function that returns its result, and {label} is a "
                 "generator: return a list instead of yielding"
             )
         self.is_async = inspect.iscoroutinefunction(fn)
         """``async def`` (run on the worker's loop), or a plain ``def`` (run in a thread)."""
         if not self.is_async and config.transactional:
             raise TypeError(
-                f"transactional=True needs an async def task, and {fn.__qualname__} is a plain "
+                f"transactional=True needs an async def task, and {label} is a plain "
                 "def: the transaction's connection is an asyncpg connection of the worker's "
                 "event loop, which a thread cannot use; write the task as `async def`"
             )
         self.fn: Callable[P, Any] = fn
-        self.name = name or f"{fn.__module__}.{fn.__qualname__}"
+        self.name = name or f"{fn.__module__}.{qualname}"
         self.queue = check_queue_name(queue)
         self.config = config
         self._app = app

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,7 @@ class Threads:
             self._pool = ThreadPoolExecutor(self.limit, thread_name_prefix="pgtasks-job")
         async with self._slots:  # a cancellation while waiting here: the run never began
             assert self._pool is not None
-            call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+            call = functools.partial(contextvars.copy_context().run, _call, fn, args, kwargs)
             future = asyncio.get_running_loop().run_in_executor(self._pool, call)
             self._running[job] = future
             cancelled = False
@@ -108,3 +109,24 @@ class Threads:
         pool, self._pool, self._slots = self._pool, None, None
         if pool is not None:
             pool.shutdown(wait=False)
+
+
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` in the thread, with what asyncio cannot carry back made an
+    error: a `StopIteration` (no asyncio future takes it, so the run would never end)
+    becomes a `RuntimeError`, as in a coroutine; an awaitable returned (a ``def`` wrapping
+    an ``async def`` that lost its marker) means the body never ran, a `TypeError`."""
+    try:
+        value = fn(*args, **kwargs)
+    except StopIteration as exc:
+        raise RuntimeError(f"the task raised StopIteration: {exc!r}") from exc
+    if inspect.isawaitable(value):
+        close = getattr(value, "close", None)
+        if callable(close):
+            close()  # never awaited, and never will be: no warning about it
+        raise TypeError(
+            f"{getattr(fn, '__qualname__', fn)!s} is a plain def that returned an awaitable "
+            f"({type(value).__name__}), so the task's body never ran: declare the task "
+            "`async def` (a decorator around an async def must be `async def` too)"
+        )
+    return value
