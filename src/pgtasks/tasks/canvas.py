@@ -17,7 +17,7 @@ through the `Producer` of its first step's task.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
@@ -214,13 +214,18 @@ def group(
 ) -> Workflow:
     """Members run at once (sent as one batch); ``results()`` returns theirs in order.
     Takes signatures, or one iterable of them: ``group(t.s(i) for i in range(10))``."""
-    flat: Sequence[Signature]
-    if len(members) == 1 and not isinstance(members[0], Signature):
-        flat = tuple(members[0])
-    else:
-        flat = tuple(m for m in members if isinstance(m, Signature))
-        if len(flat) != len(members):
-            raise TypeError("group() takes signatures (task.s(...)), or one iterable of them")
+    given: Iterable[object] = members
+    if len(members) == 1 and not isinstance(members[0], Signature | Workflow):
+        given = members[0]
+    flat: list[Signature] = []
+    for i, member in enumerate(given):
+        if not isinstance(member, Signature):
+            what = f"a {member.kind}" if isinstance(member, Workflow) else type(member).__name__
+            raise TypeError(
+                f"group() takes signatures (task.s(...)), or one iterable of them; member {i} "
+                f"is not a signature but {what} (workflows do not nest in a group)"
+            )
+        flat.append(member)
     return Workflow("group", tuple(flat), _callback(on_error))
 
 
