@@ -30,7 +30,14 @@ from ..db.database import Database
 from ..db.jobs import DONE_CHANNEL
 from ..db.queues import messages_waiting
 from ..db.results import JobInfo, job_info, jobs_cancel
-from ..exceptions import JobCancelled, JobExpired, JobFailed, JobNotFound, ResultUnavailable
+from ..exceptions import (
+    JobCancelled,
+    JobExpired,
+    JobFailed,
+    JobNotFound,
+    PgTasksError,
+    ResultUnavailable,
+)
 from ..serialization.hints import load_value
 from ..tasks import CancelOutcome, JobRef, JobStatus, Task
 from ..tasks.handle import FINAL_STATES
@@ -242,6 +249,16 @@ class _Waiters:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await pump
+        # nothing will tell them now: the waiters hear it, rather than waiting for ever
+        for topic, waiting in self._pending.items():
+            for id, futures in waiting.items():
+                # a queue's job, or a thing of another topic ("@workflows": a workflow)
+                what = f"{topic[1:-1]} {id}" if topic[0] == "@" else f"job {id} in {topic!r}"
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(
+                            PgTasksError(f"the app was closed (App.close) while waiting for {what}")
+                        )
 
     async def _run(self) -> None:
         backoff = 0.1
