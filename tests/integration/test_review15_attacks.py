@@ -449,3 +449,53 @@ async def test_a_workflow_header_beyond_the_databases_integers_does_not_loop(
     assert runs == [1]
     assert await conn.fetchval("SELECT count(*) FROM pgmq.q_rv_forged") == 0
     assert await conn.fetchval("SELECT count(*) FROM pgmq.a_rv_forged") == 1
+
+
+async def test_a_later_step_to_a_queue_that_does_not_exist(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # With queue creation off, a chain whose second step goes to a queue that does not
+    # exist: the hand-off cannot be sent. Refused when deferred, as a job would be; and a
+    # queue dropped after the defer fails the workflow at that step, without making the
+    # step before it run again and again.
+    runs: list[int] = []
+
+    @app.task(queue="rv_here", max_retries=2)
+    async def first(n: int) -> int:
+        runs.append(n)
+        return n
+
+    @app.task(queue="rv_here")
+    async def second(n: int) -> int:
+        return n
+
+    @app.task(queue="rv_here")
+    async def alarm(failed: dict[str, Any], error: dict[str, Any] | None = None) -> None:
+        pass
+
+    @app.task(queue="rv_here", max_retries=0)
+    async def broken(n: int) -> int:
+        raise ValueError("broken")
+
+    await conn.execute("SELECT pgtasks.ensure_queue('rv_here')")
+    await conn.execute("SELECT pgtasks.ensure_queue('rv_gone')")
+    await conn.execute("UPDATE pgtasks.settings SET create_queues = false")
+    nowhere = chain(first.s(1), second.options(queue="rv_nowhere").partial())
+    with pytest.raises(pgtasks.QueueNotFound, match="rv_nowhere"):
+        await nowhere.defer()
+    with pytest.raises(pgtasks.QueueNotFound, match="rv_nowhere"):
+        await chain(first.s(1), on_error=alarm.options(queue="rv_nowhere").partial()).defer()
+    ref = await chain(first.s(2), second.options(queue="rv_gone").partial()).defer()
+    alarmed = await chain(broken.s(3), on_error=alarm.options(queue="rv_gone").partial()).defer()
+    await conn.execute("SELECT pgmq.drop_queue('rv_gone')")
+    async with app.worker(queues=["rv_here"], poll_interval=0.05):
+        with pytest.raises(pgtasks.WorkflowFailed, match="rv_gone") as failed:
+            await ref.result(timeout=15)
+        with pytest.raises(pgtasks.WorkflowFailed, match="broken") as unreported:
+            await alarmed.result(timeout=15)
+        await anyio.sleep(0.3)
+    assert runs == [2]
+    assert failed.value.step == 1
+    assert failed.value.error["outcome"] == "not sent"
+    assert "'rv_gone' does not exist" in str(unreported.value.error["on_error"])
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.a_rv_here") == 1

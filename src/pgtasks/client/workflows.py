@@ -13,11 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
+import asyncpg
 import orjson
 
 from .._shared import Connection
 from ..db.connect import acquire_clean
 from ..db.database import Database
+from ..db.errors import translate
 from ..db.workflows import (
     WorkflowRow,
     workflow_cancel,
@@ -63,12 +65,18 @@ class WorkflowClient:
         if workflow.on_error is not None:
             _error_callback_checked(workflow.on_error)
             on_error = orjson.dumps(self._call(workflow.on_error, receives=True)).decode()
-        if connection is not None:
-            workflow_id = await workflow_start(connection, workflow.kind, steps, on_error)
-        else:
-            pool = await self._database.pool()
-            async with acquire_clean(pool) as conn:
-                workflow_id = await workflow_start(conn, workflow.kind, steps, on_error)
+        try:
+            if connection is not None:
+                workflow_id = await workflow_start(connection, workflow.kind, steps, on_error)
+            else:
+                pool = await self._database.pool()
+                async with acquire_clean(pool) as conn:
+                    workflow_id = await workflow_start(conn, workflow.kind, steps, on_error)
+        except asyncpg.PostgresError as exc:  # a queue it would send to is missing, say
+            failure = translate(exc, f"deferring a {workflow.kind}")
+            if failure is None:
+                raise
+            raise failure from exc
         return WorkflowRef(workflow_id, workflow.kind, self)
 
     def _step(self, workflow: Workflow, i: int, sig: Signature) -> dict[str, Any]:
