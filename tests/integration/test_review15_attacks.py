@@ -149,26 +149,37 @@ async def test_an_error_callback_that_fails_ends_in_the_dead_letters_once(
     assert [r["task"] for r in tasks] == [boom.name, alarm.name]
 
 
-async def test_an_error_callback_with_options_a_workflow_cannot_honour_is_refused(
-    app: pgtasks.App,
-) -> None:
-    @app.task(queue="rv_opts")
+async def test_an_error_callback_with_options(app: pgtasks.App, conn: asyncpg.Connection) -> None:
+    reported: list[int] = []
+
+    @app.task(queue="rv_opts", max_retries=0)
     async def step(n: int) -> int:
+        if n < 0:
+            raise ValueError("negative")
         return n
 
     @app.task(queue="rv_opts")
-    async def alarm(failed: dict[str, Any], error: dict[str, Any] | None = None) -> None:
-        pass
+    async def alarm(failed: dict[str, Any], error: dict[str, Any]) -> None:
+        reported.append(failed["step"])
 
-    # an error callback is sent by the workflow's end, with no key claimed: a key would
-    # collide with an existing job's and have the callback skipped as "already done"
-    keyed = chain(step.s(1), on_error=alarm.options(idempotency_key="taken").partial())
+    # the callback is sent when the workflow fails, at once: a key (one held by another
+    # job would have it dropped as a duplicate), an eta or a delay cannot be honoured
+    keyed = chain(step.s(1), on_error=alarm.options(idempotency_key="taken"))
     with pytest.raises(ValueError, match=r"error callback.*idempotency key"):
         await keyed.defer()
     later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=1)
-    for callback in (alarm.options(eta=later).partial(), alarm.options(delay=60).partial()):
+    for callback in (alarm.options(eta=later), alarm.options(delay=60)):
         with pytest.raises(ValueError, match=r"error callback.*an eta or a delay"):
             await chain(step.s(1), on_error=callback).defer()
+    # a queue of its own is honoured (task.options(...) as the callback)
+    ref = await chain(step.s(-1), step.partial(), on_error=alarm.options(queue="rv_alarms")).defer()
+    async with app.worker(queues=["rv_opts", "rv_alarms"], poll_interval=0.05) as worker:
+        events = Events(worker)
+        with pytest.raises(pgtasks.WorkflowFailed):
+            await ref.result(timeout=15)
+        await events.until(lambda: events.counts["succeeded"] == 1)
+    assert reported == [0]
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.a_rv_alarms") == 1
 
 
 async def test_two_workers_end_a_chords_last_members_at_once(
@@ -470,7 +481,7 @@ async def test_a_later_step_to_a_queue_that_does_not_exist(
         return n
 
     @app.task(queue="rv_here")
-    async def alarm(failed: dict[str, Any], error: dict[str, Any] | None = None) -> None:
+    async def alarm(failed: dict[str, Any], error: dict[str, Any]) -> None:
         pass
 
     @app.task(queue="rv_here", max_retries=0)
@@ -484,9 +495,9 @@ async def test_a_later_step_to_a_queue_that_does_not_exist(
     with pytest.raises(pgtasks.QueueNotFound, match="rv_nowhere"):
         await nowhere.defer()
     with pytest.raises(pgtasks.QueueNotFound, match="rv_nowhere"):
-        await chain(first.s(1), on_error=alarm.options(queue="rv_nowhere").partial()).defer()
+        await chain(first.s(1), on_error=alarm.options(queue="rv_nowhere")).defer()
     ref = await chain(first.s(2), second.options(queue="rv_gone").partial()).defer()
-    alarmed = await chain(broken.s(3), on_error=alarm.options(queue="rv_gone").partial()).defer()
+    alarmed = await chain(broken.s(3), on_error=alarm.options(queue="rv_gone")).defer()
     await conn.execute("SELECT pgmq.drop_queue('rv_gone')")
     async with app.worker(queues=["rv_here"], poll_interval=0.05):
         with pytest.raises(pgtasks.WorkflowFailed, match="rv_gone") as failed:

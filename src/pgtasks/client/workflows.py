@@ -165,9 +165,8 @@ def _no_key(sig: Signature, what: str) -> None:
     if sig.options.idempotency_key is not None:
         raise ValueError(
             f"{what} has an idempotency key: a workflow's jobs are sent exactly once by "
-            "their workflow already (no key is claimed for them, and one would skip the job "
-            "when another job holds it); give the key to the code that defers the workflow "
-            "instead"
+            "their workflow already (and a key held by another job would have one dropped "
+            "as a duplicate); give the key to the code that defers the workflow instead"
         )
 
 

@@ -19,13 +19,15 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
 
 from .._shared import Connection
 from .signature import Signature
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task import Task, TaskCall
+
+    ErrorCallback: TypeAlias = Signature | Task[Any, Any] | TaskCall[Any, Any]
 
 WorkflowKind = Literal["chain", "group", "chord"]
 WorkflowState = Literal["running", "succeeded", "failed", "cancelled"]
@@ -158,7 +160,7 @@ class Workflow:
     def passes_result(self, i: int) -> bool:
         return self._receives(i)
 
-    def with_error_callback(self, on_error: Signature | Task[Any, Any]) -> Workflow:
+    def with_error_callback(self, on_error: ErrorCallback) -> Workflow:
         """The same workflow with ``on_error`` deferred if it fails: it receives the failed
         step (``{"workflow", "step", "queue", "id", "task"}``) and its error (``{"type",
         "message", "reason", "outcome"}``) as its first two positional arguments."""
@@ -184,17 +186,18 @@ class Workflow:
         )
 
 
-def _callback(on_error: Signature | Task[Any, Any] | None) -> Signature | None:
-    """A task given as an error callback: a signature of it with no arguments of its own."""
+def _callback(on_error: ErrorCallback | None) -> Signature | None:
+    """A task (or ``task.options(...)``) given as an error callback: a signature of it with
+    no arguments of its own."""
     if on_error is None or isinstance(on_error, Signature):
         return on_error
+    task = on_error._task
+    return Signature(
+        task, (), {}, on_error._options, receives=f"task {task.name!r} is an error callback"
+    )
 
-    return Signature(on_error, (), {}, receives=f"task {on_error.name!r} is an error callback")
 
-
-def chain(
-    *steps: Signature | Workflow, on_error: Signature | Task[Any, Any] | None = None
-) -> Workflow:
+def chain(*steps: Signature | Workflow, on_error: ErrorCallback | None = None) -> Workflow:
     """Steps run one after another, each receiving the result of the one before as its
     first positional argument (unless made with ``task.si(...)``)."""
     flat: list[Signature] = []
@@ -210,7 +213,7 @@ def chain(
 
 def group(
     *members: Signature | Iterable[Signature],
-    on_error: Signature | Task[Any, Any] | None = None,
+    on_error: ErrorCallback | None = None,
 ) -> Workflow:
     """Members run at once (sent as one batch); ``results()`` returns theirs in order.
     Takes signatures, or one iterable of them: ``group(t.s(i) for i in range(10))``."""
@@ -233,7 +236,7 @@ def chord(
     header: Workflow | Iterable[Signature],
     body: Signature,
     *,
-    on_error: Signature | Task[Any, Any] | None = None,
+    on_error: ErrorCallback | None = None,
 ) -> Workflow:
     """A group, then ``body`` once every member succeeded, with the list of their results
     (in order) as its first positional argument."""
