@@ -510,3 +510,18 @@ async def test_a_later_step_to_a_queue_that_does_not_exist(
     assert failed.value.error["outcome"] == "not sent"
     assert "'rv_gone' does not exist" in str(unreported.value.error["on_error"])
     assert await conn.fetchval("SELECT count(*) FROM pgmq.a_rv_here") == 1
+
+
+async def test_cancel_a_group_of_ten_thousand(app: pgtasks.App, conn: asyncpg.Connection) -> None:
+    @app.task(queue="rv_bigstop")
+    async def noop(n: int) -> int:
+        return n
+
+    ref = await group(noop.s(i) for i in range(10_000)).defer()
+    started = time.monotonic()
+    assert await ref.cancel() == 10_000
+    took = time.monotonic() - started
+    assert took < 30, f"cancelling 10,000 members took {took:.1f}s"
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.q_rv_bigstop") == 0
+    with pytest.raises(pgtasks.JobCancelled):
+        await ref.result(timeout=5)
