@@ -384,6 +384,11 @@ async def test_a_handle_of_the_wrong_kind_says_so(app: pgtasks.App) -> None:
         await wrong.status()
     with pytest.raises(pgtasks.JobNotFound):
         await app.workflow(job.id + 1000, "group").result(timeout=5)
+    for bad_id in (2**70, 0, True, "1"):
+        with pytest.raises(ValueError, match="a workflow's id is a positive 64-bit integer"):
+            app.workflow(bad_id, "chain")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="a workflow's kind is 'chain', 'group' or 'chord'"):
+        app.workflow(grouped.id, "pipeline")  # type: ignore[arg-type]
 
 
 async def test_waiting_on_a_workflow_when_the_app_is_closed(app: pgtasks.App) -> None:
