@@ -74,7 +74,9 @@ async def test_a_member_that_times_out(app: pgtasks.App) -> None:
     assert caught.value.error_type == "JobTimeout"
 
 
-async def test_a_group_of_one_and_a_chord_of_none(app: pgtasks.App) -> None:
+async def test_a_group_of_one_and_a_chord_of_none(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
     @app.task(queue="rv_small")
     async def one(n: int) -> int:
         return n
@@ -89,6 +91,12 @@ async def test_a_group_of_one_and_a_chord_of_none(app: pgtasks.App) -> None:
         chord([], total.partial())
     with pytest.raises(ValueError, match="at least one"):
         group([])
+    # built by hand, a chord of its callback alone would run forever: nothing sends it
+    with pytest.raises(ValueError, match="a chord needs at least one member"):
+        pgtasks.Workflow("chord", (total.partial(),))
+    steps = orjson.dumps([{"queue": "rv_small", "task": total.name, "body": {}}]).decode()
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="at least one member"):
+        await conn.execute("SELECT pgtasks.workflow_start('chord', $1::jsonb)", steps)
     async with app.worker(queues=["rv_small"], poll_interval=0.1):
         assert await single.result(timeout=15) == [7]
         assert await lone_chord.result(timeout=15) == 5

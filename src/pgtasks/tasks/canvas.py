@@ -137,6 +137,8 @@ class Workflow:
     def __post_init__(self) -> None:
         if not self.steps:
             raise ValueError(f"a {self.kind} needs at least one signature")
+        if self.kind == "chord" and len(self.steps) < 2:  # nothing would ever send its callback
+            raise ValueError("a chord needs at least one member before its callback")
         if self.on_error is not None:  # it receives the failed step and its error first
             on_error = self.on_error
             on_error.task._arguments.bind_receiving(on_error.args, on_error.kwargs, count=2)

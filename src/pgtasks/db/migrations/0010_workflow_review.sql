@@ -1,5 +1,6 @@
--- pgtasks 0010: a workflow's later steps and its error callback go to queues that may not
--- exist when they are sent, found by the review of issue 15.
+-- pgtasks 0010: holes in workflows found by the review of issue 15: a workflow's later
+-- steps and its error callback go to queues that may not exist when they are sent, and a
+-- chord may have no members.
 --
 -- With queue creation off (pgtasks.settings.create_queues), a chain's next step, a chord's
 -- callback or an error callback sent to a queue that does not exist made pgtasks.send
@@ -15,6 +16,8 @@
 --    sent: the workflow fails at that step, in the acknowledgement's transaction, with a
 --    reason naming the queue (outcome "not sent"). An error callback whose queue is gone
 --    is not sent either; the workflow's error says so.
+-- 3. A chord of no members (its callback alone), which nothing would ever complete and so
+--    would run forever, is refused when it is deferred.
 
 -- Why no job can be sent to this queue now (it does not exist, and may not be created), or
 -- NULL when one can. Raises nothing: it is asked inside acknowledgements.
@@ -38,6 +41,10 @@ DECLARE
 BEGIN
     IF v_n = 0 THEN
         RAISE EXCEPTION 'a workflow needs at least one step' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_kind = 'chord' AND v_n < 2 THEN  -- no member would ever send its callback
+        RAISE EXCEPTION 'a chord needs at least one member before its callback'
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOR v_queue IN SELECT DISTINCT q FROM (
                        SELECT s ->> 'queue' FROM jsonb_array_elements(p_steps) AS s
