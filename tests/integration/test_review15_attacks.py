@@ -179,6 +179,13 @@ async def test_an_error_callback_with_options(app: pgtasks.App, conn: asyncpg.Co
     for callback in (alarm.options(eta=later), alarm.options(delay=60)):
         with pytest.raises(ValueError, match=r"error callback.*an eta or a delay"):
             await chain(step.s(1), on_error=callback).defer()
+    # a connection of a step's or callback's own would be ignored: the workflow's is used
+    for flow in (
+        chain(step.s(1), step.options(connection=conn).partial()),
+        chain(step.s(1), on_error=alarm.options(connection=conn)),
+    ):
+        with pytest.raises(ValueError, match=r"connection \(or cursor\) of its own"):
+            await flow.defer()
     # a queue of its own is honoured (task.options(...) as the callback)
     ref = await chain(step.s(-1), step.partial(), on_error=alarm.options(queue="rv_alarms")).defer()
     async with app.worker(queues=["rv_opts", "rv_alarms"], poll_interval=0.05) as worker:

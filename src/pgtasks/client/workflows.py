@@ -87,6 +87,7 @@ class WorkflowClient:
                 "a delay instead"
             )
         _no_key(sig, what)
+        _no_connection(sig, what)
         return {
             **self._call(sig, receives=workflow.passes_result(i)),
             "task": sig.task.name,
@@ -170,6 +171,15 @@ def _no_key(sig: Signature, what: str) -> None:
         )
 
 
+def _no_connection(sig: Signature, what: str) -> None:
+    if sig.options.connection is not None or sig.options.cursor is not None:
+        raise ValueError(
+            f"{what} has a connection (or cursor) of its own: a workflow is sent on one "
+            "connection, in one transaction; pass it to the workflow's "
+            "defer(connection=...) instead"
+        )
+
+
 def _error_callback_checked(sig: Signature) -> None:
     """An error callback is sent as the workflow fails, at once: no eta, no delay, no key."""
     what = f"the error callback ({sig.task.name!r})"
@@ -179,6 +189,7 @@ def _error_callback_checked(sig: Signature) -> None:
             "let the callback wait itself, or defer a delayed job from it"
         )
     _no_key(sig, what)
+    _no_connection(sig, what)
 
 
 def _check_kind(ref: WorkflowRef, kind: str) -> None:
