@@ -545,3 +545,26 @@ async def test_cancel_a_group_of_ten_thousand(app: pgtasks.App, conn: asyncpg.Co
     assert await conn.fetchval("SELECT count(*) FROM pgmq.q_rv_bigstop") == 0
     with pytest.raises(pgtasks.JobCancelled):
         await ref.result(timeout=5)
+
+
+async def test_a_step_in_a_queue_no_worker_serves_waits_there(app: pgtasks.App) -> None:
+    @app.task(queue="rv_front")
+    async def front(n: int) -> int:
+        return n + 1
+
+    @app.task(queue="rv_back")
+    async def back(n: int) -> int:
+        return n * 10
+
+    ref = await chain(front.s(1), back.partial()).defer()
+    async with app.worker(queues=["rv_front"], poll_interval=0.05):
+        with pytest.raises(TimeoutError):
+            await ref.result(timeout=1.5)
+    status = await ref.status()
+    assert (status.state, status.step) == ("running", 1)
+    assert [(s.state, s.queue) for s in status.steps] == [
+        ("succeeded", "rv_front"),
+        ("sent", "rv_back"),
+    ]
+    async with app.worker(queues=["rv_back"], poll_interval=0.05):
+        assert await ref.result(timeout=15) == 20
