@@ -17,7 +17,7 @@ import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, get_args, overload
 
 import asyncpg
 from typing_extensions import ParamSpec, Self, Unpack
@@ -38,6 +38,7 @@ from .exceptions import ConfigurationError
 from .hooks import Hooks
 from .periodic.schedule import CatchUp, Schedule, check_catch_up, make_timing
 from .queues import check_queue_name
+from .serialization.shapes import describe
 from .tasks import CancelOutcome, JobRef, Signature, SyncTask, Task, registry
 from .tasks.canvas import Workflow, WorkflowKind, WorkflowRef
 from .tasks.config import TASK_DEFAULTS, TaskDefaults, TaskOptions, app_defaults
@@ -389,6 +390,12 @@ class App:
 
     def workflow(self, id: int, kind: WorkflowKind) -> WorkflowRef:
         """A handle on a workflow from its stored id (and kind)."""
+        if type(id) is not int or not 0 < id < 2**63:
+            raise ValueError(f"a workflow's id is a positive 64-bit integer (got {describe(id)})")
+        if kind not in get_args(WorkflowKind):
+            raise ValueError(
+                f"a workflow's kind is 'chain', 'group' or 'chord' (got {describe(kind)})"
+            )
         return WorkflowRef(id, kind, self._workflows)
 
     async def defer_many(

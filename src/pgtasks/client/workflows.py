@@ -13,11 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
+import asyncpg
 import orjson
 
 from .._shared import Connection
 from ..db.connect import acquire_clean
 from ..db.database import Database
+from ..db.errors import translate
 from ..db.workflows import (
     WorkflowRow,
     workflow_cancel,
@@ -61,27 +63,31 @@ class WorkflowClient:
         ).decode()
         on_error = None
         if workflow.on_error is not None:
+            _error_callback_checked(workflow.on_error)
             on_error = orjson.dumps(self._call(workflow.on_error, receives=True)).decode()
-        if connection is not None:
-            workflow_id = await workflow_start(connection, workflow.kind, steps, on_error)
-        else:
-            pool = await self._database.pool()
-            async with acquire_clean(pool) as conn:
-                workflow_id = await workflow_start(conn, workflow.kind, steps, on_error)
+        try:
+            if connection is not None:
+                workflow_id = await workflow_start(connection, workflow.kind, steps, on_error)
+            else:
+                pool = await self._database.pool()
+                async with acquire_clean(pool) as conn:
+                    workflow_id = await workflow_start(conn, workflow.kind, steps, on_error)
+        except asyncpg.PostgresError as exc:  # a queue it would send to is missing, say
+            failure = translate(exc, f"deferring a {workflow.kind}")
+            if failure is None:
+                raise
+            raise failure from exc
         return WorkflowRef(workflow_id, workflow.kind, self)
 
     def _step(self, workflow: Workflow, i: int, sig: Signature) -> dict[str, Any]:
+        what = f"step {i} of a {workflow.kind}"
         if sig.options.eta is not None:
             raise ValueError(
-                f"step {i} of a {workflow.kind} has an eta: a step is sent when the one before "
-                "it ends, so give it a delay instead"
+                f"{what} has an eta: a step is sent when the one before it ends, so give it "
+                "a delay instead"
             )
-        if sig.options.idempotency_key is not None:
-            raise ValueError(
-                f"step {i} of a {workflow.kind} has an idempotency key: a workflow's steps are "
-                "sent exactly once by their workflow already; give the key to the code that "
-                "defers the workflow instead"
-            )
+        _no_key(sig, what)
+        _no_connection(sig, what)
         return {
             **self._call(sig, receives=workflow.passes_result(i)),
             "task": sig.task.name,
@@ -111,6 +117,7 @@ class WorkflowClient:
             status = await workflow_status(conn, ref.id)
         if status is None:
             raise JobNotFound(f"no workflow {ref.id} (or it was pruned)")
+        _check_kind(ref, status.kind)
         return status
 
     async def results(self, ref: WorkflowRef, /, *, timeout: float | None) -> list[Any]:  # noqa: ASYNC109
@@ -118,6 +125,7 @@ class WorkflowClient:
             row: WorkflowRow | None = await self._jobs.wait(TOPIC, ref.id)
         if row is None:
             raise JobNotFound(f"no workflow {ref.id} (or it was pruned)")
+        _check_kind(ref, row.kind)
         if row.state == "cancelled":
             raise JobCancelled(f"workflow {ref.id} was cancelled")
         pool = await self._database.pool()
@@ -152,3 +160,43 @@ class WorkflowClient:
         async with acquire_clean(pool) as conn:
             rows = await workflows_get(conn, ids)
         return {i: rows.get(i) for i in ids if i not in rows or rows[i].state != "running"}
+
+
+def _no_key(sig: Signature, what: str) -> None:
+    if sig.options.idempotency_key is not None:
+        raise ValueError(
+            f"{what} has an idempotency key: a workflow's jobs are sent exactly once by "
+            "their workflow already (and a key held by another job would have one dropped "
+            "as a duplicate); give the key to the code that defers the workflow instead"
+        )
+
+
+def _no_connection(sig: Signature, what: str) -> None:
+    if sig.options.connection is not None or sig.options.cursor is not None:
+        raise ValueError(
+            f"{what} has a connection (or cursor) of its own: a workflow is sent on one "
+            "connection, in one transaction; pass it to the workflow's "
+            "defer(connection=...) instead"
+        )
+
+
+def _error_callback_checked(sig: Signature) -> None:
+    """An error callback is sent as the workflow fails, at once: no eta, no delay, no key."""
+    what = f"the error callback ({sig.task.name!r})"
+    if sig.options.eta is not None or sig.options.delay:
+        raise ValueError(
+            f"{what} has an eta or a delay: it is sent when the workflow fails, at once; "
+            "let the callback wait itself, or defer a delayed job from it"
+        )
+    _no_key(sig, what)
+    _no_connection(sig, what)
+
+
+def _check_kind(ref: WorkflowRef, kind: str) -> None:
+    """A handle made with the wrong kind (``app.workflow(id, kind)``) would unpack the
+    results of another kind of workflow (a group's list as a chain's last result)."""
+    if kind != ref.kind:
+        raise ValueError(
+            f"workflow {ref.id} is a {kind}, not a {ref.kind}: make its handle with "
+            f"app.workflow({ref.id}, {kind!r})"
+        )

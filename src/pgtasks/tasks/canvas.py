@@ -17,15 +17,17 @@ through the `Producer` of its first step's task.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, TypeAlias
 
 from .._shared import Connection
 from .signature import Signature
 
 if TYPE_CHECKING:
-    from .task import Task
+    from .task import Task, TaskCall
+
+    ErrorCallback: TypeAlias = Signature | Task[Any, Any] | TaskCall[Any, Any]
 
 WorkflowKind = Literal["chain", "group", "chord"]
 WorkflowState = Literal["running", "succeeded", "failed", "cancelled"]
@@ -135,6 +137,8 @@ class Workflow:
     def __post_init__(self) -> None:
         if not self.steps:
             raise ValueError(f"a {self.kind} needs at least one signature")
+        if self.kind == "chord" and len(self.steps) < 2:  # nothing would ever send its callback
+            raise ValueError("a chord needs at least one member before its callback")
         if self.on_error is not None:  # it receives the failed step and its error first
             on_error = self.on_error
             on_error.task._arguments.bind_receiving(on_error.args, on_error.kwargs, count=2)
@@ -158,7 +162,7 @@ class Workflow:
     def passes_result(self, i: int) -> bool:
         return self._receives(i)
 
-    def with_error_callback(self, on_error: Signature | Task[Any, Any]) -> Workflow:
+    def with_error_callback(self, on_error: ErrorCallback) -> Workflow:
         """The same workflow with ``on_error`` deferred if it fails: it receives the failed
         step (``{"workflow", "step", "queue", "id", "task"}``) and its error (``{"type",
         "message", "reason", "outcome"}``) as its first two positional arguments."""
@@ -184,17 +188,18 @@ class Workflow:
         )
 
 
-def _callback(on_error: Signature | Task[Any, Any] | None) -> Signature | None:
-    """A task given as an error callback: a signature of it with no arguments of its own."""
+def _callback(on_error: ErrorCallback | None) -> Signature | None:
+    """A task (or ``task.options(...)``) given as an error callback: a signature of it with
+    no arguments of its own."""
     if on_error is None or isinstance(on_error, Signature):
         return on_error
+    task = on_error._task
+    return Signature(
+        task, (), {}, on_error._options, receives=f"task {task.name!r} is an error callback"
+    )
 
-    return Signature(on_error, (), {}, receives=f"task {on_error.name!r} is an error callback")
 
-
-def chain(
-    *steps: Signature | Workflow, on_error: Signature | Task[Any, Any] | None = None
-) -> Workflow:
+def chain(*steps: Signature | Workflow, on_error: ErrorCallback | None = None) -> Workflow:
     """Steps run one after another, each receiving the result of the one before as its
     first positional argument (unless made with ``task.si(...)``)."""
     flat: list[Signature] = []
@@ -210,17 +215,22 @@ def chain(
 
 def group(
     *members: Signature | Iterable[Signature],
-    on_error: Signature | Task[Any, Any] | None = None,
+    on_error: ErrorCallback | None = None,
 ) -> Workflow:
     """Members run at once (sent as one batch); ``results()`` returns theirs in order.
     Takes signatures, or one iterable of them: ``group(t.s(i) for i in range(10))``."""
-    flat: Sequence[Signature]
-    if len(members) == 1 and not isinstance(members[0], Signature):
-        flat = tuple(members[0])
-    else:
-        flat = tuple(m for m in members if isinstance(m, Signature))
-        if len(flat) != len(members):
-            raise TypeError("group() takes signatures (task.s(...)), or one iterable of them")
+    given: Iterable[object] = members
+    if len(members) == 1 and not isinstance(members[0], Signature | Workflow):
+        given = members[0]
+    flat: list[Signature] = []
+    for i, member in enumerate(given):
+        if not isinstance(member, Signature):
+            what = f"a {member.kind}" if isinstance(member, Workflow) else type(member).__name__
+            raise TypeError(
+                f"group() takes signatures (task.s(...)), or one iterable of them; member {i} "
+                f"is not a signature but {what} (workflows do not nest in a group)"
+            )
+        flat.append(member)
     return Workflow("group", tuple(flat), _callback(on_error))
 
 
@@ -228,7 +238,7 @@ def chord(
     header: Workflow | Iterable[Signature],
     body: Signature,
     *,
-    on_error: Signature | Task[Any, Any] | None = None,
+    on_error: ErrorCallback | None = None,
 ) -> Workflow:
     """A group, then ``body`` once every member succeeded, with the list of their results
     (in order) as its first positional argument."""

@@ -30,7 +30,7 @@ import asyncio
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -161,9 +161,15 @@ def claimed(queue: str, msg: Message, lease: float) -> Job:
     place = headers.get(HEADER_WORKFLOW)
     if isinstance(place, dict):
         workflow, step = place.get("id"), place.get("step")
-        if type(workflow) is int and type(step) is int:
+        # only numbers the workflow tables can hold: a forged header must not fail the ack
+        if _is_int(workflow, 1, 2**63) and _is_int(step, 0, 2**31):
             job.workflow = (workflow, step)
     return job
+
+
+def _is_int(value: object, low: int, high: int) -> TypeGuard[int]:
+    """An int (not a bool) in [low, high)."""
+    return type(value) is int and low <= value < high
 
 
 def attempt_of(msg: Message, headers: dict[str, Any]) -> int:
