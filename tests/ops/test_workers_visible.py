@@ -148,3 +148,20 @@ async def test_a_failing_heartbeat_never_stops_the_worker(
     assert "permanent" in failures[0].getMessage()
     [info] = await admin_workers.list_workers(app.database, everyone=True)
     assert (info.state, info.stats["succeeded"]) == ("stopped", 21)
+
+
+async def test_a_heartbeat_in_flight_at_the_stop_never_marks_the_worker_alive_again(
+    app: pgtasks.App,
+) -> None:
+    # heartbeats back to back: one is nearly always being written when the stop is
+    @app.task(queue="beating")
+    async def noop() -> None: ...
+
+    for _ in range(10):
+        worker = app.worker()
+        worker.heartbeat_interval = 0.001
+        async with worker:
+            await anyio.sleep(0.05)
+    infos = await admin_workers.list_workers(app.database, everyone=True)
+    assert len(infos) == 10
+    assert [i.state for i in infos] == ["stopped"] * 10

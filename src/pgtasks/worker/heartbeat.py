@@ -56,6 +56,10 @@ class Heartbeat:
         self._stats = stats
         self.interval = interval
         self.failing: str | None = None  # the last error, while beats fail
+        # a beat in flight when the worker stops must not land after the stop's row (it
+        # would mark the worker alive again): the stop waits for it, and no beat follows
+        self._writing = anyio.Lock()
+        self._stopped = False
 
     async def run(self) -> None:
         """Beat every ``interval`` seconds until cancelled (the first beat is `beat`'s)."""
@@ -67,7 +71,9 @@ class Heartbeat:
         """One heartbeat; False (logged) when it could not be written."""
         try:
             with anyio.fail_after(max(self.interval, 2.0)):
-                async with self._connection() as conn:
+                async with self._writing, self._connection() as conn:
+                    if self._stopped:
+                        return True
                     await workers.worker_beat(
                         conn,
                         self.id,
@@ -90,9 +96,10 @@ class Heartbeat:
 
     async def stopped(self) -> None:
         """Record a clean stop (shielded, at most 2 s; a failure is only logged)."""
+        self._stopped = True
         with anyio.move_on_after(2.0, shield=True), contextlib.suppress(Exception):
             try:
-                async with self._connection() as conn:
+                async with self._writing, self._connection() as conn:
                     await workers.worker_stopped(conn, self.id, self._stats())
             except Exception as exc:
                 self._failed(exc)
