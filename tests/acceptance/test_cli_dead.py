@@ -22,6 +22,7 @@ from pgtasks.cli.output import dead_table
 
 def cli(dsn: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k not in ("PGTASKS_APP", "DATABASE_URL")}
+    environment["COLUMNS"] = "120"  # the width tables are cut to (a terminal's may be less)
     environment.update(env)
     return subprocess.run(
         [sys.executable, "-m", "pgtasks", *args, "--dsn", dsn],
