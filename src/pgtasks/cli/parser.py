@@ -1,25 +1,29 @@
-"""The command line's parser: commands, options, their help, and the types of their values.
-
-The common options (``--app/-A``, ``--dsn``, ``--log-level``) go before or after the command:
-on the top-level parser they carry the defaults, on a command's parser they are suppressed
-unless given, so that a value given before the command is not reset by the command's parser.
-"""
+"""The command line's parser: its commands, their options and help (the building blocks are
+in `arguments`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
-import re
 from typing import Any
 
 from .._options import Flag, Number, Option, OptionSet, Text
 from .._version import __version__
 from ..admin.jobs import STATES
 from ..worker import WORKER_OPTIONS
+from .arguments import (
+    DOCS,
+    Formatter,
+    add_common,
+    add_option,
+    command,
+    duration,
+    interval,
+    json_option,
+    port,
+    positive,
+)
 
-DOCS = "https://pgtasks.readthedocs.io/en/latest/cli/"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 COMMAND_WORKER_OPTIONS = OptionSet(
     Option(
         "processes",
@@ -67,149 +71,6 @@ COMMAND_WORKER_OPTIONS = OptionSet(
 """The ``worker`` command's own flags, besides the worker options (`WORKER_OPTIONS`)."""
 
 
-def duration(text: str) -> dt.timedelta:
-    """``7d``, ``12h``, ``30m``, ``45s`` (or plain seconds) as a timedelta."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([dhms]?)\s*", text)
-    if not match:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration: use a number with d, h, m or s, like 7d or 12h"
-        )
-    unit = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds", "": "seconds"}
-    return dt.timedelta(**{unit[match[2]]: float(match[1])})
-
-
-def add_option(group: Any, option: Option) -> None:
-    """A command line option from an option's one definition (`pgtasks._options.Option`):
-    its flags, help and default; its value read from text and checked by the option's own
-    check, so that a wrong one is argparse's one-line error. A True/False option gets a
-    ``--no-`` form."""
-    default = option.default
-    if option.default_text is not None:
-        shown = option.default_text
-    elif isinstance(default, bool):
-        shown = "on" if default else "off"
-    elif isinstance(default, float):
-        shown = f"{default:g}"
-    else:
-        shown = option.describe_default()
-    help_text = f"{option.help} (default: {shown})".replace("%", "%%")
-    if option.check.cli_kind == "flag":
-        # the default is set on the parser: BooleanOptionalAction would add its own to help
-        group.add_argument(
-            *option.flags,
-            dest=option.name,
-            action=argparse.BooleanOptionalAction,
-            help=help_text,
-        )
-        group.set_defaults(**{option.name: default})
-        return
-
-    def from_text(text: str) -> Any:
-        try:
-            return option.checked(option.check.parse(text))
-        except ValueError as exc:  # QueueNameError, which says what a name may be
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        except Exception:  # ConfigurationError, or text that is not a number
-            raise argparse.ArgumentTypeError(f"{text!r} is not {option.check.describe()}") from None
-
-    from_text.__name__ = option.name
-    group.add_argument(
-        *option.flags,
-        dest=option.name,
-        type=from_text,
-        default=default,
-        metavar=option.metavar,
-        help=help_text,
-    )
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
-    return int(text)
-
-
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.1 <= value <= 86_400:  # also NaN
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds from 0.1 to 86,400")
-    return value
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
-    return int(text)
-
-
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, max_help_position=32)
-
-
-def _add_common(parser: argparse.ArgumentParser, *, top: bool = False) -> None:
-    """The options every command takes. On the top-level parser they carry the defaults;
-    on a command's parser they are SUPPRESSed unless given, so that a value given before
-    the command is not reset by the command's parser."""
-
-    def default(value: Any) -> Any:
-        return value if top else argparse.SUPPRESS
-
-    group = parser.add_argument_group("common options (before or after the command)")
-    group.add_argument(
-        "-A",
-        "--app",
-        metavar="MODULE:ATTR",
-        default=default(os.environ.get("PGTASKS_APP")),
-        help="the App, e.g. myproj.tasks:app; the current directory is importable "
-        "(default: $PGTASKS_APP; worker needs it, other commands need only a database)",
-    )
-    group.add_argument(
-        "--dsn",
-        metavar="URL",
-        default=default(None),
-        help="database URL (default: the app's: $PGTASKS_DSN, $DATABASE_URL, else the "
-        "embedded server)",
-    )
-    group.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        metavar="LEVEL",
-        default=default(None),
-        help="DEBUG, INFO, WARNING or ERROR, in any case (default: INFO for worker, "
-        "WARNING otherwise)",
-    )
-
-
-def _command(
-    sub: Any, name: str, summary: str, example: str, anchor: str, details: str = ""
-) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(
-        name,
-        help=summary,
-        description=summary[0].upper() + summary[1:] + "." + (f"\n\n{details}" if details else ""),
-        epilog=f"example:\n  {example}\n\ndocs: {DOCS}#{anchor}",
-        formatter_class=_Formatter,
-    )
-    _add_common(parser)
-    return parser
-
-
-def _json_option(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
-    # suppress: on an action's parser below a command that has --json too, so that
-    # `schedules --json list` is not reset by the action's default
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        default=argparse.SUPPRESS if suppress else False,
-        help="print JSON, for scripts",
-    )
-
-
 def build() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgtasks",
@@ -220,13 +81,13 @@ def build() -> argparse.ArgumentParser:
         "  python -m pgtasks dead list --dsn postgresql://app@db:5432/app\n\n"
         "'python -m pgtasks COMMAND --help' describes a command.\n"
         f"docs: {DOCS}",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"pgtasks {__version__}")
-    _add_common(parser, top=True)
+    add_common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    worker = _command(
+    worker = command(
         sub,
         "worker",
         "run a worker: claim and run the jobs of the app's queues",
@@ -243,7 +104,7 @@ def build() -> argparse.ArgumentParser:
     for option in COMMAND_WORKER_OPTIONS.values():
         add_option(options, option)
 
-    migrate = _command(
+    migrate = command(
         sub,
         "migrate",
         "install pgmq, the pgtasks schema, the group roles' grants and the app's queues",
@@ -254,9 +115,9 @@ def build() -> argparse.ArgumentParser:
     migrate.add_argument(
         "--sql", action="store_true", help="print the SQL it would run, and change nothing"
     )
-    _json_option(migrate)
+    json_option(migrate)
 
-    status = _command(
+    status = command(
         sub,
         "status",
         "every queue's jobs by state, rates and oldest waiting job, and the live workers",
@@ -266,15 +127,15 @@ def build() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--watch",
-        type=_interval,
+        type=interval,
         nargs="?",
         const=2.0,
         metavar="SECONDS",
         help="refresh every SECONDS (default 2) until Ctrl-C; with --json, one line each",
     )
-    _json_option(status)
+    json_option(status)
 
-    doctor = _command(
+    doctor = command(
         sub,
         "doctor",
         "the queue tables' dead rows and sizes, what holds back vacuum, and advice",
@@ -290,9 +151,9 @@ def build() -> argparse.ArgumentParser:
         help="report a transaction that has held the xmin horizon this long, e.g. 30s, 5m "
         "(default: 60s)",
     )
-    _json_option(doctor)
+    json_option(doctor)
 
-    board = _command(
+    board = command(
         sub,
         "dashboard",
         "serve the web dashboard: queues, jobs, dead letters, workers",
@@ -306,7 +167,7 @@ def build() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)"
     )
     board.add_argument(
-        "--port", type=_port, default=8080, help="the port to listen on (default: 8080)"
+        "--port", type=port, default=8080, help="the port to listen on (default: 8080)"
     )
     board.add_argument(
         "--basic-auth",
@@ -315,7 +176,7 @@ def build() -> argparse.ArgumentParser:
     )
     board.add_argument("--read-only", action="store_true", help="show everything, allow no action")
 
-    prune = _command(
+    prune = command(
         sub,
         "prune",
         "delete expired idempotency keys, old error history and (optionally) old archives",
@@ -345,18 +206,18 @@ def build() -> argparse.ArgumentParser:
         help="also delete archived (succeeded) messages older than this, e.g. 30d "
         "(default: keep them)",
     )
-    _json_option(prune)
+    json_option(prune)
 
     job = sub.add_parser(
         "job",
         help="show one job, or list a queue's jobs by state",
         description="Show one job in full, or list the newest jobs of a queue.",
         epilog=f"example:\n  python -m pgtasks job show email 42\n\ndocs: {DOCS}#job",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
-    _add_common(job)
+    add_common(job)
     job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
-    job_show = _command(
+    job_show = command(
         job_sub,
         "show",
         "one job: its state, message, every failed attempt, and its result",
@@ -365,8 +226,8 @@ def build() -> argparse.ArgumentParser:
     )
     job_show.add_argument("queue", help="the job's queue")
     job_show.add_argument("id", type=int, help="the job's id (what defer returned)")
-    _json_option(job_show)
-    job_list = _command(
+    json_option(job_show)
+    job_list = command(
         job_sub,
         "list",
         "the newest jobs of a queue, by state and task",
@@ -382,19 +243,19 @@ def build() -> argparse.ArgumentParser:
         help="only jobs in this state",
     )
     job_list.add_argument("--task", help="only this task's")
-    job_list.add_argument("--limit", type=_positive, default=50, help="at most (default: 50)")
-    _json_option(job_list)
+    job_list.add_argument("--limit", type=positive, default=50, help="at most (default: 50)")
+    json_option(job_list)
 
     workflow = sub.add_parser(
         "workflow",
         help="show a workflow (chain, group, chord): its steps, their states and timings",
         description="Show a workflow (chain, group or chord): its steps, their states and timings.",
         epilog=f"example:\n  python -m pgtasks workflow show 12\n\ndocs: {DOCS}#workflow",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
-    _add_common(workflow)
+    add_common(workflow)
     workflow_sub = workflow.add_subparsers(dest="workflow_command", required=True, metavar="ACTION")
-    workflow_show = _command(
+    workflow_show = command(
         workflow_sub,
         "show",
         "one workflow: its state, and every step's task, job, state and timings",
@@ -405,9 +266,9 @@ def build() -> argparse.ArgumentParser:
         "Exit status 1 when the id names no workflow.",
     )
     workflow_show.add_argument("id", type=int, help="the workflow's id (WorkflowRef.id)")
-    _json_option(workflow_show)
+    json_option(workflow_show)
 
-    cancel = _command(
+    cancel = command(
         sub,
         "cancel",
         "cancel jobs: those not started are removed, running ones are asked to stop",
@@ -417,18 +278,18 @@ def build() -> argparse.ArgumentParser:
     )
     cancel.add_argument("queue", help="the jobs' queue")
     cancel.add_argument("ids", type=int, nargs="+", metavar="ID", help="job ids")
-    _json_option(cancel)
+    json_option(cancel)
 
     dead = sub.add_parser(
         "dead",
         help="list, show, retry and purge dead letters",
         description="List, show, retry and purge dead letters.",
         epilog=f"example:\n  python -m pgtasks dead list --queue email\n\ndocs: {DOCS}#dead",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
-    _add_common(dead)
+    add_common(dead)
     dead_sub = dead.add_subparsers(dest="dead_command", required=True, metavar="ACTION")
-    dead_list = _command(
+    dead_list = command(
         dead_sub,
         "list",
         "the newest dead letters, one line each",
@@ -437,9 +298,9 @@ def build() -> argparse.ArgumentParser:
     )
     dead_list.add_argument("--queue", help="only this queue's")
     dead_list.add_argument("--task", help="only this task's")
-    dead_list.add_argument("--limit", type=_positive, default=50, help="at most (default: 50)")
-    _json_option(dead_list)
-    dead_show = _command(
+    dead_list.add_argument("--limit", type=positive, default=50, help="at most (default: 50)")
+    json_option(dead_list)
+    dead_show = command(
         dead_sub,
         "show",
         "one dead letter: body, headers and every attempt's error",
@@ -447,8 +308,8 @@ def build() -> argparse.ArgumentParser:
         "dead",
     )
     dead_show.add_argument("id", type=int, help="the dead letter's id (from dead list)")
-    _json_option(dead_show)
-    dead_retry = _command(
+    json_option(dead_show)
+    dead_retry = command(
         dead_sub,
         "retry",
         "enqueue dead letters again, as new jobs with fresh attempts",
@@ -459,8 +320,8 @@ def build() -> argparse.ArgumentParser:
     dead_retry.add_argument("ids", type=int, nargs="*", metavar="ID", help="dead letter ids")
     dead_retry.add_argument("--all", action="store_true", help="every dead letter (of --queue)")
     dead_retry.add_argument("--queue", help="only this queue's")
-    _json_option(dead_retry)
-    dead_purge = _command(
+    json_option(dead_retry)
+    dead_purge = command(
         dead_sub,
         "purge",
         "delete dead letters: without --older-than, every one (of --queue)",
@@ -483,7 +344,7 @@ def build() -> argparse.ArgumentParser:
 def _add_schedule_commands(sub: Any) -> None:
     """``scheduler`` (the scheduler alone) and ``schedules`` (list, pause, resume, trigger,
     delete)."""
-    scheduler = _command(
+    scheduler = command(
         sub,
         "scheduler",
         "run the scheduler of the app's periodic jobs alone, without running jobs",
@@ -501,19 +362,19 @@ def _add_schedule_commands(sub: Any) -> None:
         epilog="examples:\n  python -m pgtasks schedules\n"
         "  python -m pgtasks schedules pause nightly-report\n\n"
         f"docs: {DOCS}#schedules",
-        formatter_class=_Formatter,
+        formatter_class=Formatter,
     )
-    _add_common(schedules)
-    _json_option(schedules)
+    add_common(schedules)
+    json_option(schedules)
     actions = schedules.add_subparsers(dest="schedules_command", metavar="ACTION")
-    listing = _command(
+    listing = command(
         actions,
         "list",
         "every schedule: expression, time zone, state, next and last tick, last job",
         "python -m pgtasks schedules list --json",
         "schedules",
     )
-    _json_option(listing, suppress=True)
+    json_option(listing, suppress=True)
     for action, summary, details in (
         ("pause", "stop enqueueing a schedule's ticks", ""),
         (
@@ -533,7 +394,7 @@ def _add_schedule_commands(sub: Any) -> None:
             "A schedule that running schedulers still define is written again by them.",
         ),
     ):
-        one = _command(
+        one = command(
             actions,
             action,
             summary,
@@ -542,4 +403,4 @@ def _add_schedule_commands(sub: Any) -> None:
             details,
         )
         one.add_argument("name", help="the schedule's name (from schedules list)")
-        _json_option(one, suppress=True)
+        json_option(one, suppress=True)
