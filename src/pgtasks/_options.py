@@ -11,7 +11,7 @@ Each set also has a ``TypedDict`` of the same names, used as ``**options: Unpack
 every signature that takes the set, so that a type checker still checks names and types;
 tests/unit/test_options.py keeps the two (and the docs) in agreement. Internal: the sets
 live with their users (``tasks/config.py``, ``worker/settings.py``, ``db/database.py``,
-``app.py``).
+``app/options.py``).
 """
 
 from __future__ import annotations

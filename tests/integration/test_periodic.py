@@ -126,7 +126,9 @@ async def test_racing_schedulers_make_exactly_one_job_per_tick(
     assert ticks == sorted(ticks)
     assert all(b - a == SECOND for a, b in itertools.pairwise(ticks))
     expected = int((end - start).total_seconds())
-    assert expected - 1 <= len(ticks) <= expected + 1
+    # the first scheduler's first pass may come a second late on a loaded machine (its
+    # catch-up sends only the latest tick missed): the ticks stay consecutive
+    assert expected - 2 <= len(ticks) <= expected + 1
     assert sum(s.stats["enqueued"] for s in schedulers) == len(ticks)
 
 

@@ -29,7 +29,7 @@ import pytest
 import pgtasks
 from pgtasks import App, ConfigurationError, QueueNameError
 from pgtasks._options import OptionSet
-from pgtasks.app import APP_OPTIONS
+from pgtasks.app.options import APP_OPTIONS
 from pgtasks.cli import parser as cli_parser
 from pgtasks.db.database import DATABASE_OPTIONS, Database
 from pgtasks.integrations.fastapi import LIFESPAN_OPTIONS, worker_lifespan

@@ -22,29 +22,28 @@ from typing import Any, TypeVar, get_args, overload
 import asyncpg
 from typing_extensions import ParamSpec, Self, Unpack
 
-from ._options import Duration, Flag, Number, Option, OptionSet
-from ._shared import MAX_DELAY, Connection
-from .admin import maintenance
-from .admin import schedules as admin_schedules
-from .admin.dead_letters import DeadLetters
-from .client.enqueue import Enqueuer
-from .client.jobs import JobClient, wait_for
-from .client.sync import SyncClient
-from .client.workflows import WorkflowClient
-from .db import schema
-from .db.connect import DsnSource
-from .db.database import Database
-from .exceptions import ConfigurationError
-from .hooks import Hooks
-from .periodic.schedule import CatchUp, Schedule, check_catch_up, make_timing
-from .queues import check_queue_name
-from .serialization.shapes import describe
-from .tasks import CancelOutcome, JobRef, Signature, SyncTask, Task, registry
-from .tasks.canvas import Workflow, WorkflowKind, WorkflowRef
-from .tasks.config import TASK_DEFAULTS, TaskDefaults, TaskOptions, app_defaults
-from .tasks.task import TaskDecorator
-from .worker import Worker, WorkerOptions, WorkerSettings
-from .worker.scheduler import Scheduler
+from .._shared import Connection
+from ..admin import maintenance
+from ..admin.dead_letters import DeadLetters
+from ..client.enqueue import Enqueuer
+from ..client.jobs import JobClient, wait_for
+from ..client.sync import SyncClient
+from ..client.workflows import WorkflowClient
+from ..db import schema
+from ..db.connect import DsnSource
+from ..db.database import Database
+from ..exceptions import ConfigurationError
+from ..hooks import Hooks
+from ..periodic.schedule import Schedule
+from ..queues import check_queue_name
+from ..serialization.shapes import describe
+from ..tasks import CancelOutcome, JobRef, Signature, SyncTask, Task, registry
+from ..tasks.canvas import Workflow, WorkflowKind, WorkflowRef
+from ..tasks.config import TASK_DEFAULTS, TaskDefaults, TaskOptions, app_defaults
+from ..tasks.task import TaskDecorator
+from ..worker import Worker, WorkerOptions, WorkerSettings
+from .options import APP_OPTIONS
+from .periodic import PeriodicApp
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -53,47 +52,7 @@ T = TypeVar("T")
 logger = logging.getLogger("pgtasks")
 
 
-APP_OPTIONS = OptionSet(
-    Option(
-        "max_message_size",
-        1024 * 1024,
-        "largest encoded message body, in bytes: larger arguments are refused at defer, and "
-        "a worker does not load a larger body",
-        Number(64, 128 * 1024 * 1024, integer=True, unit="bytes"),
-        default_text="1048576 (1 MiB)",
-    ),
-    Option(
-        "key_retention",
-        dt.timedelta(days=7),
-        "how long an idempotency key keeps deduplicating after its job succeeded",
-        Duration(dt.timedelta(0), MAX_DELAY),
-    ),
-    Option(
-        "create_queues",
-        True,
-        "create a missing queue on enqueue (when the database allows it too); off: "
-        "deferring to a queue nobody created raises QueueNotFound",
-        Flag(),
-    ),
-    Option(
-        "max_result_size",
-        1024 * 1024,
-        "largest result kept, in bytes (encoded): a larger one is not kept, and result() says why",
-        Number(0, 128 * 1024 * 1024, integer=True, unit="bytes"),
-        default_text="1048576 (1 MiB)",
-    ),
-    Option(
-        "default",
-        False,
-        "make this the app that shared tasks (@pgtasks.task) defer through",
-        Flag(),
-    ),
-)
-"""The app's own options (besides the database's, `DATABASE_OPTIONS`, and the task
-defaults, `TASK_DEFAULTS`)."""
-
-
-class App:
+class App(PeriodicApp):
     """A pgtasks application.
 
     Args:
@@ -452,131 +411,4 @@ class App:
             hooks=self.hooks,
             schedules=list(self._schedules.values()),
             **options,
-        )
-
-    # --- periodic jobs ------------------------------------------------------------------
-
-    def periodic(
-        self,
-        cron: str | None = None,
-        /,
-        *,
-        every: dt.timedelta | None = None,
-        tz: str | None = None,
-        name: str | None = None,
-        catch_up: CatchUp = "latest",
-    ) -> Callable[[Task[P, R]], Task[P, R]]:
-        """Run a task on a schedule; goes above ``@app.task`` (the task takes no
-        arguments; see `schedule` for one that does)::
-
-            @app.periodic("*/5 * * * *", tz="Europe/Paris")
-            @app.task
-            async def report() -> None: ...
-
-        Args:
-            cron: a cron expression: 5 fields (minute hour day month weekday), or 6 with
-                the seconds first. Needs the ``cron`` extra.
-            every: an interval instead (a ``timedelta`` from one second to 50 years): ticks at
-                its multiples since the Unix epoch.
-            tz: the IANA time zone the cron expression is read in (default UTC).
-            name: the schedule's name (default: the task's); unique in the app.
-            catch_up: ticks missed while no scheduler ran: ``"none"``, ``"latest"``
-                (enqueue the latest), or a number N (at most the latest N).
-
-        An invalid expression, time zone or option fails here. See docs/periodic.md.
-        """
-        timing = make_timing(cron, every, tz)
-        policy = check_catch_up(catch_up)
-
-        def decorate(task: Task[P, R]) -> Task[P, R]:
-            if not isinstance(task, Task):
-                raise TypeError(
-                    f"@app.periodic goes above @app.task, not on a plain function ({task!r})"
-                )
-            try:
-                signature = task.s()  # type: ignore[call-arg]
-            except TypeError as exc:
-                raise ConfigurationError(
-                    f"@app.periodic: task {task.name!r} needs arguments ({exc}); schedule a "
-                    "call with them: app.schedule(task.s(...), cron=..., name=...)"
-                ) from None
-            self._add_schedule(Schedule(name or task.name, signature, timing, policy))
-            return task
-
-        return decorate
-
-    def schedule(
-        self,
-        signature: Signature,
-        /,
-        *,
-        cron: str | None = None,
-        every: dt.timedelta | None = None,
-        tz: str | None = None,
-        name: str | None = None,
-        catch_up: CatchUp = "latest",
-    ) -> Schedule:
-        """Enqueue this call (``task.s(...)``, or ``task.options(queue=...).s(...)``) on a
-        schedule; the options are those of `periodic`. Returns the `Schedule`."""
-        if not isinstance(signature, Signature):
-            raise TypeError(
-                f"app.schedule takes a call of a task, like task.s(42) (got {signature!r})"
-            )
-        timing = make_timing(cron, every, tz)
-        return self._add_schedule(
-            Schedule(name or signature.task.name, signature, timing, check_catch_up(catch_up))
-        )
-
-    def schedule_prune(
-        self,
-        cron: str | None = "0 3 * * *",
-        /,
-        *,
-        every: dt.timedelta | None = None,
-        tz: str | None = None,
-        errors_older_than: dt.timedelta = dt.timedelta(days=7),
-        archive_older_than: dt.timedelta | None = None,
-        queue: str = "default",
-        catch_up: CatchUp = "latest",
-    ) -> Schedule:
-        """Run `prune` on a schedule (default: daily at 03:00 UTC), as the job
-        ``pgtasks.prune`` on ``queue``, so that retention needs no external cron."""
-        task = self._tasks.get(admin_schedules.PRUNE_TASK)
-        if task is None:
-            task = admin_schedules.prune_task(self._database, queue)
-            self._register(task)
-        signature = task.options(queue=queue).s(
-            errors_older_than.total_seconds(),
-            archive_older_than.total_seconds() if archive_older_than is not None else None,
-        )
-        return self.schedule(
-            signature,
-            cron=cron if every is None else None,
-            every=every,
-            tz=tz,
-            name=admin_schedules.PRUNE_TASK,
-            catch_up=catch_up,
-        )
-
-    def _add_schedule(self, schedule: Schedule) -> Schedule:
-        if schedule.name in self._schedules:
-            raise ConfigurationError(
-                f"two schedules are named {schedule.name!r}; give one another name=..."
-            )
-        schedule.definition(self.max_message_size)  # arguments that cannot be sent fail now
-        self._schedules[schedule.name] = schedule
-        return schedule
-
-    @property
-    def schedules(self) -> dict[str, Schedule]:
-        """This app's schedules, by name."""
-        return dict(self._schedules)
-
-    def scheduler(self) -> Scheduler:
-        """A scheduler of this app's schedules, to run alone (``await
-        app.scheduler().run()``); workers run one of their own unless told not to."""
-        return Scheduler(
-            self._database,
-            list(self._schedules.values()),
-            max_message_size=self.max_message_size,
         )
