@@ -207,7 +207,7 @@ class Dashboard:
     async def queue_page(self, request: Request) -> Response:
         queue = request.path_params["queue"]
         state = request.query_params.get("state") or "waiting"
-        task = request.query_params.get("task") or None
+        task = _param(request, "task") or None
         if state not in admin_jobs.STATES:
             return self.render(
                 request, "error.html", status_code=400, message=f"no job state {state!r}"
@@ -250,7 +250,7 @@ class Dashboard:
         return self.render(request, "workflow.html", live=True, w=w)
 
     async def search_page(self, request: Request) -> Response:
-        text = (request.query_params.get("q") or "").strip()
+        text = _param(request, "q").strip()
         found: Sequence[admin_jobs.JobSummary] = []
         queues: list[str] = []
         if text:
@@ -274,8 +274,8 @@ class Dashboard:
         return self.render(request, "search.html", text=text, found=found, task_queues=queues)
 
     async def dead_page(self, request: Request) -> Response:
-        queue = request.query_params.get("queue") or None
-        task = request.query_params.get("task") or None
+        queue = _param(request, "queue") or None
+        task = _param(request, "task") or None
         letters = await self.dead_letters.list(queue=queue, task=task, limit=PAGE_SIZE)
         return self.render(
             request,
@@ -288,7 +288,10 @@ class Dashboard:
         )
 
     async def dead_letter_page(self, request: Request) -> Response:
-        letter = await self.dead_letters.get(request.path_params["dead_id"])
+        dead_id = request.path_params["dead_id"]
+        if not 1 <= dead_id < 2**63:
+            raise JobNotFound(f"no dead letter {dead_id}")
+        letter = await self.dead_letters.get(dead_id)
         return self.render(request, "dead_letter.html", letter=letter)
 
     async def schedules_page(self, request: Request) -> Response:
@@ -487,6 +490,12 @@ def _job_path(request: Request) -> tuple[str, int]:
     if not QUEUE_NAME.fullmatch(queue) or msg_id >= 2**63:
         raise JobNotFound(f"no job {msg_id} in queue {queue!r}")
     return queue, msg_id
+
+
+def _param(request: Request, name: str) -> str:
+    """A query parameter as text to search with: a NUL (which no text in the database can
+    hold, and which PostgreSQL refuses in a query) becomes U+FFFD, so it matches nothing."""
+    return (request.query_params.get(name) or "").replace("\x00", "\ufffd")
 
 
 def _cancelled(params: Mapping[str, str]) -> str:
