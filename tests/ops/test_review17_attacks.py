@@ -8,7 +8,9 @@ malformed trace context in a message."""
 from __future__ import annotations
 
 import asyncio
+import html
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -268,6 +270,19 @@ async def test_a_hundred_thousand_dead_letters_make_a_bounded_fast_page(
         assert elapsed < 3, elapsed
         filtered = await http.get("/dead", params={"queue": "many", "task": "many.t"})
         assert filtered.text.count("<tr data-dead=") == 50
+        # the older ones are a page away, each page as fast
+        first = [int(i) for i in re.findall(r'<tr data-dead="(\d+)"', filtered.text)]
+        older = re.search(r'href="([^"]+)" id="older"', filtered.text)
+        assert older is not None
+        started = time.monotonic()
+        page = await http.get(html.unescape(older[1]))
+        assert time.monotonic() - started < 3
+        second = [int(i) for i in re.findall(r'<tr data-dead="(\d+)"', page.text)]
+        assert len(second) == 50
+        assert max(second) < min(first)
+        assert "queue=many" in older[1]
+        last = await http.get("/dead", params={"before": 1})
+        assert "No dead letters older than 1." in last.text
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,8 @@ worker).
 
 Pages (GET): ``/`` the queues; ``/queues/{queue}?state=&task=`` a queue's jobs by state;
 ``/jobs/{queue}/{id}`` one job; ``/search?q=`` by job id, idempotency key or task name;
-``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/schedules``; ``/workers``.
+``/dead`` the dead letters (50 a page, ``?before=ID`` the older ones); ``/dead/{id}`` one
+dead letter; ``/schedules``; ``/workers``.
 Actions (POST, with a CSRF token, refused in read-only mode): ``/jobs/{queue}/{id}/cancel``
 cancels one job, ``/queues/{queue}/cancel`` the jobs selected in a list (through
 `App.cancel`: at once if not running, else a request its worker acts on);
@@ -276,13 +277,19 @@ class Dashboard:
     async def dead_page(self, request: Request) -> Response:
         queue = _param(request, "queue") or None
         task = _param(request, "task") or None
-        letters = await self.dead_letters.list(queue=queue, task=task, limit=PAGE_SIZE)
+        before = request.query_params.get("before") or ""
+        older = int(before) if before.isdigit() and len(before) < 19 else None
+        letters = await self.dead_letters.list(
+            queue=queue, task=task, limit=PAGE_SIZE, before=older
+        )
         return self.render(
             request,
             "dead.html",
             letters=letters,
             queue=queue or "",
             task=task or "",
+            before=older,
+            page_size=PAGE_SIZE,
             done=request.query_params.get("done"),
             total=await self.dead_letters.count(queue=queue),
         )
