@@ -98,10 +98,17 @@ class DeadLetters:
         self._record_ttl = record_ttl
 
     async def list(
-        self, *, queue: str | None = None, task: str | None = None, limit: int = 100
+        self,
+        *,
+        queue: str | None = None,
+        task: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
     ) -> Sequence[DeadLetter]:
-        """The newest dead letters, optionally of one queue or task."""
-        rows = await dead_letters.dead_list(await self._database.pool(), queue, task, limit)
+        """The newest dead letters, optionally of one queue or task (and with an id below
+        ``before``: the next page of a list, after its last id)."""
+        pool = await self._database.pool()
+        rows = await dead_letters.dead_list(pool, queue, task, limit, before)
         return [_summary(r) for r in rows]
 
     async def get(self, dead_id: int) -> DeadLetter:

@@ -20,7 +20,7 @@ from ..admin import status as admin_status
 from ..admin.status import QueueState, Status
 from ..admin.workers import WorkerInfo
 from ..app import App
-from .output import print_json
+from .output import one_line, print_json
 
 
 async def status(app: App, args: argparse.Namespace) -> int:
@@ -126,12 +126,12 @@ def workers(infos: Sequence[WorkerInfo], now: dt.datetime) -> list[str]:
         return ["workers: none alive"]
     rows = [
         (
-            w.name,
-            ",".join(w.queues),
+            one_line(w.name, 60),  # a host name is text from the worker: one line
+            one_line(",".join(w.queues), 60),
             f"{w.running}/{w.concurrency}",
             f"{w.stats.get('succeeded', 0):,}",
             f"{w.stats.get('failed', 0):,}",
-            w.version,
+            one_line(w.version, 20),
             age((now - w.started_at).total_seconds()) + " ago",
             age((now - w.last_seen).total_seconds()) + " ago",
         )

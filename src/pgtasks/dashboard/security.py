@@ -2,10 +2,14 @@
 auth for standalone use, and the rule that a standalone dashboard binds only to the
 loopback interface unless it has credentials.
 
+Without credentials, a standalone dashboard also answers only requests addressed to a
+loopback name (`LoopbackHost`), so that DNS rebinding cannot reach it from a web page.
+
 CSRF: a double-submit token. Every page sets (once) a random token in a cookie (HttpOnly,
 SameSite=Strict, scoped to the dashboard's path) and puts the same token in each form; an
 action (always a POST) is refused unless the form's token equals the cookie's, and unless
-the request's ``Origin``, when the browser sends one, is the dashboard's own host. A page
+the request's ``Origin`` (or, when a browser sends none, its ``Referer``), if it has one, is
+the dashboard's own host: an ``Origin`` of ``null`` (a sandboxed frame) is refused. A page
 of another site can neither read the cookie nor forge the field.
 """
 
@@ -47,10 +51,12 @@ def csrf_ok(request: Request, form: MutableMapping[str, list[str]]) -> str | Non
     sent = (form.get(CSRF_FIELD) or [""])[0]
     if not cookie or not hmac.compare_digest(cookie.encode(), sent.encode()):
         return "the form's CSRF token is missing or does not match (reload the page and retry)"
-    origin = request.headers.get("origin")
-    if origin and origin != "null":
+    # where the form was: its Origin, else (a browser that sends none) its Referer; "null"
+    # (a sandboxed frame, a data: URL) is another site too
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if origin is not None:
         host = request.headers.get("host", "")
-        if urlsplit(origin).netloc != host:
+        if origin == "null" or urlsplit(origin).netloc != host:
             return f"the request comes from another site ({origin!r})"
     return None
 
@@ -101,6 +107,42 @@ class BasicAuth:
         except (binascii.Error, ValueError):
             return False
         return hmac.compare_digest(given, self._expected)
+
+
+class LoopbackHost:
+    """ASGI middleware of a standalone dashboard without credentials: it answers only
+    requests addressed to a loopback name (``Host: 127.0.0.1:8080``, ``localhost``,
+    ``[::1]``). A web page that rebinds its own name to 127.0.0.1 (DNS rebinding) is then
+    refused, although its requests reach the port and look same-origin to the browser."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+        try:
+            name = urlsplit(f"//{host}").hostname or ""
+        except ValueError:
+            name = ""
+        if is_loopback(name):
+            await self.app(scope, receive, send)
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 421,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+            }
+        )
+        await send(
+            {
+                "type": "http.response.body",
+                "body": b"this dashboard answers only on this machine (Host: 127.0.0.1)\n",
+            }
+        )
 
 
 def is_loopback(host: str) -> bool:

@@ -2,8 +2,9 @@
 
 Safe by default: it binds to 127.0.0.1, and refuses any other address unless it has
 credentials (``--basic-auth USER:PASSWORD`` or ``PGTASKS_DASHBOARD_AUTH``), which it then
-requires of every request. Put it behind TLS (a reverse proxy) when it is reachable from
-other machines.
+requires of every request. Without them it answers only requests addressed to a loopback
+name (``Host: 127.0.0.1``), so that a web page cannot reach it by DNS rebinding. Put it
+behind TLS (a reverse proxy) when it is reachable from other machines.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uvicorn
 from ..app import App
 from ..exceptions import ConfigurationError
 from . import dashboard
-from .security import is_loopback
+from .security import LoopbackHost, is_loopback
 
 
 def check_bind(host: str, credentials: tuple[str, str] | None) -> None:
@@ -35,6 +36,8 @@ def build(
 ) -> Callable[[MutableMapping[str, Any], Any, Any], Awaitable[None]]:
     """The standalone ASGI app: the dashboard, with a lifespan that closes the app's pool."""
     inner = dashboard(app, read_only=read_only, basic_auth=credentials)
+    if credentials is None:  # on 127.0.0.1 (`check_bind`): for this machine's names only
+        inner = LoopbackHost(inner)
 
     @contextlib.asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:

@@ -4,7 +4,8 @@ worker).
 
 Pages (GET): ``/`` the queues; ``/queues/{queue}?state=&task=`` a queue's jobs by state;
 ``/jobs/{queue}/{id}`` one job; ``/search?q=`` by job id, idempotency key or task name;
-``/dead`` the dead letters; ``/dead/{id}`` one dead letter; ``/schedules``; ``/workers``.
+``/dead`` the dead letters (50 a page, ``?before=ID`` the older ones); ``/dead/{id}`` one
+dead letter; ``/schedules``; ``/workers``.
 Actions (POST, with a CSRF token, refused in read-only mode): ``/jobs/{queue}/{id}/cancel``
 cancels one job, ``/queues/{queue}/cancel`` the jobs selected in a list (through
 `App.cancel`: at once if not running, else a request its worker acts on);
@@ -207,7 +208,7 @@ class Dashboard:
     async def queue_page(self, request: Request) -> Response:
         queue = request.path_params["queue"]
         state = request.query_params.get("state") or "waiting"
-        task = request.query_params.get("task") or None
+        task = _param(request, "task") or None
         if state not in admin_jobs.STATES:
             return self.render(
                 request, "error.html", status_code=400, message=f"no job state {state!r}"
@@ -250,7 +251,7 @@ class Dashboard:
         return self.render(request, "workflow.html", live=True, w=w)
 
     async def search_page(self, request: Request) -> Response:
-        text = (request.query_params.get("q") or "").strip()
+        text = _param(request, "q").strip()
         found: Sequence[admin_jobs.JobSummary] = []
         queues: list[str] = []
         if text:
@@ -274,21 +275,30 @@ class Dashboard:
         return self.render(request, "search.html", text=text, found=found, task_queues=queues)
 
     async def dead_page(self, request: Request) -> Response:
-        queue = request.query_params.get("queue") or None
-        task = request.query_params.get("task") or None
-        letters = await self.dead_letters.list(queue=queue, task=task, limit=PAGE_SIZE)
+        queue = _param(request, "queue") or None
+        task = _param(request, "task") or None
+        before = request.query_params.get("before") or ""
+        older = int(before) if before.isdigit() and len(before) < 19 else None
+        letters = await self.dead_letters.list(
+            queue=queue, task=task, limit=PAGE_SIZE, before=older
+        )
         return self.render(
             request,
             "dead.html",
             letters=letters,
             queue=queue or "",
             task=task or "",
+            before=older,
+            page_size=PAGE_SIZE,
             done=request.query_params.get("done"),
             total=await self.dead_letters.count(queue=queue),
         )
 
     async def dead_letter_page(self, request: Request) -> Response:
-        letter = await self.dead_letters.get(request.path_params["dead_id"])
+        dead_id = request.path_params["dead_id"]
+        if not 1 <= dead_id < 2**63:
+            raise JobNotFound(f"no dead letter {dead_id}")
+        letter = await self.dead_letters.get(dead_id)
         return self.render(request, "dead_letter.html", letter=letter)
 
     async def schedules_page(self, request: Request) -> Response:
@@ -487,6 +497,12 @@ def _job_path(request: Request) -> tuple[str, int]:
     if not QUEUE_NAME.fullmatch(queue) or msg_id >= 2**63:
         raise JobNotFound(f"no job {msg_id} in queue {queue!r}")
     return queue, msg_id
+
+
+def _param(request: Request, name: str) -> str:
+    """A query parameter as text to search with: a NUL (which no text in the database can
+    hold, and which PostgreSQL refuses in a query) becomes U+FFFD, so it matches nothing."""
+    return (request.query_params.get(name) or "").replace("\x00", "\ufffd")
 
 
 def _cancelled(params: Mapping[str, str]) -> str:

@@ -24,6 +24,7 @@ SELECT id, queue, msg_id, {_TASK}, read_ct, enqueued_at, failed_at, reason
 FROM pgtasks.dead_letters
 WHERE ($1::text IS NULL OR queue = $1)
   AND ($2::text IS NULL OR task = $2 OR (task IS NULL AND message ->> 'task' = $2))
+  AND ($4::bigint IS NULL OR id < $4)
 ORDER BY id DESC
 LIMIT $3
 """
@@ -37,9 +38,9 @@ async def dead_count(conn: Executor, queue: str | None = None) -> int:
 
 
 async def dead_list(
-    conn: Executor, queue: str | None, task: str | None, limit: int
+    conn: Executor, queue: str | None, task: str | None, limit: int, before: int | None = None
 ) -> list[asyncpg.Record]:
-    return list(await conn.fetch(DEAD_LIST, queue, task, limit))
+    return list(await conn.fetch(DEAD_LIST, queue, task, limit, before))
 
 
 DEAD_GET = f"""

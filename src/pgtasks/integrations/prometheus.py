@@ -101,6 +101,9 @@ class Metrics:
             time (one query per ``cache_seconds``); turn it off in all but one place when
             many processes are scraped, or aggregate with ``max by (queue)``.
         cache_seconds: how long one status query serves scrapes.
+        status_timeout: how long a scrape waits for the status query (a database that does
+            not answer then shows as ``pgtasks_queue_status_up 0``, and the scrape is
+            answered in time).
     """
 
     def __init__(
@@ -110,10 +113,12 @@ class Metrics:
         registry: CollectorRegistry | None = None,
         queue_stats: bool = True,
         cache_seconds: float = 5.0,
+        status_timeout: float = 5.0,
     ) -> None:
         self.app = app
         self.registry = registry if registry is not None else CollectorRegistry()
         self.cache_seconds = cache_seconds
+        self.status_timeout = status_timeout
         self.jobs = Counter(
             "pgtasks_jobs",
             "Attempts that ended, by queue, task and outcome (succeeded, retried, failed, "
@@ -191,8 +196,9 @@ class Metrics:
 
     async def refresh(self) -> Status | None:
         """The status snapshot the queue gauges show: read again when older than
-        ``cache_seconds`` (one query however many scrapes wait for it); None if the query
-        failed (logged; ``pgtasks_queue_status_up`` is then 0)."""
+        ``cache_seconds`` (one query however many scrapes wait for it, for at most
+        ``status_timeout``); None if the query failed or timed out (logged;
+        ``pgtasks_queue_status_up`` is then 0)."""
         loop_lock = self._refreshing
         if loop_lock is None:
             loop_lock = self._refreshing = asyncio.Lock()
@@ -200,8 +206,16 @@ class Metrics:
             if time.monotonic() - self._snapshot_at < self.cache_seconds:
                 return self._snapshot if self._snapshot_ok else None
             try:
-                self._snapshot = await admin_status.status(self.app.database)
+                self._snapshot = await asyncio.wait_for(
+                    admin_status.status(self.app.database), self.status_timeout
+                )
                 self._snapshot_ok = True
+            except asyncio.TimeoutError:
+                logger.warning(
+                    "metrics: the queue status query took more than %s s: given up",
+                    self.status_timeout,
+                )
+                self._snapshot_ok = False
             except Exception as exc:
                 logger.warning("metrics: the queue status query failed: %s", exc)
                 self._snapshot_ok = False
