@@ -238,12 +238,16 @@ def text(browser: Any, css: str) -> str:
     return _settled(lambda: str(browser.find_element(By.CSS_SELECTOR, css).text))
 
 
-def follow(browser: Any, element: Any) -> None:
-    """Click ``element`` (a link, a form's button) and wait until the page it leads to has
-    replaced this one, so that nothing is read from the old page (an action on the schedules
-    page leads back to the schedules page: its heading does not change)."""
+def follow(browser: Any, element: Any, *, submit: bool = False) -> None:
+    """Click ``element`` (a link, a form's button), or submit its form, and wait until the
+    page it leads to has replaced this one, so that nothing is read from the old page (an
+    action on the schedules page leads back to the schedules page: its heading does not
+    change)."""
     old = browser.find_element(By.TAG_NAME, "html")
-    element.click()
+    if submit:
+        element.submit()
+    else:
+        element.click()
     WebDriverWait(browser, 10).until(staleness_of(old))
 
 
@@ -302,25 +306,25 @@ def test_search_by_id_key_and_task(site: Site, browser: Any) -> None:
     browser.get(site.url + "/")
     box = browser.find_element(By.ID, "search")
     box.send_keys("welcome-42")
-    box.submit()
+    follow(browser, box, submit=True)
     assert browser.current_url.endswith(f"/jobs/emails/{site.ids['keyed']}")
     assert text(browser, "#job-state") == "succeeded"
     assert text(browser, "#job-result") == '"sent to ann@example.com"'
 
     # an id is per queue: every queue that has a job with it is listed
     browser.find_element(By.ID, "search").send_keys(str(site.ids["running"]))
-    browser.find_element(By.ID, "search").submit()
-    browser.find_element(By.LINK_TEXT, f"job {site.ids['running']} in emails").click()
+    follow(browser, browser.find_element(By.ID, "search"), submit=True)
+    follow(browser, browser.find_element(By.LINK_TEXT, f"job {site.ids['running']} in emails"))
     assert text(browser, "#job-state") == "running"
 
     browser.find_element(By.ID, "search").send_keys("reports.build")
-    browser.find_element(By.ID, "search").submit()
-    browser.find_element(By.CSS_SELECTOR, "#task-queues a").click()
-    browser.find_element(By.ID, "tab-retrying").click()
+    follow(browser, browser.find_element(By.ID, "search"), submit=True)
+    follow(browser, browser.find_element(By.CSS_SELECTOR, "#task-queues a"))
+    follow(browser, browser.find_element(By.ID, "tab-retrying"))
     [retrying] = rows(browser, "#jobs")
     assert retrying[1:3] == ["reports.build", "1"]
     retrying_link = browser.find_element(By.CSS_SELECTOR, "#jobs tbody a")
-    retrying_link.click()
+    follow(browser, retrying_link)
     assert text(browser, "#job-state") == "retrying"
     assert "Retry" in text(browser, "#attempts")
     shot(browser, "04-job-retrying")
