@@ -45,9 +45,11 @@ pytestmark = [
 ]
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    StaleElementReferenceException,
+    WebDriverException,
+)
 from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 T = TypeVar("T")
@@ -225,11 +227,16 @@ def shot(browser: Any, name: str) -> None:
 
 def _settled(read: Callable[[], T]) -> T:
     """``read()``, again if the page was replaced under it (a click's navigation landing
-    between finding an element and reading it)."""
+    between finding an element and reading it; Chromium may report that as a stale element
+    or as a node that no longer belongs to the document)."""
     for _ in range(50):
         try:
             return read()
         except StaleElementReferenceException:
+            time.sleep(0.1)
+        except WebDriverException as exc:
+            if "does not belong to the document" not in str(exc):
+                raise
             time.sleep(0.1)
     return read()
 
@@ -248,7 +255,22 @@ def follow(browser: Any, element: Any, *, submit: bool = False) -> None:
         element.submit()
     else:
         element.click()
-    WebDriverWait(browser, 10).until(staleness_of(old))
+    WebDriverWait(browser, 10).until(lambda _: _detached(old))
+
+
+def _detached(element: Any) -> bool:
+    """Whether ``element`` has left the document. Chromium reports a node that the
+    navigation is detaching either as stale or, mid-swap, as an inspector error ("Node with
+    given id does not belong to the document"); both mean the old page is gone."""
+    try:
+        element.is_enabled()
+    except StaleElementReferenceException:
+        return True
+    except WebDriverException as exc:
+        if "does not belong to the document" not in str(exc):
+            raise
+        return True
+    return False
 
 
 def heading(browser: Any, expected: str) -> str:
