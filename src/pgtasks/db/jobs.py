@@ -124,20 +124,24 @@ async def message_read(
     return sorted((Message(*r) for r in rows), key=lambda m: m.msg_id)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _next_visible_sql(queues: tuple[str, ...]) -> str:
-    parts = [f"SELECT min(vt) AS vt FROM pgmq.{table('q', q)}" for q in queues]
-    return (
-        "SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 "
-        f"FROM ({' UNION ALL '.join(parts)}) AS t"
+    # one sub-select per queue, each the first entry of pgmq's vt index
+    parts = ",\n       ".join(
+        f"(SELECT extract(epoch FROM min(vt) - clock_timestamp())::float8 "
+        f"FROM pgmq.{table('q', q)})"
+        for q in queues
     )
+    return f"SELECT ARRAY[{parts}]::float8[]"
 
 
-async def queues_next_visible(conn: Executor, queues: Sequence[str]) -> float | None:
-    """Seconds until the earliest message of these queues is visible (<= 0: one is visible
-    now), or None when they are all empty. Uses pgmq's vt index."""
-    value: float | None = await conn.fetchval(_next_visible_sql(tuple(queues)))
-    return value
+async def queues_next_visible(conn: Executor, queues: Sequence[str]) -> list[float | None]:
+    """For each queue, in order: seconds until its earliest message is visible (<= 0: one
+    is visible now; delayed jobs, retries and leases that will lapse all count), or None
+    when it is empty. One statement (prepared once for this tuple of queues), one index
+    probe per queue."""
+    values: list[float | None] = await conn.fetchval(_next_visible_sql(tuple(queues)))
+    return values
 
 
 # --- outcomes (ownership-guarded) -----------------------------------------------------------

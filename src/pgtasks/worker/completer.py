@@ -58,7 +58,7 @@ class Completer:
         key_retention: float,
         emit: Callable[[JobEvent], None],
         worker_id: str = "",
-        requeued: Callable[[], None] = lambda: None,
+        requeued: Callable[[str], None] = lambda _: None,
         batch_size: int = 500,
         interval: float = 0.005,
     ) -> None:
@@ -197,8 +197,8 @@ class Completer:
             )
             raise
         self._settle(batch, written, given_up, started)
-        if any(o.kind in ("retry", "release") for o in batch):
-            self._requeued()  # the fetcher's timer must learn of the new visibility times
+        for queue in {o.job.queue for o in batch if o.kind in ("retry", "release")}:
+            self._requeued(queue)  # the fetcher must learn of the new visibility times
         if not self._pending:
             self._idle.set()
 

@@ -26,7 +26,7 @@ from ..serialization import envelope
 from ..tasks import Fail, Retry, RetryPolicy, Task, TaskConfig
 from ..tasks.config import TASK_DEFAULTS
 from .events import JobEvent
-from .job import Job
+from .job import Job, JobState
 from .outcome import Outcome, attempt_error, clean_delay, clean_text, describe_error, error_json
 
 logger = logging.getLogger("pgtasks")
@@ -200,19 +200,23 @@ class Decisions:
         *,
         ran: bool = True,
     ) -> None:
-        """Cancelled as someone asked while it ran: recorded as such, never retried. Not
-        ``ran``: the request came while an earlier claim ran, whose worker stopped or died
-        before it heard; this claim ends the job without running it again."""
+        """Cancelled as someone asked: recorded as such, never retried. Not ``ran``: the
+        request came while an earlier claim ran, whose worker stopped or died before it
+        heard; this claim ends the job without running it again. A job asked to cancel
+        while it waited here for a slot ends so too, before it ran."""
+        waited = ran and job.state is JobState.CLAIMED  # it never started
         if not job.finish():
             return
-        if ran:
+        if ran and not waited:
             how = (
                 "its run ended" if error is None else f"its run ended with {describe_error(error)}"
             )
+        elif waited:
+            how = "it had not started (it waited for a slot or a connection); not run"
         else:
             how = "its cancellation was asked while an earlier claim of it ran; not run again"
         logger.info("%s cancelled, as requested; %s", job, how)
-        reason = "cancelled while it ran"
+        reason = "cancelled before it ran" if waited else "cancelled while it ran"
         event = JobEvent(
             "cancelled",
             job.queue,

@@ -108,6 +108,12 @@ class Executor:
             logger.error("pgtasks failed to process %s: %s", job, describe_error(exc))
             self.decide.failed(job, job.policy or self._default_policy, exc, 0.0)
 
+    def withdrawn(self, job: Job) -> None:
+        """A job cancelled while it waited for a slot, before its run began: its outcome, by
+        the reason (a stop hands it back, its attempt given back)."""
+        if not self._interrupted(job, None, None, 0.0):
+            self.decide.released(job, give_back=True)
+
     def _interrupted(
         self, job: Job, task: Task[Any, Any] | None, error: BaseException | None, duration: float
     ) -> bool:

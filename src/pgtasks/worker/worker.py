@@ -25,11 +25,13 @@ The library never installs signal handlers; the CLI does. Embedded use::
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import random
 import socket
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -62,6 +64,7 @@ from .settings import (
     checked_queues,
     transactional_slots,
 )
+from .slots import Slots
 from .threads import Threads
 
 logger = logging.getLogger("pgtasks")
@@ -115,7 +118,8 @@ class Worker:
         self.schedule: bool = opts["schedule"]
         self._events = Events()
         self.stats = self._events.stats
-        self._jobs: set[Job] = set()
+        self._jobs: set[Job] = set()  # held: running, or claimed and waiting for a slot
+        self._slots = Slots(self.concurrency, start=self._launch, dispose=self._withdrawn)
         self._stopping = anyio.Event()
         self._fetch_scope: anyio.CancelScope | None = None
         self._force = False
@@ -159,8 +163,8 @@ class Worker:
 
     @property
     def running(self) -> int:
-        """Jobs running now."""
-        return len(self._jobs)
+        """Jobs running now (not counting those claimed ahead, waiting for a slot)."""
+        return self._slots.busy
 
     @property
     def failed_queues(self) -> dict[str, str]:
@@ -229,16 +233,17 @@ class Worker:
             key_retention=settings.key_retention.total_seconds(),
             emit=self._events.emit,
             worker_id=f"{socket.gethostname()}:{os.getpid()}",
-            requeued=lambda: self._on_notify(None),
+            requeued=self._on_notify,
         )
         self._fetcher = Fetcher(
             fetch_conn,
             self.queues,
             read_vt,
-            free_slots=lambda: self.concurrency - len(self._jobs),
+            free_slots=self._free_capacity,
             claimed=lambda q, msgs: self._start_jobs(executor, q, msgs, read_vt[q]),
             poll_interval=self.poll_interval,
             max_message_size=settings.max_message_size,
+            timed=self._slots.claimed,
         )
         # a lease is extended once a third of it has passed: tick often enough that even
         # the shortest lease of these queues is extended well before it runs out
@@ -249,7 +254,7 @@ class Worker:
             worker_id=self.id,
             queues=self.queues,
             concurrency=self.concurrency,
-            running=lambda: len(self._jobs),
+            running=lambda: self._slots.busy,
             stats=lambda: self.stats,
             interval=self.heartbeat_interval,
         )
@@ -293,6 +298,9 @@ class Worker:
                     fetch_scope.cancel()
                 await self._fetch_loop()
             self._stopping.set()
+            for job in self._slots.withdraw_all():  # claimed ahead: hand them back now
+                job.cancel(CancelReason.STOP)
+                self._withdrawn(job)
             if not self._force:
                 with anyio.move_on_after(self.shutdown_timeout):
                     while self._jobs:
@@ -332,6 +340,9 @@ class Worker:
         self.abandoned = len(left)
 
     def _cancel_jobs(self) -> list[asyncio.Task[None]]:
+        for job in self._slots.withdraw_all():
+            job.cancel(CancelReason.STOP)
+            self._withdrawn(job)
         tasks = []
         for job in self._jobs:
             job.cancel(CancelReason.STOP)
@@ -347,7 +358,7 @@ class Worker:
         failing_since: float | None = None
         while True:
             try:
-                if self.concurrency - len(self._jobs) <= 0:
+                if self._free_capacity() <= 0:
                     await fetcher.wait_for_slot()
                     continue
                 claimed, drained = await fetcher.claim_pass()
@@ -360,13 +371,16 @@ class Worker:
                 if claimed:
                     await asyncio.sleep(0)  # the new jobs start before the next query goes out
                 if not drained:
-                    # a backlog: let slots free up for a moment so the next claim is one
-                    # batch rather than many single-message reads
-                    await fetcher.gather_slots(self.concurrency // 2)
+                    # a backlog: let capacity free up for a moment so the next claim is one
+                    # batch rather than many single-message reads; with a prefetch, the half
+                    # of it still waiting covers the claim's round trip
+                    prefetch = self._slots.prefetch
+                    await fetcher.gather_slots(prefetch // 2 if prefetch else self.concurrency // 2)
                     continue
                 if self.burst and claimed == 0:
                     if not self._jobs and self._completer.pending == 0:
                         await self._completer.wait_idle()
+                        await fetcher.sweep()
                         claimed, drained = await fetcher.claim_pass()
                         if claimed == 0:
                             self._burst_done()
@@ -374,8 +388,8 @@ class Worker:
                         continue
                     await fetcher.wakeup.wait(0.05)
                     continue
-                # drained: the claim got fewer than it asked for, so reading again now would
-                # find nothing; a notification, a freed slot or the next vt wakes the loop
+                # no queue is ready: reading again now would find nothing; a notification,
+                # freed capacity, a due time or the safety poll wakes the loop
                 await fetcher.idle_wait()
             except Exception as exc:  # claim_pass raises transient errors only
                 if failing_since is None:
@@ -402,22 +416,39 @@ class Worker:
     def _start_jobs(
         self, executor: Executor, queue: str, messages: list[jobs.Message], read_vt: int
     ) -> None:
-        loop = asyncio.get_running_loop()
         for msg in messages:
             job = executor.new_job(queue, msg, float(read_vt))
             self._jobs.add(job)
-            job.task = loop.create_task(self._run_job(executor, job))
+            self._slots.add(job)
 
-    async def _run_job(self, executor: Executor, job: Job) -> None:
-        try:
-            await executor.run(job)
-        finally:
-            self._jobs.discard(job)
-            fetcher = self._fetcher
-            if fetcher is not None and (
-                not self._jobs or self.concurrency - len(self._jobs) >= fetcher.wanted
-            ):
-                fetcher.wakeup.set()
+    def _launch(self, job: Job) -> None:
+        """Run a job that has its slot."""
+        assert self._executor is not None
+        task = asyncio.get_running_loop().create_task(self._executor.run(job))
+        job.task = task
+        task.add_done_callback(functools.partial(self._ended, job, time.monotonic()))
+
+    def _ended(self, job: Job, began: float, task: asyncio.Task[None]) -> None:
+        # (a done callback, not a finally: a task cancelled before its first step never
+        # runs its coroutine, and the job must still end and free its slot)
+        if task.cancelled() and not job.decided:
+            assert self._executor is not None
+            self._executor.withdrawn(job)
+        self._jobs.discard(job)
+        self._slots.finished(time.monotonic() - began)
+        self._freed()
+
+    def _withdrawn(self, job: Job) -> None:
+        """A job cancelled while it waited for a slot: its outcome, without a run."""
+        assert self._executor is not None
+        self._executor.withdrawn(job)
+        self._jobs.discard(job)
+        self._freed()
+
+    def _freed(self) -> None:
+        fetcher = self._fetcher
+        if fetcher is not None and (not self._jobs or self._free_capacity() >= fetcher.wanted):
+            fetcher.wakeup.set()
 
     def _leases(self, executor: Executor, queue: str) -> list[float]:
         """The leases of this queue's tasks (the app's default for a queue of none)."""
@@ -430,13 +461,21 @@ class Worker:
     def _on_cancel(self, payload: str) -> None:
         """A request to cancel a job (``queue:msg_id``): cancel it if it runs here."""
         queue, _, msg_id = payload.rpartition(":")
-        for job in self._jobs:
+        for job in list(self._jobs):
             if job.queue == queue and str(job.msg_id) == msg_id and job.request_cancel():
                 logger.info("%s: cancelling, as requested", job)
+                if self._slots.withdraw(job):  # it had not started
+                    self._withdrawn(job)
 
     def _on_notify(self, queue: str | None) -> None:
-        if (queue is None or queue in self.queues) and self._fetcher is not None:
-            self._fetcher.wakeup.set()
+        """``queue`` may hold a visible message (None: any may, a notification may have been
+        missed)."""
+        if self._fetcher is not None:
+            self._fetcher.notify(queue)
+
+    def _free_capacity(self) -> int:
+        """Jobs the fetcher may claim now: the free slots, and the prefetch."""
+        return self.concurrency + self._slots.prefetch - len(self._jobs)
 
     def _submit(self, outcome: Outcome) -> None:
         assert self._completer is not None

@@ -1,0 +1,95 @@
+"""The worker's slots, and the jobs claimed ahead of them.
+
+At most ``concurrency`` jobs run at once, each as an asyncio task of its own. A job claimed
+while every slot is busy waits here, in claim order, as a `Job` with no task yet: it holds
+its message (the lease keeper extends its lease like any held job's) and starts the moment
+a slot frees. One that is cancelled while it waits (a stop hands it back with its attempt
+given back, a request records it as cancelled, a lost lease writes nothing) never starts.
+
+The fetcher claims for the free slots and a *prefetch*: the jobs that will free slots while
+a claim is on its way. Without it, a slot that frees sits idle for a whole claim round trip
+before its next job arrives, which for jobs of a millisecond is most of the time. The
+prefetch is ``2 * concurrency * claim round trip / run time``, from moving averages of
+both, at most ``concurrency``. It is 0 until jobs have run, and 0 when a job runs so long
+that a slot's wait for a claim is a small part of it: then nothing waits in this worker
+that another worker's free slot could run.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from .job import Job
+
+WEIGHT = 1 / 16
+"""Each new sample's weight in a moving average (about the last 16 count)."""
+
+
+class Slots:
+    def __init__(
+        self,
+        concurrency: int,
+        *,
+        start: Callable[[Job], None],
+        dispose: Callable[[Job], None],
+    ) -> None:
+        self.size = concurrency
+        self.busy = 0
+        """Jobs running now (each holds a slot)."""
+        self.waiting: deque[Job] = deque()
+        """Jobs claimed ahead, in claim order."""
+        self._start = start
+        self._dispose = dispose  # a job cancelled while it waited: its outcome, not a run
+        self._run_time: float | None = None
+        self._claim_time: float | None = None
+        self.prefetch = 0
+        """Jobs to claim beyond the free slots."""
+
+    def add(self, job: Job) -> None:
+        """A job just claimed: start it now if a slot is free, else when one is."""
+        if self.busy < self.size:
+            self.busy += 1
+            self._start(job)
+        else:
+            self.waiting.append(job)
+
+    def finished(self, run_time: float) -> None:
+        """A job's run ended after ``run_time`` seconds: its slot goes to the next job."""
+        self.busy -= 1
+        mean = self._run_time
+        self._run_time = run_time if mean is None else mean + WEIGHT * (run_time - mean)
+        self._pace()
+        waiting = self.waiting
+        while waiting and self.busy < self.size:
+            job = waiting.popleft()
+            if job.cancel_reason is not None:
+                self._dispose(job)
+            else:
+                self.busy += 1
+                self._start(job)
+
+    def withdraw(self, job: Job) -> bool:
+        """Take a waiting job out of line (it was cancelled): whether it was waiting."""
+        try:
+            self.waiting.remove(job)
+        except ValueError:
+            return False
+        return True
+
+    def withdraw_all(self) -> list[Job]:
+        jobs = list(self.waiting)
+        self.waiting.clear()
+        return jobs
+
+    def claimed(self, seconds: float) -> None:
+        """A claim's round trip took ``seconds``."""
+        mean = self._claim_time
+        self._claim_time = seconds if mean is None else mean + WEIGHT * (seconds - mean)
+        self._pace()
+
+    def _pace(self) -> None:
+        run, claim = self._run_time, self._claim_time
+        if run is None or claim is None:
+            return
+        self.prefetch = min(self.size, int(2 * self.size * claim / max(run, 1e-6)))
