@@ -186,3 +186,25 @@ async def test_queue_storage_reports_what_it_sets(conn: asyncpg.Connection) -> N
     assert await queues.queue_storage(conn, "st_direct") == []
     with pytest.raises(asyncpg.InvalidParameterValueError):
         await queues.queue_storage(conn, "Bad-Name")
+
+
+async def test_a_running_worker_goes_on_while_migrate_sets_them(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    await conn.execute("SELECT pgmq.create('st_live')")
+
+    @app.task(queue="st_live")
+    async def job(n: int) -> int:
+        return n
+
+    async with app.worker(concurrency=4):
+        with anyio.fail_after(20):
+            await app.wait_for([await job.defer(i) for i in range(20)])
+            # its prepared claims and acks on the table being altered keep working
+            steps = await app.migrate()
+            await app.wait_for([await job.defer(i) for i in range(20)])
+    assert [s.description for s in steps] == [
+        "set the storage settings of pgmq.q_st_live, pgmq.a_st_live"
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.a_st_live") == 40
+    assert await settings_of(conn, "st_live") == (QUEUE_SETTINGS, ARCHIVE_SETTINGS)
