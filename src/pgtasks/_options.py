@@ -173,13 +173,17 @@ class ExceptionTypes(Check):
 
 
 class Duration(Check):
-    """A ``datetime.timedelta`` within [low, high]."""
+    """A ``datetime.timedelta`` within [low, high]; ``none`` for None allowed, meaning
+    that."""
 
-    def __init__(self, low: dt.timedelta, high: dt.timedelta) -> None:
+    def __init__(self, low: dt.timedelta, high: dt.timedelta, *, none: str | None = None) -> None:
         self.low, self.high = low, high
+        self.none_means = none
         self.allowed = f"a datetime.timedelta from {_span(low)} to {_span(high)}"
 
     def __call__(self, value: Any) -> Any:
+        if value is None and self.none_means is not None:
+            return None
         if not isinstance(value, dt.timedelta) or not self.low <= value <= self.high:
             raise Invalid
         return value

@@ -155,6 +155,13 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
             "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'pgmq'"
         )
         assert [r[0] for r in owners] == [cluster.owner]
+        # and have pgtasks' storage settings, set as that owner when they were created
+        untuned = await su.fetch(
+            "SELECT relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'pgmq' AND c.relkind = 'r' AND c.relname ~ '^[qa]_lp_' "
+            "AND c.reloptions IS NULL"
+        )
+        assert untuned == []
 
         # a worker under the worker role: a success, a retry, a dead letter, in every queue
         queues = "lp_existing,lp_new,lp_new2,lp_sql"

@@ -1,6 +1,7 @@
 """``pgtasks doctor`` against a real database: a session really holding a snapshot open is
 named with its pid and how to end it, a queue table whose dead rows vacuum cannot remove is
-named with its counts, a big archive gets the advice to prune it, a hostile application name
+named with its counts, a big archive gets the advice to prune it, a queue table without
+storage settings the advice to migrate, a hostile application name
 stays on one line, and a healthy database gets no advice and exit status 0."""
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ async def test_a_held_snapshot_and_the_dead_rows_it_keeps_are_named(
 async def test_a_big_archive_is_advised_to_be_pruned(
     app: pgtasks.App, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await conn.execute("SELECT pgmq.create('kept')")
+    await conn.execute("SELECT pgtasks.ensure_queue('kept')")
     await conn.execute("SELECT pgmq.send_batch('kept', array_fill('{}'::jsonb, ARRAY[50]))")
     await conn.execute("SELECT pgmq.archive('kept', array_agg(msg_id)) FROM pgmq.q_kept")
     await flush_stats(conn)
@@ -108,3 +109,21 @@ async def test_a_big_archive_is_advised_to_be_pruned(
     [advice] = report.advice
     assert advice.startswith("the archive of queue 'kept' holds 50 messages")
     assert "--archive-older-than" in advice
+
+
+async def test_a_queue_table_without_storage_settings_is_advised_to_migrate(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    await conn.execute("SELECT pgmq.create('untuned')")  # not through pgtasks
+    report = await admin_doctor.doctor(app.database)
+    [table] = [t for t in report.tables if t.table == "pgmq.q_untuned"]
+    assert table.options == []
+    [advice] = report.advice
+    assert advice.startswith("pgmq.q_untuned (queue 'untuned') has no storage settings")
+    assert "pgtasks migrate" in advice
+
+    await app.migrate()
+    report = await admin_doctor.doctor(app.database)
+    [table] = [t for t in report.tables if t.table == "pgmq.q_untuned"]
+    assert "autovacuum_vacuum_scale_factor=0.01" in table.options
+    assert report.advice == []

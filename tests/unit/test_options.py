@@ -150,7 +150,7 @@ def test_the_command_line_worker_flags_are_the_worker_options() -> None:
 def test_the_command_line_reads_every_worker_option() -> None:
     argv = (
         "worker -q a,b -c 3 --burst --shutdown-timeout 1.5 --no-listen --poll-interval 0.5 "
-        "--no-schedule --threads 4"
+        "--no-schedule --threads 4 --retention-interval 60"
     )
     args = cli_parser.build().parse_args(argv.split())
     options = {name: getattr(args, name) for name in WORKER_OPTIONS}
@@ -163,6 +163,7 @@ def test_the_command_line_reads_every_worker_option() -> None:
         "poll_interval": 0.5,
         "schedule": False,
         "threads": 4,
+        "retention_interval": 60.0,
     }
 
 

@@ -180,8 +180,15 @@ def advise(tables: list[TableHealth], holders: list[Holder], horizon_seconds: fl
         if t.kind == "archive" and (t.live > ARCHIVE_ROWS or t.bytes > ARCHIVE_BYTES):
             advice.append(
                 f"the archive of queue {t.queue!r} holds {t.live:,} messages "
-                f"({t.bytes / 2**20:,.0f} MiB): prune it on a schedule (python -m pgtasks "
-                "prune --archive-older-than 30d), or use on_success='delete' for tasks "
-                "whose archive nobody reads."
+                f"({t.bytes / 2**20:,.0f} MiB): is a worker with an archive_retention "
+                "serving it (App(archive_retention=...), 7 days by default)? Else prune it "
+                "(python -m pgtasks prune --archive-older-than 7d), or use "
+                "on_success='delete' for tasks whose archive nobody reads."
+            )
+        if t.kind == "queue" and not t.options:
+            advice.append(
+                f"{t.table} (queue {t.queue!r}) has no storage settings, so autovacuum waits "
+                "for 20% of it to be dead: python -m pgtasks migrate sets pgtasks' "
+                "(docs: Operations, Vacuum and bloat)."
             )
     return advice

@@ -1,16 +1,53 @@
 """Deleting what has outlived its use: expired idempotency keys, old error history, the
 records of jobs past their ``result_ttl``, requests to cancel jobs that ended meanwhile, the
-rows of workers long stopped or gone, and (when asked) old archived messages. Schedule it
-(``pgtasks prune``); nothing runs it on its own.
+rows of workers long stopped or gone, and old archived messages.
+
+`prune` does all of it when called (``pgtasks prune``, ``app.schedule_prune``);
+`prune_archives` is the archive's part alone, which every worker also runs on its own queues
+(``worker/retention.py``), so that an archive is bounded without anyone scheduling anything.
+It deletes in batches of `queues.ARCHIVE_BATCH`, each its own transaction, oldest first, up
+to one cutoff taken on the database's clock when it starts (so it ends even while jobs keep
+being archived).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
+
+import asyncpg
 
 from ..db import attempt_errors, keys, queues, results, workers
 from ..db.database import Database
+from ..db.sql import Executor
 from ..queues import QUEUE_NAME
+
+
+async def prune_archives(
+    conn: Executor,
+    older_than: dt.timedelta,
+    queue_names: Sequence[str] | None = None,
+    *,
+    batch: int = queues.ARCHIVE_BATCH,
+) -> int:
+    """Delete the archived messages older than ``older_than`` of these queues (None: of
+    every pgtasks queue), a batch per statement; returns how many. A queue that does not
+    exist (any more) is skipped."""
+    names = list(queue_names) if queue_names is not None else await queues.queue_list(conn)
+    cutoff = await queues.archive_cutoff(conn, older_than)
+    deleted = 0
+    for queue in names:
+        if not QUEUE_NAME.fullmatch(queue):  # not one of ours
+            continue
+        while True:
+            try:
+                n = await queues.archive_prune(conn, queue, cutoff, batch)
+            except asyncpg.UndefinedTableError:  # dropped meanwhile
+                break
+            deleted += n
+            if n < batch:
+                break
+    return deleted
 
 
 async def prune(
@@ -18,9 +55,12 @@ async def prune(
     *,
     errors_older_than: dt.timedelta,
     archive_older_than: dt.timedelta | None,
+    archive_queues: Sequence[str] | None = None,
     workers_older_than: dt.timedelta = dt.timedelta(days=1),
 ) -> dict[str, int]:
-    """See `App.prune`; returns how many rows of each kind were deleted."""
+    """See `App.prune`; returns how many rows of each kind were deleted. The archives of
+    ``archive_queues`` (None: every pgtasks queue) lose their messages older than
+    ``archive_older_than`` (None: none)."""
     pool = await database.pool()
     counts = {
         "keys": await keys.keys_prune(pool),
@@ -31,8 +71,5 @@ async def prune(
         "archived": 0,
     }
     if archive_older_than is not None:
-        for queue in await queues.queue_list(pool):
-            if not QUEUE_NAME.fullmatch(queue):  # not one of ours
-                continue
-            counts["archived"] += await queues.archive_prune(pool, queue, archive_older_than)
+        counts["archived"] = await prune_archives(pool, archive_older_than, archive_queues)
     return counts

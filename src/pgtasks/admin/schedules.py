@@ -9,6 +9,7 @@ schedule's row holds the message it sends.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,6 @@ from ..db import schedules as sql
 from ..db.database import Database
 from ..exceptions import ScheduleNotFound
 from ..tasks import JobRef, Task
-from . import maintenance
 
 PRUNE_TASK = "pgtasks.prune"
 
@@ -141,19 +141,20 @@ async def trigger(database: Database, name: str) -> JobRef[Any]:
     return JobRef(row["msg_id"], row["queue"], row["task"], row["deduplicated"])
 
 
-def prune_task(database: Database, queue: str) -> Task[..., dict[str, int]]:
-    """The task ``app.schedule_prune`` schedules: `maintenance.prune` on ``database``, with
-    its ages in seconds."""
+def prune_task(
+    prune: Callable[..., Awaitable[dict[str, int]]], queue: str
+) -> Task[..., dict[str, int]]:
+    """The task ``app.schedule_prune`` schedules: ``prune`` (`App.prune`), with its ages in
+    seconds (no ``archive_older_than``: the app's ``archive_retention``, on its queues)."""
 
-    async def prune(
+    async def prune_job(
         errors_older_than: float = 7 * 86_400.0, archive_older_than: float | None = None
     ) -> dict[str, int]:
-        return await maintenance.prune(
-            database,
+        return await prune(
             errors_older_than=dt.timedelta(seconds=errors_older_than),
             archive_older_than=(
                 dt.timedelta(seconds=archive_older_than) if archive_older_than is not None else None
             ),
         )
 
-    return Task(prune, name=PRUNE_TASK, queue=queue)
+    return Task(prune_job, name=PRUNE_TASK, queue=queue)

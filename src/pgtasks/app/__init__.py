@@ -66,6 +66,10 @@ class App(PeriodicApp):
         max_message_size: largest encoded message body, in bytes.
         key_retention: how long an idempotency key keeps deduplicating after its job
             succeeded.
+        archive_retention: how long a succeeded job's message stays in its queue's
+            archive (7 days); None keeps every one. Every worker deletes the older ones
+            from the queues it serves, hourly (``worker(retention_interval=...)``), and
+            `prune` from the app's queues; see [Operations](operations.md#retention).
         create_queues: create a queue that does not exist when a job is deferred to it (if
             the database allows it too, see [Migrations](migrations.md#queue-creation));
             turn it off in production, so that a job for a queue nobody created (a typo)
@@ -93,6 +97,7 @@ class App(PeriodicApp):
         statement_cache_size: int = 100,
         max_message_size: int = 1024 * 1024,
         key_retention: dt.timedelta = dt.timedelta(days=7),
+        archive_retention: dt.timedelta | None = dt.timedelta(days=7),
         create_queues: bool = True,
         default: bool = False,
         max_result_size: int = 1024 * 1024,
@@ -102,6 +107,7 @@ class App(PeriodicApp):
             {
                 "max_message_size": max_message_size,
                 "key_retention": key_retention,
+                "archive_retention": archive_retention,
                 "create_queues": create_queues,
                 "default": default,
                 "max_result_size": max_result_size,
@@ -117,6 +123,7 @@ class App(PeriodicApp):
         )
         self.max_message_size = max_message_size
         self.key_retention = key_retention
+        self.archive_retention = archive_retention
         self.create_queues = create_queues
         self.max_result_size = max_result_size
         # What cancel and expiry record lasts: the app's result_ttl (a task may keep its
@@ -305,13 +312,20 @@ class App(PeriodicApp):
         error history of attempts older than ``errors_older_than`` (dead letters keep
         theirs), the records (results, cancellations, expiries) of jobs past their
         ``result_ttl``, requests to cancel jobs that ended meanwhile, the rows of workers
-        stopped or gone and last seen more than ``workers_older_than`` ago and, when
-        ``archive_older_than`` is given, archived messages older than that. Returns how many
-        rows of each kind were deleted."""
+        stopped or gone and last seen more than ``workers_older_than`` ago, and archived
+        messages: those older than ``archive_older_than`` in every queue when it is given,
+        else those older than the app's ``archive_retention`` in the app's queues (none
+        when that is None). The archive is deleted a batch of 10,000 messages per
+        transaction. Returns how many rows of each kind were deleted."""
+        older_than: dt.timedelta | None = archive_older_than
+        archive_queues: list[str] | None = None  # every queue
+        if older_than is None:
+            older_than, archive_queues = self.archive_retention, self.queues
         return await maintenance.prune(
             self._database,
             errors_older_than=errors_older_than,
-            archive_older_than=archive_older_than,
+            archive_older_than=older_than,
+            archive_queues=archive_queues,
             workers_older_than=workers_older_than,
         )
 
@@ -397,7 +411,8 @@ class App(PeriodicApp):
         ``queues``, ``concurrency``, ``threads`` (plain ``def`` tasks run at once, in
         threads), ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``,
         ``schedule`` (also run the scheduler of the app's schedules; not in ``burst``
-        mode); each one's meaning, default and range are in
+        mode), ``retention_interval`` (how often it deletes archived messages past the
+        app's ``archive_retention`` from its queues); each one's meaning, default and range are in
         [Configuration](configuration.md#worker-options)."""
         return Worker(
             self._database,
@@ -407,6 +422,7 @@ class App(PeriodicApp):
                 key_retention=self.key_retention,
                 max_message_size=self.max_message_size,
                 max_result_size=self.max_result_size,
+                archive_retention=self.archive_retention,
             ),
             hooks=self.hooks,
             schedules=list(self._schedules.values()),

@@ -24,6 +24,13 @@ APP_OPTIONS = OptionSet(
         Duration(dt.timedelta(0), MAX_DELAY),
     ),
     Option(
+        "archive_retention",
+        dt.timedelta(days=7),
+        "how long a succeeded job's message stays in its queue's archive: every worker deletes "
+        "older ones from its queues (hourly), and prune from the app's queues",
+        Duration(dt.timedelta(hours=1), MAX_DELAY, none="keep every archived message"),
+    ),
+    Option(
         "create_queues",
         True,
         "create a missing queue on enqueue (when the database allows it too); off: "

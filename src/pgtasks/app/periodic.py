@@ -6,7 +6,7 @@ registry, the database and the size limit it uses."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from typing_extensions import ParamSpec
@@ -29,6 +29,7 @@ class PeriodicApp:
     _tasks: dict[str, Task[Any, Any]]
     _schedules: dict[str, Schedule]
     max_message_size: int
+    prune: Callable[..., Awaitable[dict[str, int]]]  # App's
 
     def _register(self, task: Task[Any, Any]) -> None:
         raise NotImplementedError  # App's
@@ -120,7 +121,7 @@ class PeriodicApp:
         ``pgtasks.prune`` on ``queue``, so that retention needs no external cron."""
         task = self._tasks.get(admin_schedules.PRUNE_TASK)
         if task is None:
-            task = admin_schedules.prune_task(self._database, queue)
+            task = admin_schedules.prune_task(self.prune, queue)
             self._register(task)
         signature = task.options(queue=queue).s(
             errors_older_than.total_seconds(),

@@ -179,11 +179,12 @@ def build() -> argparse.ArgumentParser:
     prune = command(
         sub,
         "prune",
-        "delete expired idempotency keys, old error history and (optionally) old archives",
+        "delete expired idempotency keys, old error history and old archived messages",
         "python -m pgtasks prune --archive-older-than 30d",
         "prune",
-        "Schedule it, e.g. daily from cron:\n"
-        "  17 3 * * *  python -m pgtasks prune --archive-older-than 30d",
+        "Workers already delete archived messages past the app's archive_retention from\n"
+        "their queues. Schedule this for the rest, e.g. daily from cron:\n"
+        "  17 3 * * *  python -m pgtasks prune --app myproj.tasks:app",
     )
     prune.add_argument(
         "--errors-older-than",
@@ -203,8 +204,9 @@ def build() -> argparse.ArgumentParser:
         "--archive-older-than",
         type=duration,
         metavar="AGE",
-        help="also delete archived (succeeded) messages older than this, e.g. 30d "
-        "(default: keep them)",
+        help="archived (succeeded) messages older than this to delete, in every queue, "
+        "e.g. 30d (default: those past the app's archive_retention, 7d, in the app's "
+        "queues)",
     )
     json_option(prune)
 

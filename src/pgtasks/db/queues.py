@@ -1,5 +1,6 @@
 """The SQL about queues as wholes: which exist, their depths, what waits for later, which
-of some messages are still in them, creating one, and pruning its archive.
+of some messages are still in them, creating one, its tables' storage settings, and pruning
+its archive.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from functools import lru_cache
 
 import asyncpg
 
+from ..queues import QUEUE_NAME
 from .sql import Executor, table
 
 
@@ -84,16 +86,68 @@ async def queues_ensure(conn: Executor, queues: Sequence[str]) -> None:
             await queue_ensure(conn, queue)
 
 
+QUEUE_STORAGE = "SELECT pgtasks.queue_storage($1::text, $2::boolean)"
+QUEUE_STORAGE_PRESENT = "SELECT to_regprocedure('pgtasks.queue_storage(text,boolean)') IS NOT NULL"
+
+
+async def queue_storage(conn: Executor, queue: str, *, dry_run: bool = False) -> list[str]:
+    """Set pgtasks' storage settings (``pgtasks.queue_storage_options``, migration 0013) on
+    this queue's tables that have none; returns those tables (with ``dry_run``: those it
+    would set). A table whose lock it cannot get within 2 s is left for the next time."""
+    tables: list[str] = await conn.fetchval(QUEUE_STORAGE, queue, dry_run)
+    return tables
+
+
+# the queues with pgtasks' names (queue_storage refuses others) whose tables have none
+QUEUES_STORAGE_PENDING = """
+SELECT m.queue_name::text, t.tables
+FROM pgmq.meta AS m,
+     LATERAL (SELECT pgtasks.queue_storage(m.queue_name, true) AS tables) AS t
+WHERE m.queue_name ~ ('^(' || $1::text || ')$') AND cardinality(t.tables) > 0
+ORDER BY 1
+"""
+
+
+async def queues_storage_pending(conn: Executor) -> list[tuple[str, list[str]]]:
+    """The queues whose tables have no storage settings, with those tables: what
+    `queue_storage` would set."""
+    rows = await conn.fetch(QUEUES_STORAGE_PENDING, QUEUE_NAME.pattern)
+    return [(r[0], list(r[1])) for r in rows]
+
+
+ARCHIVE_BATCH = 10_000
+"""Archived messages one retention statement deletes at most: each batch is its own short
+transaction, so the first prune of a huge archive never holds one giant one."""
+
+ARCHIVE_CUTOFF = "SELECT now() - $1::interval"
+
+
+async def archive_cutoff(conn: Executor, older_than: dt.timedelta) -> dt.datetime:
+    """The instant, on the database's clock, before which archived messages are
+    ``older_than``."""
+    cutoff: dt.datetime = await conn.fetchval(ARCHIVE_CUTOFF, older_than)
+    return cutoff
+
+
 @lru_cache(maxsize=256)
 def _archive_prune_sql(queue: str) -> str:
+    # oldest first through the archived_at index; SKIP LOCKED: two workers pruning the
+    # same queue share the rows instead of waiting for each other
+    a = table("a", queue)
     return f"""
 WITH gone AS (
-    DELETE FROM pgmq.{table("a", queue)} WHERE archived_at < now() - $1::interval RETURNING 1
+    DELETE FROM pgmq.{a} WHERE msg_id IN (
+        SELECT msg_id FROM pgmq.{a} WHERE archived_at < $1::timestamptz
+        ORDER BY archived_at LIMIT $2::integer FOR UPDATE SKIP LOCKED
+    ) RETURNING 1
 ) SELECT count(*) FROM gone
 """
 
 
-async def archive_prune(conn: Executor, queue: str, older_than: dt.timedelta) -> int:
-    """Delete archived (succeeded) messages older than this from one queue's archive."""
-    count: int = await conn.fetchval(_archive_prune_sql(queue), older_than)
+async def archive_prune(
+    conn: Executor, queue: str, before: dt.datetime, batch: int = ARCHIVE_BATCH
+) -> int:
+    """Delete at most ``batch`` of one queue's archived (succeeded) messages archived
+    before ``before``, the oldest first; returns how many."""
+    count: int = await conn.fetchval(_archive_prune_sql(queue), before, batch)
     return count

@@ -15,7 +15,11 @@ migrating at once serialize: the second waits, then finds nothing left to do. St
 4. their privileges in this database (``pgtasks.grant_roles()``), when they exist and lack
    them;
 5. the pgmq queue of every queue name given (the app's registered tasks), through
-   ``pgtasks.ensure_queue``, so that every queue has the same owner.
+   ``pgtasks.ensure_queue``, so that every queue has the same owner (and pgtasks' storage
+   settings, which ``ensure_queue`` sets on the tables it creates);
+6. pgtasks' storage settings on the tables of every pgtasks queue that have none (a queue
+   made with plain ``pgmq.create``, or one whose table was locked when they were last set;
+   see migrations/0013_queue_storage.sql): never waits more than 2 s for a table.
 
 Capabilities are probed (does ``pgmq.meta`` exist, is the extension available, may this role
 create roles), never versions. `plan` returns the same steps as SQL text without running
@@ -39,7 +43,7 @@ import asyncpg
 from .._shared import Connection
 from ..exceptions import MigrationError, SchemaMissing
 from ..queues import check_queue_name
-from .queues import queue_list
+from .queues import QUEUE_STORAGE_PRESENT, queue_list, queues_storage_pending
 from .sql import Executor
 
 logger = logging.getLogger("pgtasks")
@@ -235,7 +239,22 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
         check_queue_name(queue)
         # as the owner of ensure_queue, like a queue created on demand
         steps.append(Step(f"create queue {queue}", f"SELECT pgtasks.ensure_queue('{queue}');"))
+    steps += await _storage_steps(conn, existing)
     return steps
+
+
+async def _storage_steps(conn: Connection, existing: set[str]) -> list[Step]:
+    """Storage settings for the existing queues whose tables have none, once the migration
+    that defines them has run (while it is pending, it sets them itself)."""
+    if not existing or not await conn.fetchval(QUEUE_STORAGE_PRESENT):
+        return []
+    return [
+        Step(
+            f"set the storage settings of {', '.join(tables)}",
+            f"SELECT pgtasks.queue_storage('{queue}');",  # a validated name
+        )
+        for queue, tables in await queues_storage_pending(conn)
+    ]
 
 
 async def check_installed(conn: Executor) -> None:

@@ -34,12 +34,15 @@ class WorkerSettings:
             succeeded.
         max_message_size: largest message body a claim loads, in bytes.
         max_result_size: largest result kept, in bytes (encoded).
+        archive_retention: how long an archived message is kept: the worker deletes older
+            ones from its queues every ``retention_interval``; None keeps them all.
     """
 
     defaults: TaskConfig
     key_retention: dt.timedelta
     max_message_size: int
     max_result_size: int
+    archive_retention: dt.timedelta | None = None
 
 
 class WorkerOptions(TypedDict, total=False):
@@ -55,6 +58,7 @@ class WorkerOptions(TypedDict, total=False):
     listen: bool
     poll_interval: float
     schedule: bool
+    retention_interval: float | None
 
 
 WORKER_OPTIONS = OptionSet(
@@ -125,6 +129,16 @@ WORKER_OPTIONS = OptionSet(
         "number of workers may, each tick is enqueued once",
         Flag(),
         flags=("--schedule",),
+    ),
+    Option(
+        "retention_interval",
+        3600.0,
+        "how often, in seconds, the worker deletes the archived messages of its queues older "
+        "than the app's archive_retention (a batch of 10,000 per transaction; never in burst "
+        "mode); the first pass comes within a minute of the start",
+        Number(1, 7 * 86_400, unit="seconds", none="this worker does not prune"),
+        flags=("--retention-interval",),
+        metavar="SECONDS",
     ),
 )
 """The worker options, with their defaults, ranges and command line flags."""

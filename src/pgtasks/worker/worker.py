@@ -7,7 +7,8 @@ at most ``pool_max_size - 1`` at a time, leaving a pooled connection for everyth
 (a ``defer()`` from inside one of them, say).
 
 Two scopes. The *service* scope holds the background loops (listener, completer, lease
-keeper; the scheduler of the app's periodic jobs, on a connection of its own). The *work*
+keeper; the scheduler of the app's periodic jobs, on a connection of its own; archive
+retention, on a connection of its own for each pass, `retention.py`). The *work*
 scope holds the fetch loop and the running jobs. A soft stop ends the fetch loop and gives
 running jobs ``shutdown_timeout`` seconds; then every job still running
 is cancelled for the reason "stop" and hands its message back at once. A job that ignores
@@ -56,6 +57,7 @@ from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
+from .retention import Retention
 from .scheduler import Scheduler
 from .settings import (
     WORKER_OPTIONS,
@@ -87,8 +89,9 @@ class Worker:
             ``burst`` mode).
         **options: the worker options (`WorkerOptions`): ``queues``, ``concurrency``,
             ``threads``, ``burst``, ``shutdown_timeout``, ``listen``, ``poll_interval``,
-            ``schedule``; see [Configuration](configuration.md#worker-options) for each
-            one's meaning, default and range.
+            ``schedule``, ``retention_interval``; see
+            [Configuration](configuration.md#worker-options) for each one's meaning,
+            default and range.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class Worker:
         self.listen: bool = opts["listen"]
         self.poll_interval: float = opts["poll_interval"]
         self.schedule: bool = opts["schedule"]
+        self.retention_interval: float | None = opts["retention_interval"]
         self._events = Events()
         self.stats = self._events.stats
         self._jobs: set[Job] = set()  # held: running, or claimed and waiting for a slot
@@ -140,6 +144,12 @@ class Worker:
             self.scheduler = Scheduler(
                 database, schedules, max_message_size=settings.max_message_size
             )
+        self.retention: Retention | None = None
+        """Deletes the archived messages of its queues past the app's ``archive_retention``
+        (not in ``burst`` mode, nor with ``retention_interval=None``)."""
+        interval, keep = self.retention_interval, settings.archive_retention
+        if interval is not None and keep is not None and not self.burst:
+            self.retention = Retention(database, self.queues, keep, interval)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -266,6 +276,8 @@ class Worker:
                 service.start_soon(heartbeat.run)
                 if self.scheduler is not None:
                     service.start_soon(self.scheduler.run)
+                if self.retention is not None:
+                    service.start_soon(self.retention.run)
                 if self.listen:
                     self.listener = Listener(
                         self._database.dsn, self._on_notify, on_cancel=self._on_cancel

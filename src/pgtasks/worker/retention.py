@@ -1,0 +1,92 @@
+"""Archive retention: a worker deletes the archived messages of the queues it serves once
+they are older than the app's ``archive_retention``, so that a queue that runs for a year
+does not keep a year of succeeded jobs, and nobody has to schedule anything for it.
+
+A pass every ``retention_interval`` seconds (with 10% jitter, so that workers started
+together spread out), the first within a minute of the start (a worker restarted more often
+than the interval still prunes). Each pass opens a connection of its own, outside the app's
+pool (it never waits behind task code, nor holds a connection between passes), and deletes
+through `admin.maintenance.prune_archives`: a batch of 10,000 messages per transaction, the
+oldest first, up to a cutoff taken on the database's clock. Any number of workers may prune
+the same queue at once: they skip each other's rows (``SKIP LOCKED``). A failed pass is
+logged and the next one comes at the next interval; it never stops the worker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+from collections.abc import Sequence
+
+import anyio
+
+from ..admin.maintenance import prune_archives
+from ..db.database import Database
+from ..db.errors import ErrorKind, classify
+
+logger = logging.getLogger("pgtasks")
+
+FIRST_PASS_WITHIN = 60.0  # seconds after the start (at most the interval)
+
+
+class Retention:
+    """Deletes the archived messages of ``queues`` older than ``retention``, every
+    ``interval`` seconds; see the module."""
+
+    def __init__(
+        self,
+        database: Database,
+        queues: Sequence[str],
+        retention: dt.timedelta,
+        interval: float,
+    ) -> None:
+        self._database = database
+        self.queues = list(queues)
+        self.retention = retention
+        self.interval = float(interval)
+        self.deleted = 0
+        """Archived messages this worker deleted since it started."""
+        self.passes = 0
+
+    async def run(self) -> None:
+        """Run until cancelled."""
+        await anyio.sleep(random.uniform(0, min(self.interval, FIRST_PASS_WITHIN)))
+        while True:
+            await self.prune_once()
+            await anyio.sleep(self.interval * random.uniform(0.9, 1.1))
+
+    async def prune_once(self) -> int:
+        """One pass; returns how many archived messages it deleted (0 when it failed)."""
+        try:
+            deleted = await self._prune()
+        except Exception as exc:
+            level = logging.WARNING if classify(exc) is ErrorKind.TRANSIENT else logging.ERROR
+            logger.log(
+                level,
+                "archive retention: a pass failed (%s: %s); the next one is in %.0f s",
+                type(exc).__name__,
+                exc,
+                self.interval,
+            )
+            return 0
+        self.passes += 1
+        self.deleted += deleted
+        if deleted:
+            logger.info(
+                "archive retention: deleted %d archived message(s) older than %s from %s",
+                deleted,
+                self.retention,
+                ", ".join(self.queues),
+            )
+        return deleted
+
+    async def _prune(self) -> int:
+        conn = await self._database.connect()
+        try:
+            deleted = await prune_archives(conn, self.retention, self.queues)
+        except BaseException:
+            conn.terminate()  # a statement may still run: never wait on it
+            raise
+        await conn.close(timeout=5)
+        return deleted

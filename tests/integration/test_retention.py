@@ -1,0 +1,182 @@
+"""Archive retention, against the real database: a prune deletes the archived messages past
+the cutoff a batch per statement, oldest first, and keeps the newer ones; `App.prune` by
+default applies the app's ``archive_retention`` to the app's queues only; a running worker
+deletes its queues' old archived messages by itself; and what ``status()`` says once a job's
+archived message is gone."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import anyio
+import asyncpg
+import pytest
+
+import pgtasks
+from pgtasks import ConfigurationError
+from pgtasks.admin import maintenance
+from pgtasks.db import queues
+from pgtasks.worker.retention import Retention
+
+HOUR = dt.timedelta(hours=1)
+
+
+async def archive_aged(conn: asyncpg.Connection, queue: str, n: int, age: dt.timedelta) -> None:
+    """``n`` messages archived ``age`` ago in this queue's archive."""
+    await conn.execute("SELECT pgtasks.ensure_queue($1)", queue)
+    await conn.execute(
+        f"INSERT INTO pgmq.a_{queue} (msg_id, vt, message, archived_at) "
+        f"SELECT coalesce((SELECT max(msg_id) FROM pgmq.a_{queue}), 1000000) + i, now(), "
+        "jsonb_build_object('task', 'old'), now() - $1::interval "
+        "FROM generate_series(1, $2::integer) AS i",
+        age,
+        n,
+    )
+
+
+async def ages(conn: asyncpg.Connection, queue: str) -> list[int]:
+    """The archived messages' ages, in whole hours, oldest first."""
+    rows = await conn.fetch(
+        f"SELECT extract(epoch FROM now() - archived_at)::bigint / 3600 FROM pgmq.a_{queue} "
+        "ORDER BY archived_at"
+    )
+    return [r[0] for r in rows]
+
+
+async def test_a_prune_deletes_in_batches_oldest_first_and_keeps_the_newer(
+    app: pgtasks.App, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await archive_aged(conn, "ret_batches", 10, 5 * HOUR)
+    await archive_aged(conn, "ret_batches", 15, 3 * HOUR)
+    await archive_aged(conn, "ret_batches", 5, 0 * HOUR)
+    cutoff = await queues.archive_cutoff(conn, 2 * HOUR)
+
+    # one statement deletes one batch at most, the oldest first
+    assert await queues.archive_prune(conn, "ret_batches", cutoff, 10) == 10
+    assert await ages(conn, "ret_batches") == [3] * 15 + [0] * 5
+
+    statements: list[int] = []
+    real = queues.archive_prune
+
+    async def counted(*args: object) -> int:
+        n = await real(*args)  # type: ignore[arg-type]
+        statements.append(n)
+        return n
+
+    monkeypatch.setattr(queues, "archive_prune", counted)
+    await archive_aged(conn, "ret_batches", 10, 4 * HOUR)
+    pool = await app.pool()
+    deleted = await maintenance.prune_archives(pool, 2 * HOUR, ["ret_batches"], batch=10)
+    assert (deleted, statements) == (25, [10, 10, 5])
+    assert await ages(conn, "ret_batches") == [0] * 5
+
+
+async def test_app_prune_applies_the_apps_retention_to_its_own_queues(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    for queue in ("ret_mine", "ret_theirs"):
+        await archive_aged(conn, queue, 3, 50 * HOUR)
+        await archive_aged(conn, queue, 2, 30 * HOUR)
+    app = pgtasks.App(db_dsn, archive_retention=dt.timedelta(days=2))
+    keep_all = pgtasks.App(db_dsn, archive_retention=None)
+
+    async def job() -> None: ...
+
+    app.task(queue="ret_mine", name="tests.ret.mine")(job)
+    keep_all.task(queue="ret_mine", name="tests.ret.mine")(job)
+    try:
+        assert (await keep_all.prune())["archived"] == 0
+        assert (await app.prune())["archived"] == 3  # its queue, its retention
+        assert await ages(conn, "ret_mine") == [30, 30]
+        assert len(await ages(conn, "ret_theirs")) == 5
+        # an explicit age is for every queue
+        assert (await app.prune(archive_older_than=dt.timedelta(days=1)))["archived"] == 7
+        assert await ages(conn, "ret_mine") == await ages(conn, "ret_theirs") == []
+    finally:
+        await app.close()
+        await keep_all.close()
+
+
+async def test_a_worker_deletes_its_queues_old_archive_by_itself(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    app = pgtasks.App(db_dsn, archive_retention=HOUR)
+
+    @app.task(queue="ret_worker")
+    async def job(n: int) -> int:
+        return n
+
+    await archive_aged(conn, "ret_worker", 25_000, 2 * HOUR)  # three batches
+    await archive_aged(conn, "ret_other", 3, 2 * HOUR)  # no worker of this app serves it
+    try:
+        refs = [await job.defer(i) for i in range(3)]
+        async with app.worker(retention_interval=1) as worker:
+            assert worker.retention is not None
+            with anyio.fail_after(20):
+                while await conn.fetchval("SELECT count(*) FROM pgmq.a_ret_worker") != 3:
+                    await anyio.sleep(0.2)
+            assert worker.retention.deleted == 25_000
+        assert [r.id for r in refs] == [
+            r[0] for r in await conn.fetch("SELECT msg_id FROM pgmq.a_ret_worker ORDER BY 1")
+        ]
+        assert len(await ages(conn, "ret_other")) == 3
+        # burst workers and retention_interval=None do not prune
+        assert app.worker(burst=True).retention is None
+        assert app.worker(retention_interval=None).retention is None
+        assert (
+            pgtasks.App(db_dsn, archive_retention=None).worker(queues=["ret_worker"]).retention
+            is None
+        )
+    finally:
+        await app.close()
+
+
+async def test_a_failed_pass_is_logged_and_the_worker_goes_on(
+    app: pgtasks.App, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await archive_aged(conn, "ret_locked", 3, 2 * HOUR)
+    retention = Retention(app.database, ["ret_locked"], HOUR, 60)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE pgmq.a_ret_locked IN ACCESS EXCLUSIVE MODE")
+    assert await retention.prune_once() == 0  # its lock_timeout, 2 s
+    await conn.execute("ROLLBACK")
+    assert "archive retention: a pass failed (LockNotAvailableError" in caplog.text
+    assert await retention.prune_once() == 3
+
+
+async def test_status_once_the_archived_message_is_gone(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    @app.task(queue="ret_status")
+    async def kept() -> str:
+        return "done"
+
+    @app.task(queue="ret_status", keep_result=False)
+    async def unkept() -> None: ...
+
+    with_result, without = await kept.defer(), await unkept.defer()
+    await app.worker(burst=True).run()
+    assert (await with_result.status()).state == (await without.status()).state == "succeeded"
+
+    await conn.execute("UPDATE pgmq.a_ret_status SET archived_at = now() - interval '8 days'")
+    assert (await app.prune())["archived"] == 2
+    status = await with_result.status()
+    assert (status.state, await with_result.result()) == ("succeeded", "done")  # its record
+    assert status.attempts is None  # counted in the archived message only
+    assert (await without.status()).state == "unknown"
+
+
+def test_the_options_are_checked() -> None:
+    with pytest.raises(ConfigurationError, match="archive_retention must be a datetime"):
+        pgtasks.App(archive_retention=dt.timedelta(minutes=5))
+    with pytest.raises(ConfigurationError, match="archive_retention"):
+        pgtasks.App(archive_retention=7)  # type: ignore[arg-type]
+    app = pgtasks.App()
+
+    @app.task
+    async def job() -> None: ...
+
+    with pytest.raises(ConfigurationError, match="retention_interval must be"):
+        app.worker(retention_interval=0.5)
+    assert pgtasks.App().archive_retention == dt.timedelta(days=7)
+    assert app.worker().retention is not None
