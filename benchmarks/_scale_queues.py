@@ -30,7 +30,7 @@ from collections.abc import Sequence
 
 import _scale_tasks as tasks
 import asyncpg
-from _harness import Summary, fmt_ms, fmt_rate, markdown_table, rotated
+from _harness import Summary, fmt_ms, fmt_rate, markdown_table, percentile, rotated
 from _scale_common import (
     Log,
     Scratch,
@@ -140,8 +140,8 @@ async def section_queues(admin_dsn: str, runs: int, sizes: Sizes, log: Log) -> i
                 queues = names[:n]
                 drain[n].append(await queues_drain(s, queues, sizes))
                 latencies = await queues_latency(s, queues, latency_jobs)
-                p50[n].append(statistics.median(latencies) if latencies else float("nan"))
-                p99[n].append(sorted(latencies)[int(0.99 * (len(latencies) - 1))])
+                p50[n].append(percentile(latencies, 50))
+                p99[n].append(percentile(latencies, 99))
                 defer[n].append(await queues_defer(s, queues, sizes.defers))
                 status[n].append(await status_seconds(s))
                 log(
