@@ -163,7 +163,7 @@ async def section_queues(admin_dsn: str, runs: int, sizes: Sizes, log: Log) -> i
         "defer->start p50 ms",
         "p99 ms",
         "defer() jobs/s",
-        "status ms",
+        f"status ms (all {max(counts):,} queues)",
     ]
     rows = [
         [
