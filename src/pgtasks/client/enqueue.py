@@ -31,7 +31,13 @@ from .._shared import Connection
 from ..db.connect import acquire, connection_cause, mark_session_clean
 from ..db.database import Database
 from ..db.errors import ErrorKind, classify, sqlstate, translate
-from ..db.send import message_insert, message_insert_batch, message_send, message_send_batch
+from ..db.send import (
+    RecentQueues,
+    message_insert,
+    message_insert_batch,
+    message_send,
+    message_send_batch,
+)
 from ..exceptions import DatabaseUnavailable, PgTasksError
 from ..hooks import EnqueueCall, EnqueueHook, Hooks, compose
 from ..serialization import envelope
@@ -75,6 +81,7 @@ class Enqueuer:
         self._where = database.where
         self._max_message_size = max_message_size
         self._hooks: list[EnqueueHook] = hooks.enqueue if hooks is not None else []
+        self._recent = RecentQueues(database.statement_cache_size)
 
     async def defer_one(self, sig: Signature) -> JobRef[Any]:
         if self._hooks:
@@ -125,12 +132,13 @@ class Enqueuer:
         async def send(conn: Connection, sending: _Sending) -> tuple[int, bool, str]:
             # with an idempotency key a repeat is deduplicated, so a retry is always safe
             sending.ambiguous = opts.idempotency_key is None
-            if sending.pooled and opts.idempotency_key is None:
+            if sending.pooled and opts.idempotency_key is None and self._recent.hot(sig.queue):
                 # The common case, a third cheaper than pgtasks.send: a prepared INSERT into
-                # the queue's table. A queue that does not exist yet fails the statement
-                # (nothing sent) and pgtasks.send below creates it (or, with queue creation
-                # off, says so). Not on the caller's connection, where that failure would
-                # abort their transaction.
+                # the queue's table, for a queue deferred to lately (its statement is
+                # cached; see RecentQueues). A queue that does not exist yet fails the
+                # statement (nothing sent) and pgtasks.send below creates it (or, with queue
+                # creation off, says so). Not on the caller's connection, where that failure
+                # would abort their transaction.
                 try:
                     msg_id = await message_insert(
                         conn, sig.queue, body, headers, opts.delay, opts.eta

@@ -12,6 +12,7 @@ computed only then).
 from __future__ import annotations
 
 import datetime as dt
+from collections import OrderedDict
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -78,6 +79,40 @@ WITH m AS (
 )
 SELECT msg_id, pg_notify('{NOTIFY_CHANNEL}', $5::text) FROM m
 """
+
+
+class RecentQueues:
+    """The queues a producer deferred to lately: those whose prepared INSERT is worth
+    sending (`message_insert`).
+
+    Each queue's INSERT is a statement of its own, prepared per connection and kept in
+    asyncpg's statement cache (``statement_cache_size`` statements, least recently used
+    out). A producer that rotates over more queues than that finds none cached: every
+    defer prepares its statement, closes the one evicted and only then executes, three
+    round trips where ``pgtasks.send`` (one statement for every queue, cached once) takes
+    one. So a queue gets the INSERT only while it is among the last ``size`` distinct queues
+    deferred to (half the cache, leaving room for the other statements); the first defer to
+    a queue, and every defer of a wider rotation, goes through the function. With no cache
+    (``statement_cache_size=0``) every statement is prepared anyway and the INSERT is used
+    always."""
+
+    __slots__ = ("_queues", "_size")
+
+    def __init__(self, statement_cache_size: int) -> None:
+        self._size = statement_cache_size // 2
+        self._queues: OrderedDict[str, None] = OrderedDict()
+
+    def hot(self, queue: str) -> bool:
+        """Whether ``queue`` was deferred to lately (and note that it is now)."""
+        if self._size == 0:
+            return True
+        if queue in self._queues:
+            self._queues.move_to_end(queue)
+            return True
+        self._queues[queue] = None
+        if len(self._queues) > self._size:
+            self._queues.popitem(last=False)
+        return False
 
 
 async def message_insert(
