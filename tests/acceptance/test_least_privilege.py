@@ -184,6 +184,22 @@ async def test_producer_and_worker_roles_end_to_end(cluster: Cluster) -> None:
         dead_id = await su.fetchval("SELECT id FROM pgtasks.dead_letters WHERE queue = 'lp_new'")
         assert dead_id is not None
 
+        # what the jobs became, as each role sees it: the worker's reads the tables with a
+        # prepared statement, the producer's (no grant on pgtasks' tables) through
+        # pgtasks.job_info; both get the same answers
+        for role, direct in ((cluster.worker, True), (cluster.producer, False)):
+            reader = pgtasks.App(as_role(cluster.dsn, role))
+            reader.task(queue="lp_existing", name="lptasks.job")(_job_stub)
+            try:
+                assert await reader.job(ok.queue, ok.id).result(timeout=10) is None
+                assert (await reader.job(new.queue, new.id).status()).state == "succeeded"
+                with pytest.raises(pgtasks.JobFailed, match="refused"):
+                    await reader.job(batch[1].queue, batch[1].id).result(timeout=10)
+                assert (await reader.job(keyed.queue, keyed.id).status()).attempts == 2
+                assert reader._jobs._direct is direct
+            finally:
+                await reader.close()
+
         # operators use the worker role: status, dead list, retry, prune
         for args in (
             ["status"],

@@ -17,11 +17,21 @@ import pydantic
 import pytest
 
 import pgtasks
+from pgtasks.db.results import job_info, job_info_direct
 from tests.helpers import Events
 
 
 async def _state(ref: pgtasks.JobRef[object]) -> str:
     return (await ref.status()).state
+
+
+async def _both_ways(conn: asyncpg.Connection, refs: list[pgtasks.JobRef[object]]) -> set[str]:
+    """The prepared look-up (what a role with table privileges uses) answers every job as
+    pgtasks.job_info does; the states they are in."""
+    queue, ids = refs[0].queue, [r.id for r in refs]
+    infos = sorted(await job_info(conn, queue, ids))
+    assert sorted(await job_info_direct(conn, queue, ids)) == infos
+    return {i.state for i in infos}
 
 
 async def _until_state(ref: pgtasks.JobRef[object], state: str, timeout: float = 10) -> None:
@@ -49,12 +59,19 @@ async def test_status_through_every_state(app: pgtasks.App, conn: asyncpg.Connec
     assert await _state(later) == "scheduled"
     assert await _state(waiting) == "waiting"
     assert await _state(app.job("states", 999)) == "unknown"
+    assert await _state(app.job("no_such_queue", 1)) == "unknown"
+    assert await _both_ways(conn, [later, waiting, app.job("states", 999)]) == {
+        "scheduled",
+        "waiting",
+        "unknown",
+    }
     async with app.worker(concurrency=5, poll_interval=0.1) as worker:
         events = Events(worker)
         await _until_state(waiting, "running")
         flaky = await job.defer("flaky")
         await events.until(lambda: events.counts["retried"] == 1)
         assert await _state(flaky) == "retrying"
+        assert await _both_ways(conn, [waiting, flaky]) == {"running", "retrying"}
         failing = await job.defer("fail")
         gate.set()
         await _until_state(waiting, "succeeded")
@@ -70,6 +87,12 @@ async def test_status_through_every_state(app: pgtasks.App, conn: asyncpg.Connec
     assert (done.task, done.attempts) == (job.name, 1)
     assert done.finished_at is not None
     assert await _state(later) == "scheduled"
+    assert await later.cancel() == "cancelled"
+    assert await _both_ways(conn, [later, waiting, flaky, failing]) == {
+        "cancelled",
+        "succeeded",
+        "failed",
+    }
 
 
 # --- results ---------------------------------------------------------------------------------

@@ -221,11 +221,14 @@ async def test_a_lookup_that_cannot_succeed_fails_its_waiters(
         return 1
 
     refs = [await job.defer(), await job.defer()]
+    # both ways of looking jobs up (the prepared query calls attempts_of, as job_info does)
     await conn.execute("ALTER FUNCTION pgtasks.job_info(text, bigint[]) RENAME TO job_info_gone")
+    await conn.execute("ALTER FUNCTION pgtasks.attempts_of(integer, jsonb) RENAME TO gone_of")
     with anyio.fail_after(10):
         for ref in refs:
-            with pytest.raises(pgtasks.PgTasksError, match="job_info"):
+            with pytest.raises(pgtasks.PgTasksError, match="attempts_of"):
                 await ref.result()
+    await conn.execute("ALTER FUNCTION pgtasks.gone_of(integer, jsonb) RENAME TO attempts_of")
     await conn.execute("ALTER FUNCTION pgtasks.job_info_gone(text, bigint[]) RENAME TO job_info")
     await app.worker(queues=["lookups"], burst=True).run()
     with anyio.fail_after(10):

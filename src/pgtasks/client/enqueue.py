@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -154,8 +155,12 @@ class Enqueuer:
             return sent.msg_id, sent.deduplicated, sent.queue
 
         what = f"deferring {sig.task.name!r} to {sig.queue!r}"
+        started = time.monotonic()
         msg_id, dedup, queue = await self._on_connection(opts.connection, send, what)
-        return JobRef(msg_id, queue, sig.task.name, dedup, jobs=self._jobs)
+        ref: JobRef[Any] = JobRef(msg_id, queue, sig.task.name, dedup, jobs=self._jobs)
+        if not dedup:  # a new job, which ends after this (a key holder may have ended)
+            ref._sent_after = started
+        return ref
 
     async def _send_many(
         self, signatures: Iterable[Signature], connection: Connection | None

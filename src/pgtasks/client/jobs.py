@@ -3,13 +3,17 @@ results (awaited, pushed rather than polled), their cancellation.
 
 Waiting: every statement that ends jobs of a queue (a worker's batch of acks or dead
 letters, a cancellation) notifies channel ``pgtasks_done`` once, with the queue's name. One
-`_Waiters` per app and event loop listens on a connection of its own and, for each queue
+`Waiters` per app and event loop listens on a connection of its own and, for each queue
 notified (and every second, in case a notification was missed), looks up every job still
-awaited in that queue with one call of ``pgtasks.job_info`` on a pooled connection. A
-thousand concurrent ``result()`` calls cost two connections, and a job is looked up as soon
-as it ends. A look-up that fails for a transient reason is tried again; one that cannot
-succeed (a missing function, a privilege) fails the waits it serves, with the error, rather
-than leaving them waiting forever. Closing the app fails every wait with `AppClosed`.
+awaited in that queue with one statement on a pooled connection: ``pgtasks.job_info``'s
+query prepared over the queue's tables (`db.results.job_info_direct`), or, for a role that
+may not read them, the function itself. A thousand concurrent ``result()`` calls cost two
+connections, and a job is looked up as soon as it ends. A new waiter is looked up at once
+(its job may have ended already), unless its job was sent by this app after the connection
+listened and nothing was heard of its queue since: its end is then certain to notify. A
+look-up that fails for a transient reason is tried again; one that cannot succeed (a
+missing function, a privilege) fails the waits it serves, with the error, rather than
+leaving them waiting forever. Closing the app fails every wait with `AppClosed`.
 """
 
 from __future__ import annotations
@@ -27,15 +31,11 @@ import asyncpg
 import orjson
 
 from ..context import current_job
-from ..db.connect import acquire_clean, connect
+from ..db.connect import acquire_clean
 from ..db.database import Database
-from ..db.errors import is_transient, translate
-from ..db.jobs import DONE_CHANNEL
 from ..db.queues import messages_waiting
-from ..db.results import JobInfo, job_info, jobs_cancel, retried_as
+from ..db.results import JobInfo, job_info, job_info_direct, jobs_cancel, retried_as
 from ..exceptions import (
-    AppClosed,
-    DatabaseError,
     JobCancelled,
     JobExpired,
     JobFailed,
@@ -45,13 +45,11 @@ from ..exceptions import (
 from ..serialization.hints import load_value
 from ..tasks import CancelOutcome, JobRef, JobStatus, Task
 from ..tasks.handle import FINAL_STATES
+from .waiters import Waiters
 
 R = TypeVar("R")
 Lookup = Callable[[Sequence[int]], Awaitable[dict[int, Any]]]
 logger = logging.getLogger("pgtasks")
-
-SAFETY_POLL = 1.0  # seconds: a notification that was missed costs at most this much
-IDLE_CLOSE = 30.0  # seconds without waiters before the listening connection is closed
 
 
 class JobClient:
@@ -67,8 +65,11 @@ class JobClient:
         self._database = database
         self._tasks = tasks
         self._record_ttl = record_ttl
-        self._waiters: _Waiters | None = None
-        # what a topic of waiting other than a queue's looks up (see `_Waiters`)
+        self._waiters: Waiters | None = None
+        # look jobs up with the prepared statement of `job_info_direct`, until the role
+        # turns out not to be allowed to
+        self._direct = True
+        # what a topic of waiting other than a queue's looks up (see `Waiters`)
         self.lookups: dict[str, Lookup] = {}
 
     def ref(self, queue: str, msg_id: int, task: str = "") -> JobRef[Any]:
@@ -77,6 +78,15 @@ class JobClient:
     async def info(self, queue: str, ids: Sequence[int]) -> list[JobInfo]:
         pool = await self._database.pool()
         async with acquire_clean(pool) as conn:
+            if self._direct:
+                try:
+                    return await job_info_direct(conn, queue, ids)
+                except asyncpg.InsufficientPrivilegeError:
+                    # a producer's role reads jobs only through the function: from now on
+                    # this client asks it alone
+                    self._direct = False
+                except asyncpg.UndefinedTableError:
+                    pass  # no such queue (any more): the function says what became of them
             return await job_info(conn, queue, ids)
 
     async def status(self, ref: JobRef[Any], /) -> JobStatus:
@@ -87,7 +97,7 @@ class JobClient:
         if timeout is None:
             _warn_if_inside_own_queue(ref)
         with anyio.fail_after(timeout) if timeout is not None else contextlib.nullcontext():
-            info = await self.wait(ref.queue, ref.id)
+            info = await self.wait(ref.queue, ref.id, sent_after=ref._sent_after)
         value: R = self._unpack(ref, info)
         return value
 
@@ -108,10 +118,10 @@ class JobClient:
         if waiters is not None:
             await waiters.close()
 
-    def _waiters_here(self) -> _Waiters:
+    def _waiters_here(self) -> Waiters:
         loop = asyncio.get_running_loop()
         if self._waiters is None or self._waiters.loop is not loop:
-            self._waiters = _Waiters(self._database, self._ended, loop)
+            self._waiters = Waiters(self._database, self._ended, loop)
         return self._waiters
 
     async def _ended(self, topic: str, ids: Sequence[int]) -> dict[int, Any]:
@@ -125,10 +135,11 @@ class JobClient:
             if i.state in FINAL_STATES or i.state == "unknown"
         }
 
-    async def wait(self, topic: str, id: int) -> Any:
+    async def wait(self, topic: str, id: int, *, sent_after: float | None = None) -> Any:
         """Until the thing ``id`` of ``topic`` (a job of a queue, or another topic with a
-        lookup of its own) is over: what its lookup said of it."""
-        return await self._waiters_here().wait(topic, id)
+        lookup of its own) is over: what its lookup said of it. ``sent_after``: the job was
+        sent after this monotonic time (see `Waiters.wait`)."""
+        return await self._waiters_here().wait(topic, id, sent_after)
 
     def _unpack(self, ref: JobRef[Any], info: JobInfo) -> Any:
         what = f"job {ref.id} in queue {ref.queue!r}"
@@ -217,141 +228,6 @@ def _status(info: JobInfo) -> JobStatus:
         info.cancel_requested,
         retried_as(error) if info.state == "failed" else None,
     )
-
-
-class _Waiters:
-    """The jobs awaited in one event loop, and the task that finds out when they end."""
-
-    def __init__(
-        self,
-        database: Database,
-        ended: Callable[[str, Sequence[int]], Awaitable[dict[int, Any]]],
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.loop = loop
-        self._database = database
-        self._ended = ended
-        self._pending: dict[str, dict[int, list[asyncio.Future[Any]]]] = defaultdict(dict)
-        self._dirty: set[str] = set()
-        self._wake = asyncio.Event()
-        self._pump: asyncio.Task[None] | None = None
-
-    async def wait(self, queue: str, msg_id: int) -> Any:
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self._pending[queue].setdefault(msg_id, []).append(future)
-        self._dirty.add(queue)  # it may have ended already: look once it is listening
-        self._wake.set()
-        if self._pump is None or self._pump.done():
-            # a task of the app's, not of the caller's: it outlives any one waiter
-            self._pump = self.loop.create_task(self._run(), name="pgtasks-results")
-        try:
-            return await future
-        finally:
-            waiting = self._pending.get(queue, {}).get(msg_id, [])
-            if future in waiting:
-                waiting.remove(future)
-                if not waiting:
-                    del self._pending[queue][msg_id]
-
-    async def close(self) -> None:
-        """Stop listening; every wait still pending ends with `AppClosed`."""
-        pump, self._pump = self._pump, None
-        if pump is not None and not pump.done():
-            pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pump
-        pending, self._pending = self._pending, defaultdict(dict)
-        for topic, waiting in pending.items():
-            for key, futures in waiting.items():
-                error = AppClosed(
-                    f"the app was closed while this coroutine waited for {_what(topic, key)} "
-                    "to end; the job itself goes on"
-                )
-                _fail(futures, error)
-
-    async def _run(self) -> None:
-        backoff = 0.1
-        idle_since: float | None = None
-        while True:
-            conn: asyncpg.Connection | None = None
-            try:
-                conn = await self._listen()
-                backoff = 0.1
-                while True:
-                    self._dirty.update(q for q, ids in self._pending.items() if ids)
-                    await self._look()
-                    if any(self._pending.values()):
-                        idle_since = None
-                    elif idle_since is None:
-                        idle_since = self.loop.time()
-                    elif self.loop.time() - idle_since > IDLE_CLOSE:
-                        return  # nobody waits: the next waiter starts it again
-                    with anyio.move_on_after(SAFETY_POLL):
-                        await self._wake.wait()
-                    self._wake.clear()
-                    if conn.is_closed():
-                        break
-            except Exception as exc:  # a loop that restarts with backoff
-                logger.warning("waiting for job results: %s; trying again in %.1fs", exc, backoff)
-                await anyio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-            finally:
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
-
-    async def _listen(self) -> asyncpg.Connection:
-        conn = await connect(
-            await self._database.dsn(),
-            server_settings={"application_name": "pgtasks-results"},
-        )
-
-        def notified(_c: Any, _pid: int, _channel: str, payload: object) -> None:
-            self._dirty.add(str(payload))
-            self._wake.set()
-
-        await conn.add_listener(DONE_CHANNEL, notified)
-        conn.add_termination_listener(lambda _c: self._wake.set())
-        return conn
-
-    async def _look(self) -> None:
-        """Look up the jobs awaited in the queues notified; resolve those that ended."""
-        while self._dirty:
-            queue = self._dirty.pop()
-            waiting = self._pending.get(queue)
-            if not waiting:
-                continue
-            try:
-                ended = await self._ended(queue, list(waiting))
-            except Exception as exc:
-                if is_transient(exc):
-                    self._dirty.add(queue)  # look again after the loop's backoff
-                    raise
-                # trying again cannot help: the waits this look-up serves end with the error
-                # (later waits try again, so a fix, such as a migration, serves them)
-                logger.warning("looking up awaited jobs of %r failed: %s", queue, exc)
-                what = f"waiting for the jobs of queue {queue!r}"
-                error = translate(exc, what) or DatabaseError(f"{what} failed: {exc}")
-                for futures in waiting.values():
-                    _fail(futures, error)
-                continue
-            for key, info in ended.items():
-                for future in waiting.get(key, []):
-                    if not future.done():
-                        future.set_result(info)
-
-
-def _what(topic: str, key: int) -> str:
-    """A thing waited for, for a message: a queue's job, or another topic's (``@workflows``:
-    a workflow)."""
-    if topic.startswith("@"):
-        return f"{topic[1:].rstrip('s')} {key}"
-    return f"job {key} in queue {topic!r}"
-
-
-def _fail(futures: Iterable[asyncio.Future[Any]], error: BaseException) -> None:
-    for future in futures:
-        if not future.done():
-            future.set_exception(error)
 
 
 async def wait_for(database: Database, refs: Iterable[JobRef[Any]], *, poll: float = 0.05) -> None:

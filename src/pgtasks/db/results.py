@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 
 import asyncpg
+import orjson
 
 from .jobs import _NOTIFY_DONE, RESULTS_INSERT, RESULTS_UPSERT, Token, _split
 from .sql import Executor, table
@@ -59,6 +60,84 @@ FROM pgtasks.job_info($1::text, $2::bigint[])
 async def job_info(conn: Executor, queue: str, ids: Sequence[int]) -> list[JobInfo]:
     """Where each of these jobs of one queue is, or what it became (see the migration)."""
     return [JobInfo(*r) for r in await conn.fetch(JOB_INFO, queue, list(ids))]
+
+
+@lru_cache(maxsize=256)
+def _job_info_sql(queue: str) -> str:
+    # pgtasks.job_info's query for an existing queue (0010), word for word but for the
+    # table names, which the function splices in with EXECUTE format() and so plans anew on
+    # every call, and for the ids: a JSON array rather than a bigint[]. Planning is most of
+    # the cost (0.45 of 0.7 ms). A prepared statement is planned once (a generic plan) only
+    # when that plan's estimate is no worse than a plan made for the values; unnest() of an
+    # array estimates as many rows as the array has, against 10 for a generic plan, so it
+    # would be planned on every call too. jsonb_array_elements_text() estimates 100 rows
+    # whatever the array, so the generic plan wins from the sixth call (tested), and a
+    # look-up costs about 0.3 ms. It reads the tables with the caller's privileges, not
+    # the function's owner's.
+    q, a = table("q", queue), table("a", queue)
+    return f"""
+SELECT msg_id, state, task,
+       coalesce(attempts, CASE WHEN state = 'failed' THEN (error ->> 'attempts')::integer END),
+       enqueued_at, finished_at, result::text, error::text, cancel_requested
+FROM (
+    SELECT i.id,
+           CASE
+               WHEN r.state IS NOT NULL THEN r.state
+               WHEN q.msg_id IS NOT NULL THEN
+                   CASE
+                       WHEN q.attempts > 0 AND EXISTS (
+                           SELECT 1 FROM pgtasks.attempt_errors AS e
+                           WHERE e.queue = $1::text AND e.msg_id = q.msg_id
+                             AND e.attempt = q.attempts
+                             AND e.failed_at >= q.enqueued_at) THEN 'retrying'
+                       WHEN q.vt > clock_timestamp() AND q.attempts = 0 THEN 'scheduled'
+                       WHEN q.vt > clock_timestamp() THEN 'running'
+                       ELSE 'waiting'
+                   END
+               WHEN a.msg_id IS NOT NULL THEN 'succeeded'
+               WHEN d.msg_id IS NOT NULL THEN 'failed'
+               ELSE 'unknown'
+           END,
+           coalesce(r.task, q.message ->> 'task', a.message ->> 'task', d.task),
+           coalesce(q.attempts, pgtasks.attempts_of(a.read_ct, a.headers), d.read_ct),
+           coalesce(r.enqueued_at, q.enqueued_at, a.enqueued_at, d.enqueued_at),
+           coalesce(r.finished_at, a.archived_at, d.failed_at),
+           r.result,
+           coalesce(r.error, CASE WHEN d.msg_id IS NOT NULL THEN
+               coalesce(d.error, '{{}}') || jsonb_build_object('reason', d.reason) END),
+           q.msg_id IS NOT NULL AND pgtasks.cancel_requested($1::text, i.id, q.enqueued_at)
+    FROM (SELECT e::bigint FROM jsonb_array_elements_text($2::text::jsonb) AS e) AS i(id)
+    LEFT JOIN LATERAL (
+        SELECT m.msg_id, m.vt, m.enqueued_at, m.message,
+               pgtasks.attempts_of(m.read_ct, m.headers) AS attempts
+        FROM pgmq.{q} AS m WHERE m.msg_id = i.id
+    ) AS q ON true
+    LEFT JOIN pgmq.{a} AS a ON q.msg_id IS NULL AND a.msg_id = i.id
+    LEFT JOIN pgtasks.job_results AS r0 ON r0.queue = $1::text AND r0.msg_id = i.id
+    LEFT JOIN LATERAL (
+        SELECT * FROM pgtasks.dead_letters AS x
+        WHERE x.queue = $1::text AND x.msg_id = i.id ORDER BY x.id DESC LIMIT 1
+    ) AS d0 ON q.msg_id IS NULL AND a.msg_id IS NULL
+    CROSS JOIN LATERAL (
+        SELECT coalesce(q.enqueued_at, a.enqueued_at,
+                        greatest(r0.enqueued_at, d0.enqueued_at)) AS enq
+    ) AS w
+    LEFT JOIN pgtasks.job_results AS r
+        ON r.queue = r0.queue AND r.msg_id = r0.msg_id AND r0.enqueued_at = w.enq
+    LEFT JOIN pgtasks.dead_letters AS d
+        ON d.id = d0.id AND d0.enqueued_at = w.enq AND r.state IS NULL
+) AS j(msg_id, state, task, attempts, enqueued_at, finished_at, result, error,
+       cancel_requested)
+"""
+
+
+async def job_info_direct(conn: Executor, queue: str, ids: Sequence[int]) -> list[JobInfo]:
+    """`job_info` as a prepared statement over the queue's tables: the same rows, several
+    times cheaper, for a role that may read those tables and pgtasks' own (the worker's,
+    the owner's). A role that may not gets `asyncpg.InsufficientPrivilegeError`, and a queue
+    that does not exist `asyncpg.UndefinedTableError`: `job_info` answers both."""
+    rows = await conn.fetch(_job_info_sql(queue), queue, orjson.dumps(list(ids)).decode())
+    return [JobInfo(*r) for r in rows]
 
 
 JOBS_CANCEL = "SELECT msg_id, outcome FROM pgtasks.cancel($1::text, $2::bigint[], $3::float8)"

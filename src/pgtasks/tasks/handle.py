@@ -107,7 +107,10 @@ class JobRef(Generic[R_co]):
     job can have (below 1, or beyond a ``bigint``: 2**63 and up) raises `ValueError`.
     """
 
-    __slots__ = ("_jobs", "deduplicated", "id", "queue", "task")
+    # _sent_after: for a job this process sent (not a deduplicated one), the monotonic time
+    # before it was sent; its end comes after, which spares a waiter that was listening
+    # already the look-up of a job that cannot have ended (`client.jobs`)
+    __slots__ = ("_jobs", "_sent_after", "deduplicated", "id", "queue", "task")
 
     def __init__(
         self,
@@ -128,6 +131,7 @@ class JobRef(Generic[R_co]):
         self.task = task
         self.deduplicated = deduplicated
         self._jobs = jobs
+        self._sent_after: float | None = None
 
     async def status(self) -> JobStatus:
         """Where the job is now, or what it became (one query)."""
