@@ -9,10 +9,12 @@ given back, a request records it as cancelled, a lost lease writes nothing) neve
 The fetcher claims for the free slots and a *prefetch*: the jobs that will free slots while
 a claim is on its way. Without it, a slot that frees sits idle for a whole claim round trip
 before its next job arrives, which for jobs of a millisecond is most of the time. The
-prefetch is ``2 * concurrency * claim round trip / run time``, from moving averages of
-both, at most ``concurrency``. It is 0 until jobs have run, and 0 when a job runs so long
-that a slot's wait for a claim is a small part of it: then nothing waits in this worker
-that another worker's free slot could run.
+prefetch is ``3 * concurrency * claim round trip / run time``, from moving averages of
+both, at most ``2 * concurrency``; the fetcher tops it up once a third of it has started, so
+the two thirds still waiting cover a claim's round trip twice over (with half, the line was
+found empty a third of the time). It is 0 until jobs have run, and 0 when a job runs so
+long that a slot's wait for a claim is a small part of it: then nothing waits in this
+worker that another worker's free slot could run.
 """
 
 from __future__ import annotations
@@ -92,4 +94,4 @@ class Slots:
         run, claim = self._run_time, self._claim_time
         if run is None or claim is None:
             return
-        self.prefetch = min(self.size, int(2 * self.size * claim / max(run, 1e-6)))
+        self.prefetch = min(2 * self.size, int(3 * self.size * claim / max(run, 1e-6)))

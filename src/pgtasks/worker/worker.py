@@ -387,7 +387,7 @@ class Worker:
                     # batch rather than many single-message reads; with a prefetch, the half
                     # of it still waiting covers the claim's round trip
                     prefetch = self._slots.prefetch
-                    await fetcher.gather_slots(prefetch // 2 if prefetch else self.concurrency // 2)
+                    await fetcher.gather_slots(prefetch // 3 if prefetch else self.concurrency // 2)
                     continue
                 if self.burst and claimed == 0:
                     if not self._jobs and self._completer.pending == 0:
