@@ -1,0 +1,49 @@
+"""Review of issue 18's worker changes: attacks on the claims ahead of the slots, the claim
+statement and the per-queue claim policy, each against a real database."""
+
+from __future__ import annotations
+
+import anyio
+import asyncpg
+
+import pgtasks
+from tests.helpers import Events
+
+
+async def _two_waiting(
+    conn: asyncpg.Connection, queue: str, started: list[int], held_count: int = 4
+) -> set[int]:
+    """Wait until two jobs run and two more are claimed ahead; their ids."""
+    held = f"SELECT msg_id FROM pgmq.q_{queue} WHERE read_ct > 0 AND vt > now()"
+    with anyio.fail_after(10):
+        while len(started) < 2 or len(ids := {r[0] for r in await conn.fetch(held)}) < held_count:
+            await anyio.sleep(0.02)
+    return ids
+
+
+async def test_a_job_claimed_ahead_is_not_run_after_its_expiry(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    """A job claimed ahead of the slots waits for one; if its ``expires`` passes meanwhile,
+    it has not started by then, and must end as expired rather than run (the documented
+    rule: "a job that has not started by then is not run")."""
+    gate = anyio.Event()
+    started: list[int] = []
+
+    @app.task(queue="ahead_expiry", on_success="delete")
+    async def job(i: int) -> None:
+        if i >= 1000:
+            started.append(i)
+            await gate.wait()
+
+    await app.defer_many([job.s(i) for i in range(300)])  # short jobs: the worker prefetches
+    await app.defer_many([job.options(delay=0.5, expires=2.0).s(1000 + i) for i in range(4)])
+    async with app.worker(concurrency=2, poll_interval=30) as worker:
+        events = Events(worker)
+        await _two_waiting(conn, "ahead_expiry", started)
+        assert worker.running == 2
+        await anyio.sleep(2.5)  # the two waiting in line expire there
+        gate.set()
+        await events.until(lambda: events.counts["succeeded"] == 302, timeout=10)
+        await events.until(lambda: events.counts["expired"] == 2, timeout=5)
+    assert len(started) == 2  # the two that waited past their expiry never ran
