@@ -47,3 +47,39 @@ async def test_a_job_claimed_ahead_is_not_run_after_its_expiry(
         await events.until(lambda: events.counts["succeeded"] == 302, timeout=10)
         await events.until(lambda: events.counts["expired"] == 2, timeout=5)
     assert len(started) == 2  # the two that waited past their expiry never ran
+
+
+async def test_jobs_claimed_ahead_do_not_wait_behind_long_jobs(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    """A worker whose jobs turn from short to long holds the jobs it claimed ahead behind
+    jobs that may run for hours, while another worker's free slot could run them. After a
+    second in line they go back to the queue (their attempt given back), this worker stops
+    claiming ahead, and another worker runs them while the long jobs still run here."""
+    gate = anyio.Event()
+    started: list[int] = []
+
+    @app.task(queue="ahead_long", on_success="delete")
+    async def job(i: int) -> None:
+        if i >= 1000:
+            started.append(i)
+            await gate.wait()
+
+    await app.defer_many([job.s(i) for i in range(300)])
+    await app.defer_many([job.options(delay=0.5).s(1000 + i) for i in range(4)])
+    async with app.worker(concurrency=2, poll_interval=0.5) as first:
+        await _two_waiting(conn, "ahead_long", started)
+        assert first.running == 2
+        held = "SELECT count(*) FROM pgmq.q_ahead_long WHERE read_ct > 0 AND vt > now()"
+        with anyio.fail_after(5):
+            while await conn.fetchval(held) > 2:  # the two in line are handed back
+                await anyio.sleep(0.05)
+        await anyio.sleep(0.5)
+        assert await conn.fetchval(held) == 2  # and not claimed again here
+        async with app.worker(concurrency=2, poll_interval=0.5):
+            with anyio.fail_after(5):
+                while len(started) < 4:  # the other worker runs them
+                    await anyio.sleep(0.05)
+            gate.set()
+    assert sorted(started) == [1000, 1001, 1002, 1003]
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.q_ahead_long") == 0
