@@ -3,10 +3,15 @@ statement and the per-queue claim policy, each against a real database."""
 
 from __future__ import annotations
 
+from collections import Counter
+from typing import Any
+
 import anyio
 import asyncpg
+import pytest
 
 import pgtasks
+from pgtasks.db import jobs
 from tests.helpers import Events
 
 
@@ -83,3 +88,42 @@ async def test_jobs_claimed_ahead_do_not_wait_behind_long_jobs(
             gate.set()
     assert sorted(started) == [1000, 1001, 1002, 1003]
     assert await conn.fetchval("SELECT count(*) FROM pgmq.q_ahead_long") == 0
+
+
+async def test_a_visible_message_locked_by_another_transaction_is_not_polled_hot(
+    app: pgtasks.App, conn: asyncpg.Connection, db_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A visible message whose row another transaction holds locked (``pgtasks.cancel``
+    inside a longer transaction, an operator's ``SELECT ... FOR UPDATE``) is skipped by
+    every claim, while the probe keeps seeing it visible: the worker must not claim and
+    probe it a hundred times a second for as long as the lock is held, yet it must claim
+    the message soon after the lock goes."""
+    counts: Counter[str] = Counter()
+    real = jobs.message_read
+
+    async def counted(c: Any, queue: str, *args: Any) -> list[jobs.Message]:
+        counts[queue] += 1
+        return await real(c, queue, *args)
+
+    monkeypatch.setattr(jobs, "message_read", counted)
+    ran: list[int] = []
+
+    @app.task(queue="locked_row")
+    async def job(i: int) -> None:
+        ran.append(i)
+
+    await job.defer(1)
+    holder = await asyncpg.connect(db_dsn)
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT * FROM pgmq.q_locked_row FOR UPDATE")
+        async with app.worker(concurrency=4, poll_interval=30) as worker:
+            events = Events(worker)
+            await anyio.sleep(2.0)
+            assert ran == []
+            assert counts["locked_row"] < 30, counts  # a few a second, not a hundred
+            await tx.rollback()
+            await events.until(lambda: ran == [1], timeout=3)
+    finally:
+        await holder.close()
