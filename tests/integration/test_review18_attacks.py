@@ -127,3 +127,69 @@ async def test_a_visible_message_locked_by_another_transaction_is_not_polled_hot
             await events.until(lambda: ran == [1], timeout=3)
     finally:
         await holder.close()
+
+
+async def test_a_job_sent_while_the_listener_is_down_is_claimed_after_it_reconnects(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    """The listener's backend is terminated and a job is deferred before it listens again:
+    its notification is lost. The reconnect's sweep finds it, well before the poll."""
+    ran: list[int] = []
+
+    @app.task(queue="relisten")
+    async def job(i: int) -> None:
+        ran.append(i)
+
+    async with app.worker(concurrency=2, poll_interval=60) as worker:
+        events = Events(worker)
+        await job.defer(0)
+        await events.until(lambda: ran == [0], timeout=5)
+        killed = await conn.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'pgtasks-listener' AND datname = current_database()"
+        )
+        assert killed == 1
+        await job.defer(1)  # nobody listens now
+        await events.until(lambda: ran == [0, 1], timeout=5)
+        assert worker.listener is not None
+        assert worker.listener.reconnects >= 1
+
+
+async def test_a_dropped_queue_does_not_starve_or_spin_the_others(
+    app: pgtasks.App, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One of a worker's queues is dropped under it (so the probe of its chunk fails): the
+    other queues are still served at once, and the dropped one costs a few claims, not a
+    loop."""
+    counts: Counter[str] = Counter()
+    real = jobs.message_read
+
+    async def counted(c: Any, queue: str, *args: Any) -> list[jobs.Message]:
+        counts[queue] += 1
+        return await real(c, queue, *args)
+
+    monkeypatch.setattr(jobs, "message_read", counted)
+    ran: list[str] = []
+
+    @app.task(queue="keep_a")
+    async def a() -> None:
+        ran.append("a")
+
+    @app.task(queue="gone")
+    async def g() -> None:
+        ran.append("g")
+
+    async with app.worker(concurrency=2, poll_interval=0.3) as worker:
+        events = Events(worker)
+        await a.defer()
+        await events.until(lambda: ran == ["a"], timeout=5)
+        await conn.execute("SELECT pgmq.drop_queue('gone')")
+        await a.defer()
+        await events.until(lambda: ran == ["a", "a"], timeout=3)
+        counts.clear()
+        await anyio.sleep(3)  # ten sweeps
+        await a.defer()
+        await events.until(lambda: ran == ["a", "a", "a"], timeout=3)
+        assert counts["gone"] <= 4, counts  # backs off: 1 s, 2 s, ...
+        assert counts["keep_a"] <= 25, counts
+        assert "gone" in worker.failed_queues
