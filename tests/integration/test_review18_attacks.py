@@ -193,3 +193,34 @@ async def test_a_dropped_queue_does_not_starve_or_spin_the_others(
         assert counts["gone"] <= 4, counts  # backs off: 1 s, 2 s, ...
         assert counts["keep_a"] <= 25, counts
         assert "gone" in worker.failed_queues
+
+
+async def test_the_prepared_lookup_answers_as_job_info_for_ended_and_reused_ids(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    """The prepared look-up the waiters use answers as ``pgtasks.job_info`` for cancelled,
+    expired, deleted-on-success and dead jobs, and for ids a dropped and created again queue
+    gives out anew."""
+    from pgtasks.db.results import job_info, job_info_direct
+
+    @app.task(queue="reinfo", on_success="delete", max_retries=0)
+    async def job(fail: bool) -> int:
+        if fail:
+            raise ValueError("no")
+        return 1
+
+    old = [await job.defer(False), await job.defer(True)]
+    await app.worker(queues=["reinfo"], burst=True).run()
+    await conn.execute("SELECT pgmq.drop_queue('reinfo')")
+    refs = [
+        await job.defer(False),  # gets the id of an old job: answers for the new one
+        await job.options(expires=0.01).defer(False),
+        await job.options(delay=60).defer(False),
+    ]
+    await anyio.sleep(0.05)
+    assert await refs[2].cancel() == "cancelled"
+    await app.worker(queues=["reinfo"], burst=True).run()
+    ids = sorted({r.id for r in old + refs} | {999})
+    expected = sorted(await job_info(conn, "reinfo", ids))
+    assert sorted(await job_info_direct(conn, "reinfo", ids)) == expected
+    assert {i.state for i in expected} >= {"succeeded", "expired", "cancelled", "unknown"}
