@@ -1,8 +1,8 @@
 """Storage settings of queue tables (migration 0013): on every queue pgtasks creates (migrate,
 a defer to a new queue, a batch, SQL's pgtasks.defer, a worker's start), set by migrate on a
-queue made with plain pgmq.create (by the migration itself, and by any later migrate), a
-table an operator tuned left alone, migrate twice a no-op, and a migrate that neither waits
-behind a running worker's writes nor for long behind a VACUUM's lock."""
+queue made with plain pgmq.create (by the migrate that applies the migration, and by any
+later one), a table an operator tuned left alone, migrate twice a no-op, and a migrate that
+neither waits behind a running worker's writes nor for long behind a VACUUM's lock."""
 
 from __future__ import annotations
 

@@ -112,8 +112,40 @@ async def test_the_prepared_lookup_is_planned_once_per_connection(
         assert info.state == "waiting"
     plans = await conn.fetchrow(
         "SELECT generic_plans, custom_plans FROM pg_prepared_statements "
-        "WHERE statement LIKE '%jsonb_array_elements_text%'"
+        "WHERE statement LIKE '%jsonb_array_elements_text%' "
+        "AND statement NOT LIKE '%pg_prepared_statements%'"  # (this query is prepared too)
     )
     # planned for the values five times, then once for all (planning is most of its cost)
     assert plans is not None
     assert (plans["custom_plans"], plans["generic_plans"]) == (5, 3)
+
+
+async def test_a_notification_looks_up_its_own_queue_only(
+    app: pgtasks.App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs of one queue ending do not look up the jobs awaited in another: before, every
+    wake-up of the waiters looked up every queue waited for (review of issue 18)."""
+
+    @app.task(queue="quiet_q")
+    async def never() -> None: ...
+
+    @app.task(queue="busy_q")
+    async def echo(n: int) -> int:
+        return n
+
+    looked: list[str] = []
+    info = app._jobs.info
+
+    async def counted(queue: str, ids: Sequence[int]) -> list[JobInfo]:
+        looked.append(queue)
+        return await info(queue, ids)
+
+    monkeypatch.setattr(app._jobs, "info", counted)
+    async with app.worker(queues=["busy_q"], poll_interval=30), anyio.create_task_group() as tg:
+        waiting = await never.defer()  # nobody runs it
+        tg.start_soon(waiting.result)
+        with anyio.fail_after(10):
+            for n in range(5):
+                assert await (await echo.defer(n)).result() == n
+        tg.cancel_scope.cancel()
+    assert looked.count("quiet_q") <= 1, looked  # its first look-up, at most

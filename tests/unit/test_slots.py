@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import deque
 
 from pgtasks.db.jobs import Message
 from pgtasks.worker.job import CancelReason, Job, claimed
-from pgtasks.worker.slots import Slots
+from pgtasks.worker.slots import PATIENCE, Slots
 
 
 def _job(msg_id: int) -> Job:
@@ -68,3 +69,22 @@ def test_waiting_jobs_start_in_claim_order_and_cancelled_ones_never_start() -> N
     assert started == [0, 1, 3]
     assert slots.busy == 0
     assert not slots.waiting
+
+
+def test_jobs_that_waited_too_long_leave_the_line_and_prefetch_stops() -> None:
+    slots, started, _ = _slots(2)
+    slots.claimed(0.001)
+    for _ in range(50):
+        slots.busy = 1
+        slots.finished(0.001)
+    assert slots.prefetch == 4  # the most: twice the slots
+    slots.busy = 0
+    jobs = [_job(i) for i in range(4)]
+    for job in jobs:
+        slots.add(job)
+    assert started == [0, 1]
+    now = jobs[3].claimed_at
+    assert slots.overdue(now) == []  # just claimed
+    assert slots.overdue(now + PATIENCE) == jobs[2:]  # waited a second: out of line
+    assert slots.waiting == deque()
+    assert slots.prefetch == 0  # the running jobs took a second at least

@@ -106,8 +106,10 @@ class Waiters:
             try:
                 conn = await self._listen()
                 backoff = 0.1
+                poll = True  # after (re)connecting, and at each safety poll: every waiter
                 while True:
-                    self._dirty.update(q for q, ids in self._pending.items() if ids)
+                    if poll:
+                        self._dirty.update(q for q, ids in self._pending.items() if ids)
                     await self._look()
                     if any(self._pending.values()):
                         idle_since = None
@@ -115,8 +117,12 @@ class Waiters:
                         idle_since = self.loop.time()
                     elif self.loop.time() - idle_since > IDLE_CLOSE:
                         return  # nobody waits: the next waiter starts it again
-                    with anyio.move_on_after(SAFETY_POLL):
+                    # woken: the topics notified (and new waiters') are dirty already, and
+                    # only those are looked up; every other wake-up looked up every topic
+                    # waited for, a statement per queue for each notification of any queue
+                    with anyio.move_on_after(SAFETY_POLL) as timer:
                         await self._wake.wait()
+                    poll = timer.cancelled_caught
                     self._wake.clear()
                     if conn.is_closed():
                         break

@@ -1,7 +1,8 @@
 """Installing pgmq and the pgtasks schema.
 
 `migrate` runs in one transaction under a transaction-level advisory lock, so two processes
-migrating at once serialize: the second waits, then finds nothing left to do. Steps:
+migrating at once serialize: the second waits, then finds nothing left to do; then, once
+that has committed, step 6, a transaction per queue. Steps:
 
 1. pgmq, unless ``pgmq.meta`` exists: ``CREATE EXTENSION pgmq`` when the server offers the
    extension, else the SQL-only script shipped in the ``pgmq`` wheel (the ``pgmq-sql`` extra),
@@ -17,9 +18,15 @@ migrating at once serialize: the second waits, then finds nothing left to do. St
 5. the pgmq queue of every queue name given (the app's registered tasks), through
    ``pgtasks.ensure_queue``, so that every queue has the same owner (and pgtasks' storage
    settings, which ``ensure_queue`` sets on the tables it creates);
-6. pgtasks' storage settings on the tables of every pgtasks queue that have none (a queue
-   made with plain ``pgmq.create``, or one whose table was locked when they were last set;
-   see migrations/0013_queue_storage.sql): never waits more than 2 s for a table.
+6. pgtasks' storage settings on the tables of every pgtasks queue that have none (every
+   queue, when migration 0013 runs; later, a queue made with plain ``pgmq.create``, or one
+   whose table was locked when they were last set; see migrations/0013_queue_storage.sql):
+   never waits more than 2 s for a table, and each queue in a transaction of its own
+   (``Step.alone``). ALTER TABLE's lock is held to the end of its transaction, and the
+   server's lock table holds ``max_locks_per_transaction x max_connections`` locks for all
+   sessions together (6,400 by default): one transaction for every queue held two per
+   queue, failed past a few thousand queues, and short of that starved the workers of
+   lock slots while it lasted.
 
 Capabilities are probed (does ``pgmq.meta`` exist, is the extension available, may this role
 create roles), never versions. `plan` returns the same steps as SQL text without running
@@ -42,7 +49,7 @@ import asyncpg
 
 from .._shared import Connection
 from ..exceptions import MigrationError, SchemaMissing
-from ..queues import check_queue_name
+from ..queues import QUEUE_NAME, check_queue_name
 from .queues import QUEUE_STORAGE_PRESENT, queue_list, queues_storage_pending
 from .sql import Executor
 
@@ -62,6 +69,7 @@ CREATE TABLE IF NOT EXISTS pgtasks.migrations (
 # The group roles (see migrations/0002_roles_and_checks.sql for what each may do).
 ROLES = ("pgtasks_producer", "pgtasks_worker")
 ROLES_MIGRATION = 2  # the migration that defines pgtasks.grant_roles()
+STORAGE_MIGRATION = 13  # the migration that defines pgtasks.queue_storage()
 
 CREATE_ROLES = """\
 DO $$
@@ -138,10 +146,12 @@ class Migration:
 
 @dataclass(frozen=True)
 class Step:
-    """One thing `migrate` would do: a description and the SQL it runs."""
+    """One thing `migrate` would do: a description and the SQL it runs. ``alone``: in a
+    transaction of its own, after the migration's has committed."""
 
     description: str
     sql: str
+    alone: bool = False
 
 
 def migrations() -> list[Migration]:
@@ -239,21 +249,31 @@ async def plan(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
         check_queue_name(queue)
         # as the owner of ensure_queue, like a queue created on demand
         steps.append(Step(f"create queue {queue}", f"SELECT pgtasks.ensure_queue('{queue}');"))
-    steps += await _storage_steps(conn, existing)
+    steps += await _storage_steps(
+        conn, existing, any(m.version == STORAGE_MIGRATION for m in pending)
+    )
     return steps
 
 
-async def _storage_steps(conn: Connection, existing: set[str]) -> list[Step]:
-    """Storage settings for the existing queues whose tables have none, once the migration
-    that defines them has run (while it is pending, it sets them itself)."""
-    if not existing or not await conn.fetchval(QUEUE_STORAGE_PRESENT):
+async def _storage_steps(conn: Connection, existing: set[str], pending: bool) -> list[Step]:
+    """Storage settings for the existing queues whose tables have none, each queue alone:
+    with the migration that defines them ``pending``, every pgtasks queue (none has them
+    yet; a table an operator tuned is skipped when the step runs)."""
+    if not existing:
+        return []
+    if pending:
+        todo = [(q, f"queue {q}") for q in sorted(existing) if QUEUE_NAME.fullmatch(q)]
+    elif await conn.fetchval(QUEUE_STORAGE_PRESENT):
+        todo = [(q, ", ".join(tables)) for q, tables in await queues_storage_pending(conn)]
+    else:
         return []
     return [
         Step(
-            f"set the storage settings of {', '.join(tables)}",
+            f"set the storage settings of {what}",
             f"SELECT pgtasks.queue_storage('{queue}');",  # a validated name
+            alone=True,
         )
-        for queue, tables in await queues_storage_pending(conn)
+        for queue, what in todo
     ]
 
 
@@ -281,9 +301,18 @@ async def migrate(conn: Connection, queues: Iterable[str] = ()) -> list[Step]:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             steps = await plan(conn, queues)
             for step in steps:
-                await conn.execute(step.sql)
+                if not step.alone:
+                    await conn.execute(step.sql)
     except asyncpg.PostgresError as exc:
         raise MigrationError(f"migration failed and was rolled back: {exc}") from exc
+    for step in steps:
+        if step.alone:
+            try:
+                await conn.execute(step.sql)  # a transaction of its own
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(
+                    f"the migration committed, but this step failed: {step.description}: {exc}"
+                ) from exc
     return steps
 
 
@@ -293,6 +322,10 @@ def render(steps: list[Step]) -> str:
         return "-- pgtasks: nothing to do, the database is up to date\n"
     parts = ["BEGIN;", f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK});"]
     for step in steps:
-        parts.append(f"\n-- {step.description}\n{step.sql.strip()}")
+        if not step.alone:
+            parts.append(f"\n-- {step.description}\n{step.sql.strip()}")
     parts.append("\nCOMMIT;\n")
+    for step in steps:  # each in a transaction of its own
+        if step.alone:
+            parts.append(f"-- {step.description}\n{step.sql.strip()}\n")
     return "\n".join(parts)

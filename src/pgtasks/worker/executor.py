@@ -355,12 +355,14 @@ class Executor:
 
 
 def _expired(job: Job) -> str | None:
-    """When this job expired, if it did before this claim (on the database's clock: the
-    claim set vt to its time plus the lease); None if it has not, or the header is not a
-    number of seconds (after the enqueue) or an ISO time."""
+    """When this job expired, if it did before it starts now (on the database's clock: the
+    claim set vt to its time plus the lease, and a job claimed ahead of the slots has waited
+    since); None if it has not, or the header is not a number of seconds (after the enqueue)
+    or an ISO time."""
     value = job.headers.get(envelope.HEADER_EXPIRES)
     msg = job.message
     claimed_at = msg.vt - dt.timedelta(seconds=job.lease)  # the lease the claim took
+    starts_at = claimed_at + dt.timedelta(seconds=time.monotonic() - job.claimed_at)
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
             deadline = msg.enqueued_at + dt.timedelta(seconds=value)
@@ -375,4 +377,4 @@ def _expired(job: Job) -> str | None:
             return None
     else:
         return None
-    return deadline.isoformat() if claimed_at > deadline else None
+    return deadline.isoformat() if starts_at > deadline else None

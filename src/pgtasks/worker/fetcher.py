@@ -81,6 +81,7 @@ class _Queue:
     probe: bool = False  # a claim drained it: learn its due time before sleeping
     due: float | None = None  # monotonic; when its earliest message becomes visible
     heard: int = 0  # notifications; a claim that drained it leaves it ready if one came
+    rechecks: int = 0  # probes in a row that saw a message visible its claim did not get
     failures: int = 0
     blocked_until: float = 0.0  # monotonic; while in the future, the queue is skipped
     error: str | None = None
@@ -91,7 +92,12 @@ PROBE_CHUNK = 50
 
 RECHECK = 0.01
 """Seconds before a drained queue whose probe finds a message visible is claimed again
-(another worker held that row's lock for an instant): soon, without spinning."""
+(another worker held that row's lock for an instant): soon, without spinning. Each time
+in a row it happens again the wait doubles, up to `MAX_RECHECK`: a transaction that holds
+the row locked (a cancel inside a longer transaction, an operator's ``FOR UPDATE``) would
+otherwise have the worker claim and probe it a hundred times a second while it lasts."""
+
+MAX_RECHECK = 1.0
 
 
 class Fetcher:
@@ -179,6 +185,8 @@ class Fetcher:
                 self._block(queue, exc)
                 continue
             queue.failures, queue.error = 0, None
+            if messages:
+                queue.rechecks = 0
             total += len(messages)
             if interrupted:
                 return total, False
@@ -229,7 +237,8 @@ class Fetcher:
                 elif sweep:
                     q.ready = True
                 elif not q.ready:  # visible, yet the claim that drained it did not get it
-                    q.due = now + RECHECK
+                    q.due = now + min(MAX_RECHECK, RECHECK * 2 ** min(q.rechecks, 10))
+                    q.rechecks += 1
 
     async def _claim(self, queue: _Queue, qty: int) -> tuple[list[jobs.Message], bool]:
         # Once the server has claimed messages they must reach jobs (which run, or are

@@ -86,6 +86,7 @@ class Job:
     cancel_reason: CancelReason | None = None
     task: asyncio.Task[None] | None = None
     extended_at: float = field(default_factory=time.monotonic)
+    claimed_at: float = field(default_factory=time.monotonic)  # monotonic, never moves
     extension_pending: bool = False  # an extension is queued in the completer
     task_name: str | None = None  # once the body is decoded
     policy: RetryPolicy | None = None  # once the task is known

@@ -15,6 +15,11 @@ the two thirds still waiting cover a claim's round trip twice over (with half, t
 found empty a third of the time). It is 0 until jobs have run, and 0 when a job runs so
 long that a slot's wait for a claim is a small part of it: then nothing waits in this
 worker that another worker's free slot could run.
+
+Jobs that turn from short to long would keep what was claimed ahead waiting behind them, for
+as long as they run (hours, maybe), while another worker's slot is free: a job that has
+waited `PATIENCE` goes back to the queue, its attempt given back, and this worker claims
+nothing ahead until its runs are measured short again.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ from .job import Job
 
 WEIGHT = 1 / 16
 """Each new sample's weight in a moving average (about the last 16 count)."""
+
+PATIENCE = 1.0
+"""Seconds a job claimed ahead may wait for a slot. Jobs are claimed ahead only while a run
+is about as short as a claim's round trip, so one waits milliseconds; one that waited a
+second waits behind jobs that turned long."""
 
 
 class Slots:
@@ -78,6 +88,18 @@ class Slots:
         except ValueError:
             return False
         return True
+
+    def overdue(self, now: float) -> list[Job]:
+        """Take out of line the jobs that waited `PATIENCE` seconds (monotonic ``now``), and
+        claim nothing ahead until runs are measured short again: the running jobs have taken
+        that long at least."""
+        waiting, late = self.waiting, []
+        while waiting and now - waiting[0].claimed_at >= PATIENCE:  # in claim order
+            late.append(waiting.popleft())
+        if late:
+            self._run_time = max(self._run_time or 0.0, PATIENCE)
+            self._pace()
+        return late
 
     def withdraw_all(self) -> list[Job]:
         jobs = list(self.waiting)

@@ -66,7 +66,7 @@ from .settings import (
     checked_queues,
     transactional_slots,
 )
-from .slots import Slots
+from .slots import PATIENCE, Slots
 from .threads import Threads
 
 logger = logging.getLogger("pgtasks")
@@ -272,6 +272,7 @@ class Worker:
             async with anyio.create_task_group() as service:
                 service.start_soon(self._completer.run)
                 service.start_soon(leases.run)
+                service.start_soon(self._watch_line)
                 await heartbeat.beat()  # registered before it says it started
                 service.start_soon(heartbeat.run)
                 if self.scheduler is not None:
@@ -449,6 +450,16 @@ class Worker:
         self._jobs.discard(job)
         self._slots.finished(time.monotonic() - began)
         self._freed()
+
+    async def _watch_line(self) -> None:
+        """Hand back the jobs claimed ahead that waited too long for a slot (`slots.py`)."""
+        while True:
+            await anyio.sleep(PATIENCE / 4)
+            for job in self._slots.overdue(time.monotonic()):
+                if job.cancel_reason is None:
+                    logger.debug("%s waited %.1fs for a slot; handed back", job, PATIENCE)
+                    job.cancel(CancelReason.STOP)  # released, its attempt given back
+                self._withdrawn(job)
 
     def _withdrawn(self, job: Job) -> None:
         """A job cancelled while it waited for a slot: its outcome, without a run."""

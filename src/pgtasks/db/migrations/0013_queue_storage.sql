@@ -90,13 +90,7 @@ BEGIN
     END IF;
 END $$;
 
--- The queues that exist (pgtasks' names only: pgmq.meta may hold other applications').
-DO $$
-DECLARE
-    v_queue text;
-BEGIN
-    FOR v_queue IN SELECT queue_name FROM pgmq.meta
-                   WHERE queue_name ~ '^[a-z][a-z0-9_]{0,39}$' ORDER BY queue_name LOOP
-        PERFORM pgtasks.queue_storage(v_queue);
-    END LOOP;
-END $$;
+-- The queues that exist get them from migrate once this has committed, a transaction per
+-- queue (db/schema.py, step 6): here, in the migration's one transaction, each ALTER TABLE's
+-- lock would be held until the end, two per queue, more than the server's lock table holds
+-- past a few thousand queues.
