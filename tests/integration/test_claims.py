@@ -208,3 +208,33 @@ async def test_a_job_claimed_ahead_can_be_cancelled_before_it_runs(
         gate.set()
         await events.until(lambda: events.counts["succeeded"] == 303, timeout=10)
     assert len(started) == 3  # the cancelled one never ran
+
+
+async def test_a_message_handed_back_wakes_the_other_workers(app: pgtasks.App) -> None:
+    """A worker claims only from queues that may hold work: a message another worker hands
+    back at its stop must tell it so (a NOTIFY with the release), not wait for its sweep."""
+    runs: list[str] = []
+    release = anyio.Event()
+
+    @app.task(queue="handed_back")
+    async def job() -> None:
+        runs.append(pgtasks.current_job().queue)
+        if len(runs) == 1:
+            await release.wait()  # the first run waits until its worker stops
+
+    await job.defer()
+    first = app.worker(poll_interval=60, shutdown_timeout=0.1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first.run)
+        with anyio.fail_after(5):
+            while not runs:
+                await anyio.sleep(0.01)
+        other = app.worker(poll_interval=60)
+        async with other:
+            events = Events(other)
+            await anyio.sleep(0.3)  # its first sweep is over: the message was leased then
+            first.stop()  # the message goes back
+            began = time.monotonic()
+            await events.until(lambda: events.counts["succeeded"] == 1, timeout=5)
+            assert time.monotonic() - began < 2  # not the next sweep, 60 s away
+    assert len(runs) == 2

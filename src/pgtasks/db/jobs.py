@@ -16,7 +16,7 @@ from functools import lru_cache
 from typing import TypeAlias
 
 from ..serialization.envelope import HEADER_RELEASED
-from .sql import Executor, table
+from .sql import NOTIFY_CHANNEL, Executor, table
 
 # A claim token: (msg_id, read_ct, enqueued_at), the guard of every write to a claimed
 # message. read_ct only grows, so a token never repeats within a queue; enqueued_at tells a
@@ -273,23 +273,31 @@ RETURNING t.i
 
 @lru_cache(maxsize=256)
 def _release_sql(queue: str) -> str:
+    # the wake-up NOTIFY tells every worker serving the queue (a worker claims only from the
+    # queues that may hold work: without it, another worker would find the message at its
+    # next sweep)
     return f"""
-UPDATE pgmq.{table("q", queue)} AS m
-SET vt = least(m.enqueued_at, clock_timestamp()),
-    headers = CASE
-        WHEN t.give_back AND m.headers IS NULL
-            THEN jsonb_build_object('{HEADER_RELEASED}', 1)
-        WHEN t.give_back AND jsonb_typeof(m.headers) = 'object'
-            THEN m.headers || jsonb_build_object(
-                '{HEADER_RELEASED}', {_released("m.headers", "m.read_ct")} + 1)
-        ELSE m.headers END  -- headers that are not an object: the attempt is not given back
-FROM unnest($1::bigint[], $2::integer[], $3::boolean[], $4::timestamptz[]) WITH ORDINALITY
-    AS t(id, ct, give_back, enq, i)
-WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
-  -- still leased: a release replayed after its first try committed (the reply was lost)
-  -- finds the message visible already, and gives nothing back twice
-  AND m.vt > clock_timestamp()
-RETURNING t.i
+WITH released AS (
+    UPDATE pgmq.{table("q", queue)} AS m
+    SET vt = least(m.enqueued_at, clock_timestamp()),
+        headers = CASE
+            WHEN t.give_back AND m.headers IS NULL
+                THEN jsonb_build_object('{HEADER_RELEASED}', 1)
+            WHEN t.give_back AND jsonb_typeof(m.headers) = 'object'
+                THEN m.headers || jsonb_build_object(
+                    '{HEADER_RELEASED}', {_released("m.headers", "m.read_ct")} + 1)
+            ELSE m.headers END  -- headers that are not an object: the attempt is not given back
+    FROM unnest($1::bigint[], $2::integer[], $3::boolean[], $4::timestamptz[])
+        WITH ORDINALITY AS t(id, ct, give_back, enq, i)
+    WHERE m.msg_id = t.id AND m.read_ct = t.ct AND m.enqueued_at = t.enq
+      -- still leased: a release replayed after its first try committed (the reply was
+      -- lost) finds the message visible already, and gives nothing back twice
+      AND m.vt > clock_timestamp()
+    RETURNING t.i
+), notified AS (
+    SELECT pg_notify('{NOTIFY_CHANNEL}', '{queue}') FROM (SELECT 1 FROM released LIMIT 1) AS one
+)
+SELECT released.i FROM released LEFT JOIN notified ON true
 """
 
 
