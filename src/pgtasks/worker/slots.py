@@ -24,10 +24,16 @@ nothing ahead until its runs are measured short again.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
-from .job import Job
+import anyio
+
+from .job import CancelReason, Job
+
+logger = logging.getLogger("pgtasks")
 
 WEIGHT = 1 / 16
 """Each new sample's weight in a moving average (about the last 16 count)."""
@@ -69,8 +75,7 @@ class Slots:
     def finished(self, run_time: float) -> None:
         """A job's run ended after ``run_time`` seconds: its slot goes to the next job."""
         self.busy -= 1
-        mean = self._run_time
-        self._run_time = run_time if mean is None else mean + WEIGHT * (run_time - mean)
+        self._run_time = _average(self._run_time, run_time)
         self._pace()
         waiting = self.waiting
         while waiting and self.busy < self.size:
@@ -101,15 +106,27 @@ class Slots:
             self._pace()
         return late
 
-    def withdraw_all(self) -> list[Job]:
-        jobs = list(self.waiting)
-        self.waiting.clear()
-        return jobs
+    def hand_back_all(self) -> None:
+        """Hand every waiting job back (the worker stops): released, its attempt given back."""
+        while self.waiting:
+            self._hand_back(self.waiting.popleft())
+
+    async def watch(self) -> None:
+        """Hand back the jobs that waited `PATIENCE` for a slot, checked four times as often."""
+        while True:
+            await anyio.sleep(PATIENCE / 4)
+            for job in self.overdue(time.monotonic()):
+                logger.debug("%s waited %.1fs for a slot; handed back", job, PATIENCE)
+                self._hand_back(job)
+
+    def _hand_back(self, job: Job) -> None:
+        if job.cancel_reason is None:  # one cancelled already ends by its own reason
+            job.cancel(CancelReason.STOP)
+        self._dispose(job)
 
     def claimed(self, seconds: float) -> None:
         """A claim's round trip took ``seconds``."""
-        mean = self._claim_time
-        self._claim_time = seconds if mean is None else mean + WEIGHT * (seconds - mean)
+        self._claim_time = _average(self._claim_time, seconds)
         self._pace()
 
     def _pace(self) -> None:
@@ -117,3 +134,7 @@ class Slots:
         if run is None or claim is None:
             return
         self.prefetch = min(2 * self.size, int(3 * self.size * claim / max(run, 1e-6)))
+
+
+def _average(mean: float | None, sample: float) -> float:
+    return sample if mean is None else mean + WEIGHT * (sample - mean)

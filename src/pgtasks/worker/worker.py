@@ -66,7 +66,7 @@ from .settings import (
     checked_queues,
     transactional_slots,
 )
-from .slots import PATIENCE, Slots
+from .slots import Slots
 from .threads import Threads
 
 logger = logging.getLogger("pgtasks")
@@ -272,7 +272,7 @@ class Worker:
             async with anyio.create_task_group() as service:
                 service.start_soon(self._completer.run)
                 service.start_soon(leases.run)
-                service.start_soon(self._watch_line)
+                service.start_soon(self._slots.watch)
                 await heartbeat.beat()  # registered before it says it started
                 service.start_soon(heartbeat.run)
                 if self.scheduler is not None:
@@ -311,9 +311,7 @@ class Worker:
                     fetch_scope.cancel()
                 await self._fetch_loop()
             self._stopping.set()
-            for job in self._slots.withdraw_all():  # claimed ahead: hand them back now
-                job.cancel(CancelReason.STOP)
-                self._withdrawn(job)
+            self._slots.hand_back_all()  # claimed ahead, never started: back at once
             if not self._force:
                 with anyio.move_on_after(self.shutdown_timeout):
                     while self._jobs:
@@ -353,9 +351,7 @@ class Worker:
         self.abandoned = len(left)
 
     def _cancel_jobs(self) -> list[asyncio.Task[None]]:
-        for job in self._slots.withdraw_all():
-            job.cancel(CancelReason.STOP)
-            self._withdrawn(job)
+        self._slots.hand_back_all()
         tasks = []
         for job in self._jobs:
             job.cancel(CancelReason.STOP)
@@ -385,8 +381,8 @@ class Worker:
                     await asyncio.sleep(0)  # the new jobs start before the next query goes out
                 if not drained:
                     # a backlog: let capacity free up for a moment so the next claim is one
-                    # batch rather than many single-message reads; with a prefetch, the half
-                    # of it still waiting covers the claim's round trip
+                    # batch rather than many single-message reads; with a prefetch, the two
+                    # thirds of it still waiting cover the claim's round trip
                     prefetch = self._slots.prefetch
                     await fetcher.gather_slots(prefetch // 3 if prefetch else self.concurrency // 2)
                     continue
@@ -450,16 +446,6 @@ class Worker:
         self._jobs.discard(job)
         self._slots.finished(time.monotonic() - began)
         self._freed()
-
-    async def _watch_line(self) -> None:
-        """Hand back the jobs claimed ahead that waited too long for a slot (`slots.py`)."""
-        while True:
-            await anyio.sleep(PATIENCE / 4)
-            for job in self._slots.overdue(time.monotonic()):
-                if job.cancel_reason is None:
-                    logger.debug("%s waited %.1fs for a slot; handed back", job, PATIENCE)
-                    job.cancel(CancelReason.STOP)  # released, its attempt given back
-                self._withdrawn(job)
 
     def _withdrawn(self, job: Job) -> None:
         """A job cancelled while it waited for a slot: its outcome, without a run."""
