@@ -16,12 +16,16 @@ from tests.helpers import Events
 
 
 async def _two_waiting(
-    conn: asyncpg.Connection, queue: str, started: list[int], held_count: int = 4
+    conn: asyncpg.Connection, queue: str, started: list[int], after: int, held_count: int = 4
 ) -> set[int]:
-    """Wait until two jobs run and two more are claimed ahead; their ids."""
-    held = f"SELECT msg_id FROM pgmq.q_{queue} WHERE read_ct > 0 AND vt > now()"
+    """Wait until two jobs run and two more are claimed ahead; their ids. Only messages
+    sent after id ``after`` count (the short jobs before them may still be held, acking)."""
+    held = f"SELECT msg_id FROM pgmq.q_{queue} WHERE read_ct > 0 AND vt > now() AND msg_id > $1"
     with anyio.fail_after(10):
-        while len(started) < 2 or len(ids := {r[0] for r in await conn.fetch(held)}) < held_count:
+        while (
+            len(started) < 2
+            or len(ids := {r[0] for r in await conn.fetch(held, after)}) < held_count
+        ):
             await anyio.sleep(0.02)
     return ids
 
@@ -41,11 +45,11 @@ async def test_a_job_claimed_ahead_is_not_run_after_its_expiry(
             started.append(i)
             await gate.wait()
 
-    await app.defer_many([job.s(i) for i in range(300)])  # short jobs: the worker prefetches
+    quick = await app.defer_many([job.s(i) for i in range(300)])  # short: the worker claims ahead
     await app.defer_many([job.options(delay=0.5, expires=2.0).s(1000 + i) for i in range(4)])
     async with app.worker(concurrency=2, poll_interval=30) as worker:
         events = Events(worker)
-        await _two_waiting(conn, "ahead_expiry", started)
+        await _two_waiting(conn, "ahead_expiry", started, quick[-1].id)
         assert worker.running == 2
         await anyio.sleep(2.5)  # the two waiting in line expire there
         gate.set()
@@ -70,12 +74,15 @@ async def test_jobs_claimed_ahead_do_not_wait_behind_long_jobs(
             started.append(i)
             await gate.wait()
 
-    await app.defer_many([job.s(i) for i in range(300)])
+    quick = await app.defer_many([job.s(i) for i in range(300)])
     await app.defer_many([job.options(delay=0.5).s(1000 + i) for i in range(4)])
     async with app.worker(concurrency=2, poll_interval=0.5) as first:
-        await _two_waiting(conn, "ahead_long", started)
+        await _two_waiting(conn, "ahead_long", started, quick[-1].id)
         assert first.running == 2
-        held = "SELECT count(*) FROM pgmq.q_ahead_long WHERE read_ct > 0 AND vt > now()"
+        held = (
+            "SELECT count(*) FROM pgmq.q_ahead_long"
+            f" WHERE read_ct > 0 AND vt > now() AND msg_id > {quick[-1].id}"
+        )
         with anyio.fail_after(5):
             while await conn.fetchval(held) > 2:  # the two in line are handed back
                 await anyio.sleep(0.05)
