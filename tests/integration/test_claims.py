@@ -15,6 +15,7 @@ import pytest
 import pgtasks
 from pgtasks.db import jobs
 from pgtasks.serialization.envelope import HEADER_RELEASED
+from pgtasks.worker import slots
 from pgtasks.worker.connection import OwnConnection
 from pgtasks.worker.fetcher import PROBE_CHUNK, Fetcher
 from tests.helpers import Events
@@ -139,11 +140,13 @@ async def test_a_notification_during_a_claim_is_not_lost(
 
 
 async def test_short_jobs_are_claimed_ahead_and_handed_back_at_a_stop(
-    app: pgtasks.App, conn: asyncpg.Connection
+    app: pgtasks.App, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Jobs that run for far less than a claim's round trip make the worker claim ahead of
     its slots; at a stop, the jobs claimed ahead (which never started) go back to the queue
     at once with their attempt given back, like the running ones."""
+    # jobs in line here wait for the gate, not for slow runs: no hand-back after 1 s
+    monkeypatch.setattr(slots, "PATIENCE", 60.0)
     gate = anyio.Event()
     started: list[int] = []
 
@@ -180,8 +183,10 @@ async def test_short_jobs_are_claimed_ahead_and_handed_back_at_a_stop(
 
 
 async def test_a_job_claimed_ahead_can_be_cancelled_before_it_runs(
-    app: pgtasks.App, conn: asyncpg.Connection
+    app: pgtasks.App, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # jobs in line here wait for the gate, not for slow runs: no hand-back after 1 s
+    monkeypatch.setattr(slots, "PATIENCE", 60.0)
     gate = anyio.Event()
     started: list[int] = []
 
