@@ -147,6 +147,7 @@ async def test_short_jobs_are_claimed_ahead_and_handed_back_at_a_stop(
     at once with their attempt given back, like the running ones."""
     # jobs in line here wait for the gate, not for slow runs: no hand-back after 1 s
     monkeypatch.setattr(slots, "PATIENCE", 60.0)
+    monkeypatch.setattr(slots, "MAX_AHEAD", 4)  # a line of 4 at most (2 slots: 2 per slot)
     gate = anyio.Event()
     started: list[int] = []
 
@@ -167,7 +168,7 @@ async def test_short_jobs_are_claimed_ahead_and_handed_back_at_a_stop(
         )
         with anyio.fail_after(5):
             while await conn.fetchval(held) < 6:  # two running, four claimed ahead (the
-                await anyio.sleep(0.02)  # most: twice the slots, for jobs this short)
+                await anyio.sleep(0.02)  # most the line holds)
         await anyio.sleep(0.3)  # and no more than that
         assert await conn.fetchval(held) == 6
         assert worker.running == 2

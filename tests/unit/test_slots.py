@@ -5,9 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from collections import deque
 
+import pytest
+
 from pgtasks.db.jobs import Message
 from pgtasks.worker.job import CancelReason, Job, claimed
-from pgtasks.worker.slots import PATIENCE, Slots
+from pgtasks.worker.slots import MAX_AHEAD, PATIENCE, Slots
 
 
 def _job(msg_id: int) -> Job:
@@ -36,19 +38,31 @@ def test_no_prefetch_until_jobs_ran_and_none_for_long_jobs() -> None:
     assert slots.prefetch == 0
 
 
-def test_short_jobs_are_claimed_ahead_up_to_the_slots() -> None:
-    slots, _, _ = _slots(16)
-    slots.claimed(0.001)
+def _paced(size: int, claim: float, run: float) -> Slots:
+    slots, _, _ = _slots(size)
+    slots.claimed(claim)
     for _ in range(50):
         slots.busy = 1
-        slots.finished(0.001)  # as long as a claim: at most twice the slots ahead
-    assert slots.prefetch == 32
-    slots, _, _ = _slots(16)
-    slots.claimed(0.001)
-    for _ in range(50):
-        slots.busy = 1
-        slots.finished(0.008)  # 16 slots x 1 ms / 8 ms = 2 free during a claim; 6 ahead
-    assert slots.prefetch == 6
+        slots.finished(run)
+    return slots
+
+
+def test_short_jobs_are_claimed_ahead_in_batches_of_claim_work() -> None:
+    # 16 slots, 8 ms jobs, 1 ms claims: 2 jobs end during a claim, 4 kept waiting when one is
+    # sent; a claim brings 10 ms of the slots' work (20 jobs), not the 2 that freed
+    slots = _paced(16, 0.001, 0.008)
+    assert (slots.prefetch, slots.batch) == (24, 20)
+    assert slots.gather == pytest.approx(0.01)
+    # 1 ms jobs: 16 end during a claim, 32 kept waiting; the line is capped at MAX_AHEAD
+    slots = _paced(16, 0.001, 0.001)
+    assert (slots.prefetch, slots.batch) == (MAX_AHEAD, MAX_AHEAD - 32)
+
+
+def test_a_line_that_cannot_cover_a_claim_is_claimed_by_thirds() -> None:
+    slots = _paced(4, 0.001, 0.00001)  # 400 jobs end during a claim: more than the cap
+    assert (slots.prefetch, slots.batch) == (MAX_AHEAD, MAX_AHEAD // 3)
+    slots = _paced(100, 0.001, 0.00001)  # many slots: two per slot
+    assert (slots.prefetch, slots.batch) == (200, 66)
 
 
 def test_waiting_jobs_start_in_claim_order_and_cancelled_ones_never_start() -> None:
@@ -77,7 +91,7 @@ def test_jobs_that_waited_too_long_leave_the_line_and_prefetch_stops() -> None:
     for _ in range(50):
         slots.busy = 1
         slots.finished(0.001)
-    assert slots.prefetch == 4  # the most: twice the slots
+    assert slots.prefetch == 24  # 4 kept waiting, and 10 ms of work (20 jobs) a claim
     slots.busy = 0
     jobs = [_job(i) for i in range(4)]
     for job in jobs:

@@ -60,7 +60,7 @@ class Completer:
         worker_id: str = "",
         requeued: Callable[[str], None] = lambda _: None,
         batch_size: int = 500,
-        interval: float = 0.005,
+        interval: float = 0.01,
     ) -> None:
         self._conn = conn
         self._key_retention = key_retention

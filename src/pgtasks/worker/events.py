@@ -66,6 +66,8 @@ class Events:
 
     def emit(self, event: JobEvent) -> None:
         self.stats[event.kind] += 1
+        if not self._subscribers:  # the common case: a job costs no copy of the list
+            return
         for callback in list(self._subscribers):
             try:
                 callback(event)

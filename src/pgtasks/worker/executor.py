@@ -30,6 +30,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -86,7 +87,7 @@ class Executor:
         self._tx_slots = transactional_slots
         self._key_retention = key_retention
         self._max_message_size = max_message_size
-        self._policies: dict[str, RetryPolicy] = {}
+        self._plans: dict[str, _Plan] = {}
         self._hooks: list[ExecuteHook] = hooks if hooks is not None else []
         self.decide = Decisions(defaults, submit, emit, max_result_size=max_result_size)
 
@@ -94,6 +95,18 @@ class Executor:
         task = self._tasks.get(task_name or "")
         lease = task.config.lease if task is not None else None
         return lease or self._defaults.lease or DEFAULT_LEASE
+
+    def _plan(self, task: Task[Any, Any]) -> _Plan:
+        """What every job of ``task`` needs of its configuration, worked out once."""
+        plan = self._plans.get(task.name)
+        if plan is None:
+            timeout = task.config.timeout
+            plan = self._plans[task.name] = _Plan(
+                lease=self.lease_for(task.name),
+                policy=task.retry_policy(self._defaults),
+                timeout=timeout if timeout is not None else self._defaults.timeout,
+            )
+        return plan
 
     def new_job(self, queue: str, msg: jobs.Message, lease: float) -> Job:
         return claimed(queue, msg, lease)
@@ -159,11 +172,9 @@ class Executor:
             )
             self.decide.failed(job, self._default_policy, unknown, 0.0)
             return
-        job.lease = self.lease_for(env.task)
-        policy = self._policies.get(env.task)
-        if policy is None:
-            policy = self._policies[env.task] = task.retry_policy(self._defaults)
-        job.policy = policy
+        plan = self._plans.get(env.task) or self._plan(task)
+        job.lease = plan.lease
+        job.policy = policy = plan.policy
         if job.attempt > policy.max_retries + 1:
             self.decide.dead(
                 job,
@@ -201,25 +212,25 @@ class Executor:
         if msg.key_holder is not None:
             self.decide.skip_done(job, ctx, task, msg.key_holder)
             return
-        await self._execute(job, task, policy, ctx, args, kwargs)
+        if not task.config.transactional:
+            await self._execute_once(job, task, plan, ctx, args, kwargs, None)
+        else:
+            await self._execute_transactional(job, task, plan, ctx, args, kwargs)
 
-    async def _execute(
+    async def _execute_transactional(
         self,
         job: Job,
         task: Task[Any, Any],
-        policy: RetryPolicy,
+        plan: _Plan,
         ctx: JobContext,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> None:
-        if not task.config.transactional:
-            await self._execute_once(job, task, policy, ctx, args, kwargs, None)
-            return
         job.transactional = True
         async with self._tx_slots or contextlib.nullcontext():  # leave a pooled connection
             pool, conn = await self._connection_for(job)
             try:
-                await self._execute_once(job, task, policy, ctx, args, kwargs, conn)
+                await self._execute_once(job, task, plan, ctx, args, kwargs, conn)
             finally:
                 await pool.release(conn)
 
@@ -247,13 +258,13 @@ class Executor:
         self,
         job: Job,
         task: Task[Any, Any],
-        policy: RetryPolicy,
+        plan: _Plan,
         ctx: JobContext,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         conn: PoolConnectionProxy | None,
     ) -> None:
-        timeout = task.config.timeout if task.config.timeout is not None else self._defaults.timeout
+        timeout = plan.timeout
         job.start()
         self._emit(JobEvent("started", ctx.queue, ctx.id, ctx.attempt, ctx.task))
         logger.debug("running %s", job)
@@ -301,7 +312,7 @@ class Executor:
         else:
             if job.cancel_reason is CancelReason.TIMEOUT:
                 error = JobTimeout(f"the run exceeded its time limit of {timeout:g}s")
-            self.decide.failed(job, policy, error, duration)
+            self.decide.failed(job, plan.policy, error, duration)
 
     def _call(
         self, job: Job, task: Task[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -352,6 +363,15 @@ class Executor:
             end = self.decide.step_succeeded(job, task, value)
             if end is not None:  # the next step, in this transaction
                 await workflows.steps_ended(conn, [end])
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A task's configuration as its jobs use it, with the app's defaults filled in."""
+
+    lease: float
+    policy: RetryPolicy
+    timeout: float | None
 
 
 def _expired(job: Job) -> str | None:

@@ -73,7 +73,9 @@ class Job:
 
     Each job runs as a plain asyncio task of its own (``task``): the worker starts
     thousands a second, and a task group member with a cancel scope of its own cost about
-    half of the worker's CPU per job.
+    half of the worker's CPU per job. A task cancelled before its first step would never
+    run its coroutine (nor free its slot), so a job whose task has not ``began`` is not
+    cancelled through asyncio: its run sees the reason as it begins.
     """
 
     queue: str
@@ -85,6 +87,7 @@ class Job:
     state: JobState = JobState.CLAIMED
     cancel_reason: CancelReason | None = None
     task: asyncio.Task[None] | None = None
+    began: bool = False  # its task has taken its first step: a cancellation reaches the run
     extended_at: float = field(default_factory=time.monotonic)
     claimed_at: float = field(default_factory=time.monotonic)  # monotonic, never moves
     extension_pending: bool = False  # an extension is queued in the completer
@@ -136,7 +139,8 @@ class Job:
         control = self.control  # what the task sees: a thread polls it
         control.cancel_requested = True
         control.cancel_reason = reason.name.lower()
-        if self.task is not None:
+        if self.began:  # else the run has not begun, and ends by the reason as it begins
+            assert self.task is not None
             self.task.cancel()
         return True
 

@@ -8,13 +8,18 @@ given back, a request records it as cancelled, a lost lease writes nothing) neve
 
 The fetcher claims for the free slots and a *prefetch*: the jobs that will free slots while
 a claim is on its way. Without it, a slot that frees sits idle for a whole claim round trip
-before its next job arrives, which for jobs of a millisecond is most of the time. The
-prefetch is ``3 * concurrency * claim round trip / run time``, from moving averages of
-both, at most ``2 * concurrency``; the fetcher tops it up once a third of it has started, so
-the two thirds still waiting cover a claim's round trip twice over (with half, the line was
-found empty a third of the time). It is 0 until jobs have run, and 0 when a job runs so
-long that a slot's wait for a claim is a small part of it: then nothing waits in this
-worker that another worker's free slot could run.
+before its next job arrives, which for jobs of a millisecond is most of the time. From
+moving averages of a claim's round trip and a job's run time: ``cover = concurrency * claim
+round trip / run time`` jobs end while a claim is on its way; a claim is sent once
+``batch`` of the line has started, and the ``2 * cover`` still waiting cover the round trip
+twice over (with one, the line was found empty a third of the time). The batch is at least
+`CLAIM_WORK` of the slots' work: a claim for one or two jobs costs as much as one for
+twenty, and every reply that reaches the loop while jobs wait on timers makes them wake
+late (the loop's wait is in whole milliseconds, rounded up: a reply 0.4 ms into a 1 ms wait
+leaves 0.6 ms, waited as 1 ms). The line holds at most `MAX_AHEAD` jobs or two per slot.
+The prefetch is 0 until jobs have run, and 0 when a job runs so long that a slot's wait for
+a claim is a small part of it (``3 * cover < 1``): then nothing waits in this worker that
+another worker's free slot could run.
 
 Jobs that turn from short to long would keep what was claimed ahead waiting behind them, for
 as long as they run (hours, maybe), while another worker's slot is free: a job that has
@@ -25,6 +30,7 @@ nothing ahead until its runs are measured short again.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,6 +43,12 @@ logger = logging.getLogger("pgtasks")
 
 WEIGHT = 1 / 16
 """Each new sample's weight in a moving average (about the last 16 count)."""
+
+CLAIM_WORK = 0.01
+"""Seconds of the slots' work a claim ahead brings at least (see the module)."""
+
+MAX_AHEAD = 64
+"""Jobs the line may hold, or two per slot if that is more."""
 
 PATIENCE = 1.0
 """Seconds a job claimed ahead may wait for a slot. Jobs are claimed ahead only while a run
@@ -63,6 +75,10 @@ class Slots:
         self._claim_time: float | None = None
         self.prefetch = 0
         """Jobs to claim beyond the free slots."""
+        self.batch = 0
+        """With a prefetch: the free capacity worth a claim."""
+        self.gather = 0.0
+        """With a prefetch: seconds the slots take to free ``batch`` (about)."""
 
     def add(self, job: Job) -> None:
         """A job just claimed: start it now if a slot is free, else when one is."""
@@ -133,7 +149,19 @@ class Slots:
         run, claim = self._run_time, self._claim_time
         if run is None or claim is None:
             return
-        self.prefetch = min(2 * self.size, int(3 * self.size * claim / max(run, 1e-6)))
+        run = max(run, 1e-6)
+        cover = self.size * claim / run
+        if 3 * cover < 1:
+            self.prefetch = 0
+            return
+        keep = math.ceil(2 * cover)  # waiting when a claim is sent
+        self.prefetch = min(max(MAX_AHEAD, 2 * self.size), keep + self._batch(run, cover))
+        # jobs so short that no line within the cap covers a round trip: claim by thirds
+        self.batch = max(self.prefetch - keep, self.prefetch // 3, 1)
+        self.gather = self.batch * run / self.size
+
+    def _batch(self, run: float, cover: float) -> int:
+        return math.ceil(max(cover, self.size * CLAIM_WORK / run))
 
 
 def _average(mean: float | None, sample: float) -> float:

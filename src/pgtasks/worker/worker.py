@@ -26,7 +26,6 @@ The library never installs signal handlers; the CLI does. Embedded use::
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import os
@@ -381,10 +380,13 @@ class Worker:
                     await asyncio.sleep(0)  # the new jobs start before the next query goes out
                 if not drained:
                     # a backlog: let capacity free up for a moment so the next claim is one
-                    # batch rather than many single-message reads; with a prefetch, the two
-                    # thirds of it still waiting cover the claim's round trip
-                    prefetch = self._slots.prefetch
-                    await fetcher.gather_slots(prefetch // 3 if prefetch else self.concurrency // 2)
+                    # batch rather than many single-message reads; with a prefetch, the
+                    # jobs still waiting in line cover the claim's round trip (`slots.py`)
+                    slots = self._slots
+                    if slots.prefetch:
+                        await fetcher.gather_slots(slots.batch, max(0.002, 2 * slots.gather))
+                    else:
+                        await fetcher.gather_slots(self.concurrency // 2)
                     continue
                 if self.burst and claimed == 0:
                     if not self._jobs and self._completer.pending == 0:
@@ -432,17 +434,19 @@ class Worker:
 
     def _launch(self, job: Job) -> None:
         """Run a job that has its slot."""
-        assert self._executor is not None
-        task = asyncio.get_running_loop().create_task(self._executor.run(job))
-        job.task = task
-        task.add_done_callback(functools.partial(self._ended, job, time.monotonic()))
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
 
-    def _ended(self, job: Job, began: float, task: asyncio.Task[None]) -> None:
-        # (a done callback, not a finally: a task cancelled before its first step never
-        # runs its coroutine, and the job must still end and free its slot)
-        if task.cancelled() and not job.decided:
-            assert self._executor is not None
+    async def _run(self, job: Job) -> None:
+        """A job's task: its run, then its slot to the next job, in the same step as the
+        run's end (the next job's first step is then the loop's next round, not the one
+        after a done callback's)."""
+        assert self._executor is not None
+        began = time.monotonic()
+        job.began = True
+        if job.cancel_reason is not None:  # cancelled between its launch and this step
             self._executor.withdrawn(job)
+        else:
+            await self._executor.run(job)  # never raises: the job boundary
         self._jobs.discard(job)
         self._slots.finished(time.monotonic() - began)
         self._freed()
