@@ -443,13 +443,15 @@ class Worker:
         assert self._executor is not None
         began = time.monotonic()
         job.began = True
-        if job.cancel_reason is not None:  # cancelled between its launch and this step
-            self._executor.withdrawn(job)
-        else:
-            await self._executor.run(job)  # never raises: the job boundary
-        self._jobs.discard(job)
-        self._slots.finished(time.monotonic() - began)
-        self._freed()
+        try:
+            if job.cancel_reason is not None:  # cancelled between its launch and this step
+                self._executor.withdrawn(job)
+            else:
+                await self._executor.run(job)  # never raises: the job boundary
+        finally:  # a bug that got past the boundary must not hold the slot for ever
+            self._jobs.discard(job)
+            self._slots.finished(time.monotonic() - began)
+            self._freed()
 
     def _withdrawn(self, job: Job) -> None:
         """A job cancelled while it waited for a slot: its outcome, without a run."""
