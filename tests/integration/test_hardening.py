@@ -609,6 +609,67 @@ async def test_the_completer_drops_an_extension_once_the_outcome_is_decided(
     assert [r["s"] > 500 for r in ahead] == [True, True]
 
 
+async def test_the_completer_batches_a_stream_and_writes_a_lone_outcome_at_once(
+    app: pgtasks.App, db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # outcomes that keep coming are written at most once per interval (few replies wake
+    # the worker's loop); one that comes after a quiet spell is written at once (a waiter
+    # for its result does not wait out the interval)
+    from pgtasks.worker import completer as completer_module
+    from pgtasks.worker.completer import Completer
+    from pgtasks.worker.connection import OwnConnection
+    from pgtasks.worker.job import Job
+    from pgtasks.worker.outcome import Outcome
+
+    @app.task(queue="stream_acks", on_success="delete")
+    async def job() -> None: ...
+
+    await app.defer_many([job.s() for _ in range(201)])
+    claimed = await jobs.message_read(conn, "stream_acks", 30, 201, 1 << 20)
+    own = OwnConnection(lambda: asyncpg.connect(db_dsn))
+    completer = Completer(own, key_retention=60, emit=lambda _e: None, interval=0.2)
+    flushes: list[int] = []
+    flush = Completer._flush
+
+    async def counted(self: Completer) -> None:
+        flushes.append(self.pending)
+        await flush(self)
+
+    monkeypatch.setattr(completer_module.Completer, "_flush", counted)
+
+    def ack(m: jobs.Message) -> None:
+        done = Job("stream_acks", m, lease=30.0, attempt=1, token=m.token)
+        done.finish()
+        completer.submit(Outcome("ack", done, archive=False))
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(completer.run)
+            began = time.monotonic()
+            for m in claimed[:200]:  # 200 outcomes, one every 5 ms, for a second
+                ack(m)
+                await anyio.sleep(0.005)
+            with anyio.fail_after(5):
+                await completer.wait_idle()
+            streamed = list(flushes)
+            await anyio.sleep(0.1)  # a quiet spell (over a quarter of the interval)
+            sent = time.monotonic()
+            ack(claimed[200])
+            with anyio.fail_after(5):
+                await completer.wait_idle()
+            lone = time.monotonic() - sent
+            tg.cancel_scope.cancel()
+    finally:
+        own.close()
+    assert sum(streamed) == 200
+    # a flush at the start, then at most one per 0.2 s interval (whatever this machine's
+    # sleeps add to the second the stream took)
+    assert len(streamed) <= 2 + (time.monotonic() - began) / 0.2
+    assert lone < 0.1  # not held for the rest of the interval
+    assert flushes[len(streamed) :] == [1]
+    assert await conn.fetchval("SELECT count(*) FROM pgmq.q_stream_acks") == 0
+
+
 @pytest.mark.parametrize("max_retries", [0, 2])
 async def test_a_claim_whose_reply_was_lost_uses_an_attempt_that_never_ran(
     app: pgtasks.App, conn: asyncpg.Connection, max_retries: int

@@ -3,8 +3,9 @@
 Every write a worker makes to a message it claimed goes through here, in submission order:
 acks, retries, releases, dead letters, and the lease keeper's extensions. (The one
 exception is a transactional job's ack, which must commit in the job's own transaction; the
-job's state keeps the two apart, see `job.py`.) Outcomes are flushed every few milliseconds,
-or at once when a batch is full, with one statement per (kind, queue), in one transaction
+job's state keeps the two apart, see `job.py`.) Outcomes are flushed at most every 10 ms
+while they keep coming, at once when a batch is full or when one comes after a quiet spell
+(2.5 ms without any), with one statement per (kind, queue), in one transaction
 when there is more than one statement. Every statement is guarded by the claim token, so an
 outcome for a message this worker no longer holds changes nothing, and says so.
 
@@ -69,6 +70,10 @@ class Completer:
         self._worker_id = worker_id
         self._batch_size = batch_size
         self._interval = interval
+        self._quiet = interval / 4
+        self._last_submit = -math.inf
+        self._after_quiet = False  # an outcome came after a quiet spell: write it at once
+        self._urgent = asyncio.Event()  # ends the wait for the interval: quiet, or full
         self._pending: list[Outcome] = []
         self._flushing = anyio.Lock()  # the run loop's flush and drain's never overlap
         self._wake = asyncio.Event()
@@ -88,7 +93,15 @@ class Completer:
                 outcome.job,
             )
             return
-        self._pending.append(outcome)
+        now = time.monotonic()
+        pending = self._pending
+        pending.append(outcome)
+        if now - self._last_submit >= self._quiet:
+            self._after_quiet = True
+            self._urgent.set()
+        elif len(pending) >= self._batch_size:
+            self._urgent.set()
+        self._last_submit = now
         self._idle.clear()
         self._wake.set()
 
@@ -110,12 +123,19 @@ class Completer:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # At most one flush per interval, so that a busy worker writes its outcomes in
-            # batches; the first outcome after a quiet spell is written at once (a waiter
-            # for a result hears of it without the interval's delay).
+            # At most one flush per interval while outcomes keep coming, so that a busy
+            # worker writes them in batches (and wakes its event loop with few replies:
+            # see `slots.py`); an outcome that comes after a quarter of the interval without
+            # any is written at once (a waiter for a result hears of it without the
+            # interval's delay).
+            if not self._pending:  # written by the flush that was running
+                continue
             wait = last + self._interval - time.monotonic()
-            if wait > 0 and len(self._pending) < self._batch_size:
-                await anyio.sleep(wait)
+            if wait > 0 and not self._after_quiet and len(self._pending) < self._batch_size:
+                with anyio.move_on_after(wait):
+                    await self._urgent.wait()
+            self._urgent.clear()
+            self._after_quiet = False
             last = time.monotonic()
             try:
                 async with self._flushing:
