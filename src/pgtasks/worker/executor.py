@@ -198,16 +198,17 @@ class Executor:
             )
             return
         key = headers.get(envelope.HEADER_IDEMPOTENCY_KEY)
-        ctx = JobContext(
-            id=msg.msg_id,
-            queue=job.queue,
-            task=env.task,
-            attempt=job.attempt,
-            enqueued_at=msg.enqueued_at,
-            idempotency_key=key if isinstance(key, str) else None,
-            headers=headers,
-            control=job.control,
-            scheduled_at=scheduled_at(headers) if headers else None,
+        ctx = JobContext(  # by position: a job makes one, and keywords cost twice as much
+            msg.msg_id,  # id
+            job.queue,  # queue
+            env.task,  # task
+            job.attempt,  # attempt
+            msg.enqueued_at,  # enqueued_at
+            key if isinstance(key, str) else None,  # idempotency_key
+            headers,  # headers
+            None,  # connection (a transactional job's is added when it has one)
+            scheduled_at(headers) if headers else None,  # scheduled_at
+            job.control,  # control
         )
         if msg.key_holder is not None:
             self.decide.skip_done(job, ctx, task, msg.key_holder)

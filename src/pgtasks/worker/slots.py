@@ -50,6 +50,10 @@ CLAIM_WORK = 0.01
 MAX_AHEAD = 64
 """Jobs the line may hold, or two per slot if that is more."""
 
+PACE_EVERY = 8
+"""The prefetch is worked out again every this many ended runs (and on every claim): an
+average of about 16 moves little in between."""
+
 PATIENCE = 1.0
 """Seconds a job claimed ahead may wait for a slot. Jobs are claimed ahead only while a run
 is about as short as a claim's round trip, so one waits milliseconds; one that waited a
@@ -72,6 +76,7 @@ class Slots:
         self._start = start
         self._dispose = dispose  # a job cancelled while it waited: its outcome, not a run
         self._run_time: float | None = None
+        self._ended = 0  # runs ended
         self._claim_time: float | None = None
         self.prefetch = 0
         """Jobs to claim beyond the free slots."""
@@ -92,7 +97,9 @@ class Slots:
         """A job's run ended after ``run_time`` seconds: its slot goes to the next job."""
         self.busy -= 1
         self._run_time = _average(self._run_time, run_time)
-        self._pace()
+        self._ended += 1
+        if self._ended % PACE_EVERY == 0 or self._ended < PACE_EVERY:
+            self._pace()
         waiting = self.waiting
         while waiting and self.busy < self.size:
             job = waiting.popleft()
