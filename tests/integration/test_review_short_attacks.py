@@ -9,11 +9,13 @@ window the change is about) or right after its task ended, by wrapping the slots
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
+import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Literal
 
 import anyio
@@ -489,3 +491,153 @@ async def test_burst_worker_ends_after_short_jobs_with_cancels(
     assert all(c == 1 for c in runs.values())
     assert await conn.fetchval("SELECT count(*) FROM pgmq.q_burst") == 0
     assert await conn.fetchval("SELECT count(*) FROM pgmq.a_burst") == total
+
+
+class _Rest:
+    """The rest of a coroutine whose first step was taken already (it yielded ``first``)."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], first: Any) -> None:
+        self._coro, self._first = coro, first
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, value = self._coro, self._first
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+_Task: Any = asyncio.Task  # with ``context`` (3.11+)
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], first: Any) -> Any:
+    return await _Rest(coro, first)
+
+
+def _emulated_eager_factory(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, Any],
+    *,
+    context: contextvars.Context | None = None,
+    **kwargs: Any,
+) -> Any:
+    """What `asyncio.eager_task_factory` (3.12+) does to a job's task, for 3.10 and 3.11: its
+    first step is taken at once, inside create_task, in the task's own context."""
+    if getattr(coro, "__qualname__", "") != "Worker._run":  # only jobs: anyio's own tasks
+        return _Task(coro, loop=loop, context=context, **kwargs)  # need current_task
+    ctx = context if context is not None else contextvars.copy_context()
+    try:
+        first = ctx.run(coro.send, None)
+    except StopIteration as stop:
+        done: asyncio.Future[Any] = loop.create_future()
+        done.set_result(stop.value)
+        return done
+    except BaseException as exc:
+        failed: asyncio.Future[Any] = loop.create_future()
+        failed.set_exception(exc)
+        return failed
+    return _Task(_resume(coro, first), loop=loop, context=ctx, **kwargs)
+
+
+@pytest.mark.parametrize("real", [True, False])
+async def test_jobs_under_an_eager_task_factory_free_their_slots(
+    app: pgtasks.App, conn: asyncpg.Connection, real: bool
+) -> None:
+    """Jobs that end without suspending, in a long line behind jobs that do, under an eager
+    task factory: each job's whole run is its first step, inside create_task. One that
+    started the next job from its own frame recursed down the line (RecursionError): the
+    slots stayed taken and the jobs held (their leases kept) for as long as the worker ran."""
+    factory: Any = getattr(asyncio, "eager_task_factory", None)
+    if real and factory is None:
+        pytest.skip("asyncio.eager_task_factory is Python 3.12+")
+    if not real:
+        if sys.version_info < (3, 11):
+            pytest.skip("asyncio.Task(context=...) is Python 3.11+")
+        factory = _emulated_eager_factory
+    concurrency, first, total = 200, 2000, 8000
+    done: Counter[int] = Counter()
+
+    @app.task(queue="eager")
+    async def job(n: int) -> None:
+        if first <= n < first + concurrency:  # these fill the slots; the line fills behind
+            await asyncio.sleep(0.3)
+        done[n] += 1
+
+    await app.defer_many([job.s(i) for i in range(total)])
+    loop = asyncio.get_running_loop()
+    old = loop.get_task_factory()
+    loop.set_task_factory(factory)
+    try:
+        async with app.worker(queues=["eager"], concurrency=concurrency, poll_interval=0.2) as w:
+            with anyio.fail_after(60):
+                while len(done) < total:
+                    await anyio.sleep(0.05)
+            await _settled(w)
+            deepest = w._slots.prefetch
+    finally:
+        loop.set_task_factory(old)
+    assert all(c == 1 for c in done.values())
+    assert deepest > 0
+    with anyio.fail_after(20):
+        while await conn.fetchval("SELECT count(*) FROM pgmq.q_eager"):
+            await anyio.sleep(0.05)
+
+
+async def test_a_job_that_force_stops_its_worker_in_an_eager_first_step(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    """Under an eager task factory, a job that stops its worker (force) in its first step is
+    cancelled in a step that has no task yet: it must still be cancelled once its task is
+    known, and handed back with the others."""
+    factory: Any = getattr(asyncio, "eager_task_factory", None)
+    if factory is None:
+        pytest.skip("asyncio.eager_task_factory is Python 3.12+")
+    holder: list[pgtasks.Worker] = []
+    stopped_at: list[float] = []
+    raised: list[BaseException] = []
+
+    @app.task(queue="eagerstop")
+    async def job(n: int) -> None:
+        if n == 3:
+            stopped_at.append(time.monotonic())
+            try:
+                holder[0].stop(force=True)
+            except BaseException as exc:  # was: AssertionError (a job began, with no task)
+                raised.append(exc)
+        await asyncio.sleep(30)
+
+    await app.defer_many([job.s(i) for i in range(6)])
+    loop = asyncio.get_running_loop()
+    old = loop.get_task_factory()
+    loop.set_task_factory(factory)
+    try:
+        worker = app.worker(queues=["eagerstop"], concurrency=10, poll_interval=0.2)
+        holder.append(worker)
+        with anyio.fail_after(30):
+            async with worker:
+                await worker._done.wait()
+    finally:
+        loop.set_task_factory(old)
+    took = time.monotonic() - stopped_at[0]
+    assert not raised, raised
+    assert took < 2.0, took  # cancelled at once, not left for CANCEL_GRACE
+    assert worker.abandoned == 0
+    rows = await conn.fetch(
+        "SELECT msg_id, read_ct, headers::text AS headers, vt <= clock_timestamp() AS visible "
+        "FROM pgmq.q_eagerstop ORDER BY msg_id"
+    )
+    assert len(rows) == 6
+    for row in rows:
+        assert row["visible"], rows
+        if row["read_ct"]:
+            assert json.loads(row["headers"]) == {"x-pgtasks-released": row["read_ct"]}, row
+    assert await conn.fetchval("SELECT count(*) FROM pgtasks.attempt_errors") == 0

@@ -139,8 +139,10 @@ class Job:
         control = self.control  # what the task sees: a thread polls it
         control.cancel_requested = True
         control.cancel_reason = reason.name.lower()
-        if self.began:  # else the run has not begun, and ends by the reason as it begins
-            assert self.task is not None
+        # else the run has not begun, and ends by the reason as it begins; or it is in its
+        # first step, run by an eager task factory before its task was known, which the
+        # worker cancels once it is (`Worker._launch`)
+        if self.began and self.task is not None:
             self.task.cancel()
         return True
 

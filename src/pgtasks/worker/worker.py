@@ -434,7 +434,12 @@ class Worker:
 
     def _launch(self, job: Job) -> None:
         """Run a job that has its slot."""
-        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        task = asyncio.get_running_loop().create_task(self._run(job))
+        job.task = task
+        if job.began and job.cancel_reason is not None and not task.done():
+            # an eager task factory ran its first step inside create_task, where a
+            # cancellation found no task to cancel yet
+            task.cancel()
 
     async def _run(self, job: Job) -> None:
         """A job's task: its run, then its slot to the next job, in the same step as the
@@ -450,8 +455,18 @@ class Worker:
                 await self._executor.run(job)  # never raises: the job boundary
         finally:  # a bug that got past the boundary must not hold the slot for ever
             self._jobs.discard(job)
-            self._slots.finished(time.monotonic() - began)
-            self._freed()
+            if job.task is None:
+                # the whole run was its first step, taken inside create_task (an eager
+                # task factory): the slot goes to the next job from the loop, not from
+                # this frame, or a line of such jobs would start each other ever deeper
+                # (RecursionError)
+                asyncio.get_running_loop().call_soon(self._ended, time.monotonic() - began)
+            else:
+                self._ended(time.monotonic() - began)
+
+    def _ended(self, run_time: float) -> None:
+        self._slots.finished(run_time)
+        self._freed()
 
     def _withdrawn(self, job: Job) -> None:
         """A job cancelled while it waited for a slot: its outcome, without a run."""
