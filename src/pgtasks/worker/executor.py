@@ -112,9 +112,82 @@ class Executor:
         return claimed(queue, msg, lease)
 
     async def run(self, job: Job) -> None:
-        """Run one job to its outcome. Never raises: this is the job boundary."""
+        """Run one job to its outcome. Never raises: this is the job boundary. (The checks
+        are inline, not a coroutine of their own: a job pays for every level of coroutine
+        between its task and its function as its run begins and again as it resumes.)"""
         try:
-            await self._run(job)
+            msg = job.message
+            headers = job.headers
+            if msg.body is None:
+                self.decide.dead(job, None, missing_body(msg.size, self._max_message_size), None)
+                return
+            try:
+                env = envelope.decode(msg.body)
+            except EnvelopeError as exc:
+                self.decide.dead(job, None, f"malformed message: {clean_text(exc)}", exc)
+                return
+            job.task_name = env.task
+            task = self._tasks.get(env.task)
+            if msg.cancel_requested:  # asked while an earlier claim ran, which never heard
+                self.decide.cancelled(job, task, None, 0.0, ran=False)
+                return
+            # before the task's own lease replaces the claim's (which dates the claim)
+            expired = _expired(job) if envelope.HEADER_EXPIRES in headers else None
+            if expired is not None:
+                self.decide.expired(job, task, expired)
+                return
+            if task is None:
+                known = ", ".join(sorted(self._tasks)) or "none"
+                unknown = UnknownTask(
+                    f"task {env.task!r} is not registered in this worker (known: {known})"
+                )
+                self.decide.failed(job, self._default_policy, unknown, 0.0)
+                return
+            plan = self._plans.get(env.task) or self._plan(task)
+            job.lease = plan.lease
+            job.policy = policy = plan.policy
+            if job.attempt > policy.max_retries + 1:
+                self.decide.dead(
+                    job,
+                    env.task,
+                    f"attempt {job.attempt} exceeds max_retries={policy.max_retries}: the last "
+                    "run(s) never finished (the worker crashed, lost the lease, or never "
+                    "received the claim)",
+                    None,
+                )
+                return
+            try:
+                args, kwargs = task.bind_message(env)
+            except BaseException as exc:  # the job boundary: type hints' converters run user code
+                reason = clean_text(exc) if isinstance(exc, TypeError | ValueError) else None
+                self.decide.dead(
+                    job,
+                    env.task,
+                    f"arguments do not fit the signature of {env.task!r}: "
+                    f"{reason or describe_error(exc)}",
+                    exc,
+                )
+                return
+            key = headers.get(envelope.HEADER_IDEMPOTENCY_KEY)
+            ctx = JobContext(  # by position: a job makes one, and keywords cost twice as much
+                msg.msg_id,  # id
+                job.queue,  # queue
+                env.task,  # task
+                job.attempt,  # attempt
+                msg.enqueued_at,  # enqueued_at
+                key if isinstance(key, str) else None,  # idempotency_key
+                headers,  # headers
+                None,  # connection (a transactional job's is added when it has one)
+                scheduled_at(headers) if headers else None,  # scheduled_at
+                job.control,  # control
+            )
+            if msg.key_holder is not None:
+                self.decide.skip_done(job, ctx, task, msg.key_holder)
+                return
+            if not task.config.transactional:
+                await self._execute_once(job, task, plan, ctx, args, kwargs, None)
+            else:
+                await self._execute_transactional(job, task, plan, ctx, args, kwargs)
         except BaseException as exc:  # a cancellation between the steps, or a pgtasks bug
             if self._interrupted(job, None, exc, 0.0):
                 return
@@ -143,80 +216,6 @@ class Executor:
             self.decide.cancelled(job, task, error, duration)
             return True
         return False
-
-    async def _run(self, job: Job) -> None:
-        msg = job.message
-        headers = job.headers
-        if msg.body is None:
-            self.decide.dead(job, None, missing_body(msg.size, self._max_message_size), None)
-            return
-        try:
-            env = envelope.decode(msg.body)
-        except EnvelopeError as exc:
-            self.decide.dead(job, None, f"malformed message: {clean_text(exc)}", exc)
-            return
-        job.task_name = env.task
-        task = self._tasks.get(env.task)
-        if msg.cancel_requested:  # asked while an earlier claim ran, which never heard
-            self.decide.cancelled(job, task, None, 0.0, ran=False)
-            return
-        # before the task's own lease replaces the claim's (which dates the claim)
-        expired = _expired(job) if envelope.HEADER_EXPIRES in headers else None
-        if expired is not None:
-            self.decide.expired(job, task, expired)
-            return
-        if task is None:
-            known = ", ".join(sorted(self._tasks)) or "none"
-            unknown = UnknownTask(
-                f"task {env.task!r} is not registered in this worker (known: {known})"
-            )
-            self.decide.failed(job, self._default_policy, unknown, 0.0)
-            return
-        plan = self._plans.get(env.task) or self._plan(task)
-        job.lease = plan.lease
-        job.policy = policy = plan.policy
-        if job.attempt > policy.max_retries + 1:
-            self.decide.dead(
-                job,
-                env.task,
-                f"attempt {job.attempt} exceeds max_retries={policy.max_retries}: the last "
-                "run(s) never finished (the worker crashed, lost the lease, or never "
-                "received the claim)",
-                None,
-            )
-            return
-        try:
-            args, kwargs = task.bind_message(env)
-        except BaseException as exc:  # the job boundary: type hints' converters run user code
-            reason = clean_text(exc) if isinstance(exc, TypeError | ValueError) else None
-            self.decide.dead(
-                job,
-                env.task,
-                f"arguments do not fit the signature of {env.task!r}: "
-                f"{reason or describe_error(exc)}",
-                exc,
-            )
-            return
-        key = headers.get(envelope.HEADER_IDEMPOTENCY_KEY)
-        ctx = JobContext(  # by position: a job makes one, and keywords cost twice as much
-            msg.msg_id,  # id
-            job.queue,  # queue
-            env.task,  # task
-            job.attempt,  # attempt
-            msg.enqueued_at,  # enqueued_at
-            key if isinstance(key, str) else None,  # idempotency_key
-            headers,  # headers
-            None,  # connection (a transactional job's is added when it has one)
-            scheduled_at(headers) if headers else None,  # scheduled_at
-            job.control,  # control
-        )
-        if msg.key_holder is not None:
-            self.decide.skip_done(job, ctx, task, msg.key_holder)
-            return
-        if not task.config.transactional:
-            await self._execute_once(job, task, plan, ctx, args, kwargs, None)
-        else:
-            await self._execute_transactional(job, task, plan, ctx, args, kwargs)
 
     async def _execute_transactional(
         self,
