@@ -273,8 +273,23 @@ class Completer:
             if o.kind == "ack" and o.archive and o.tries and id(o) not in written:
                 by_queue[o.queue].append(o)
         for queue, items in by_queue.items():
-            async with self._conn.use() as conn:
-                archived = await jobs.messages_archived(conn, queue, [o.job.token for o in items])
+            try:
+                async with self._conn.use() as conn:
+                    tokens = [o.job.token for o in items]
+                    archived = await jobs.messages_archived(conn, queue, tokens)
+            except Exception as exc:
+                # as for the writes: a transient failure keeps these acks for another try,
+                # anything else must not end the loop (they count as not written)
+                if classify(exc) is ErrorKind.TRANSIENT:
+                    raise _Interrupted from exc
+                logger.warning(
+                    "could not tell whether %d ack(s) tried again on %s were written (%s: %s)",
+                    len(items),
+                    queue,
+                    type(exc).__name__,
+                    exc,
+                )
+                continue
             written.update(id(o) for o in items if o.job.token in archived)
 
     def _reduce(
