@@ -72,8 +72,8 @@ class Completer:
         self._interval = interval
         self._quiet = interval / 4
         self._last_submit = -math.inf
-        self._after_quiet = False  # an outcome came after a quiet spell: write it at once
-        self._urgent = asyncio.Event()  # ends the wait for the interval: quiet, or full
+        # ends the wait for the interval: an outcome after a quiet spell, or a full batch
+        self._urgent = asyncio.Event()
         self._pending: list[Outcome] = []
         self._flushing = anyio.Lock()  # the run loop's flush and drain's never overlap
         self._wake = asyncio.Event()
@@ -96,10 +96,7 @@ class Completer:
         now = time.monotonic()
         pending = self._pending
         pending.append(outcome)
-        if now - self._last_submit >= self._quiet:
-            self._after_quiet = True
-            self._urgent.set()
-        elif len(pending) >= self._batch_size:
+        if now - self._last_submit >= self._quiet or len(pending) >= self._batch_size:
             self._urgent.set()
         self._last_submit = now
         self._idle.clear()
@@ -131,11 +128,10 @@ class Completer:
             if not self._pending:  # written by the flush that was running
                 continue
             wait = last + self._interval - time.monotonic()
-            if wait > 0 and not self._after_quiet and len(self._pending) < self._batch_size:
+            if wait > 0 and len(self._pending) < self._batch_size:
                 with anyio.move_on_after(wait):
-                    await self._urgent.wait()
+                    await self._urgent.wait()  # at once if it is set already
             self._urgent.clear()
-            self._after_quiet = False
             last = time.monotonic()
             try:
                 async with self._flushing:

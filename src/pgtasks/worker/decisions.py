@@ -75,7 +75,7 @@ class Decisions:
                 result_error=result_error,
                 ttl=self.ttl(task) if result is not None or result_error is not None else 0.0,
                 event=event,
-                step_end=self.step_succeeded(job, task, value) if job.workflow else None,
+                step_end=self.step_succeeded(job, task, value),
             )
         )
 

@@ -143,7 +143,7 @@ class Executor:
                 )
                 self.decide.failed(job, self._default_policy, unknown, 0.0)
                 return
-            plan = self._plans.get(env.task) or self._plan(task)
+            plan = self._plan(task)
             job.lease = plan.lease
             job.policy = policy = plan.policy
             if job.attempt > policy.max_retries + 1:

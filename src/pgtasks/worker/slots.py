@@ -162,13 +162,11 @@ class Slots:
             self.prefetch = 0
             return
         keep = math.ceil(2 * cover)  # waiting when a claim is sent
-        self.prefetch = min(max(MAX_AHEAD, 2 * self.size), keep + self._batch(run, cover))
+        batch = math.ceil(max(cover, self.size * CLAIM_WORK / run))
+        self.prefetch = min(max(MAX_AHEAD, 2 * self.size), keep + batch)
         # jobs so short that no line within the cap covers a round trip: claim by thirds
         self.batch = max(self.prefetch - keep, self.prefetch // 3, 1)
         self.gather = self.batch * run / self.size
-
-    def _batch(self, run: float, cover: float) -> int:
-        return math.ceil(max(cover, self.size * CLAIM_WORK / run))
 
 
 def _average(mean: float | None, sample: float) -> float:
