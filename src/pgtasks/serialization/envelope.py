@@ -302,7 +302,7 @@ def decode(body: str | bytes | Any) -> Envelope:
     range is read exactly instead (see `Envelope.exactly`); binding then decides whether the
     number fits its parameter.
     """
-    if not isinstance(body, str | bytes):
+    if type(body) is not str and not isinstance(body, str | bytes):
         return _checked(body, None, exact=False)
     try:
         parsed = orjson.loads(body)
@@ -335,23 +335,23 @@ def _checked(body: Any, text: str | bytes | None, *, exact: bool) -> Envelope:
             '{"v": 1, "task": ..., "args": [...], "kwargs": {...}}'
         )
     version = body.get("v")
-    if version != VERSION or isinstance(version, bool):  # True == 1 in Python, not in JSON
+    if type(version) is not int or version != VERSION:  # not True: 1 in Python, not in JSON
         raise EnvelopeError(
-            f"the message body has envelope version {body.get('v')!r}; this pgtasks reads "
+            f"the message body has envelope version {version!r}; this pgtasks reads "
             f'version {VERSION} (a "v": {VERSION} key)'
         )
     task = body.get("task")
-    if not isinstance(task, str) or not task:
+    if type(task) is not str or not task:
         raise EnvelopeError(f'the message body has no task name ("task": {task!r})')
-    args = body.get("args", [])
-    kwargs = body.get("kwargs", {})
+    args = body.get("args")
+    kwargs = body.get("kwargs")
     if args is None:
         args = []
+    elif type(args) is not list:
+        raise EnvelopeError(f'"args" of task {task!r} is a JSON {_json_type(args)}, not an array')
     if kwargs is None:
         kwargs = {}
-    if not isinstance(args, list):
-        raise EnvelopeError(f'"args" of task {task!r} is a JSON {_json_type(args)}, not an array')
-    if not isinstance(kwargs, dict):
+    elif type(kwargs) is not dict:
         raise EnvelopeError(
             f'"kwargs" of task {task!r} is a JSON {_json_type(kwargs)}, not an object'
         )
