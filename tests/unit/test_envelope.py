@@ -317,6 +317,11 @@ def test_decode_accepts_null_arguments_and_ignores_unknown_keys() -> None:
     assert envelope.decode(body) == envelope.Envelope("t", [], {})
 
 
+def test_decode_reads_the_version_as_a_json_number() -> None:
+    # 1.0 is the number 1 in JSON (a producer may write it so); true is not
+    assert envelope.decode('{"v": 1.0, "task": "t"}') == envelope.Envelope("t", [], {})
+
+
 def test_decode_accepts_an_already_parsed_object() -> None:
     assert envelope.decode({"v": 1, "task": "t", "args": [1]}) == envelope.Envelope("t", [1], {})
 

@@ -335,7 +335,7 @@ def _checked(body: Any, text: str | bytes | None, *, exact: bool) -> Envelope:
             '{"v": 1, "task": ..., "args": [...], "kwargs": {...}}'
         )
     version = body.get("v")
-    if type(version) is not int or version != VERSION:  # not True: 1 in Python, not in JSON
+    if version != VERSION or type(version) is bool:  # True == 1 in Python, not in JSON
         raise EnvelopeError(
             f"the message body has envelope version {version!r}; this pgtasks reads "
             f'version {VERSION} (a "v": {VERSION} key)'
