@@ -26,7 +26,8 @@ import asyncio
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import _scale_tasks as tasks
 import asyncpg
@@ -203,17 +204,41 @@ async def section_queues(admin_dsn: str, runs: int, sizes: Sizes, log: Log) -> i
 # --- short jobs ---------------------------------------------------------------------------------
 
 
-async def short_pgtasks(s: Scratch, concurrency: int, seconds: float) -> float:
+@dataclass(frozen=True)
+class ShortRun:
+    """One short-jobs case: jobs a second; the share of the slots' time spent in the jobs'
+    sleeps (what is left is the consumer's own work and its waits for the database); and
+    how long a 1 ms sleep took on average (the event loop's wait is in whole milliseconds,
+    and it waits that long only after it has done its other work)."""
+
+    rate: float
+    in_sleep: float
+    sleep_ms: float
+
+
+async def short_pgtasks(s: Scratch, concurrency: int, seconds: float) -> ShortRun:
     tasks.executed["short"] = 0
     async with s.bench.app.worker(queues=["short"], concurrency=concurrency):
         await asyncio.sleep(SHORT_WARMUP)
-        n0, t0 = tasks.executed["short"], time.perf_counter()
-        await asyncio.sleep(seconds)
-        return (tasks.executed["short"] - n0) / (time.perf_counter() - t0)
+        return await short_measure(
+            lambda: (tasks.executed["short"], tasks.slept[0]), concurrency, seconds
+        )
 
 
-async def short_raw(s: Scratch, concurrency: int, seconds: float) -> float:
+async def short_measure(
+    read: Callable[[], tuple[int, float]], concurrency: int, seconds: float
+) -> ShortRun:
+    """Jobs done and seconds slept over ``seconds``, from ``read()`` before and after."""
+    (n0, s0), t0 = read(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    (n1, s1), elapsed = read(), time.perf_counter() - t0
+    done, slept = n1 - n0, s1 - s0
+    return ShortRun(done / elapsed, slept / (concurrency * elapsed), 1000 * slept / max(done, 1))
+
+
+async def short_raw(s: Scratch, concurrency: int, seconds: float) -> ShortRun:
     done = [0]
+    slept = [0.0]
     stopping = asyncio.Event()
     conns = [await asyncpg.connect(s.dsn) for _ in range(concurrency)]
 
@@ -224,7 +249,9 @@ async def short_raw(s: Scratch, concurrency: int, seconds: float) -> float:
                 await asyncio.sleep(0.001)
                 continue
             for _ in rows:
+                began = time.perf_counter()
                 await asyncio.sleep(0.001)
+                slept[0] += time.perf_counter() - began
                 done[0] += 1
             await conn.execute(
                 "SELECT pgmq.delete('short_raw', $1::bigint[])", [r[0] for r in rows]
@@ -233,9 +260,7 @@ async def short_raw(s: Scratch, concurrency: int, seconds: float) -> float:
     consumers = [asyncio.create_task(consume(c)) for c in conns]
     try:
         await asyncio.sleep(SHORT_WARMUP)
-        n0, t0 = done[0], time.perf_counter()
-        await asyncio.sleep(seconds)
-        return (done[0] - n0) / (time.perf_counter() - t0)
+        return await short_measure(lambda: (done[0], slept[0]), concurrency, seconds)
     finally:
         stopping.set()
         await asyncio.gather(*consumers)
@@ -245,7 +270,7 @@ async def short_raw(s: Scratch, concurrency: int, seconds: float) -> float:
 
 async def section_short(admin_dsn: str, runs: int, sizes: Sizes, log: Log) -> int:
     cases = [("pgtasks", 16), ("pgtasks", 4), ("raw pgmq", 16), ("raw pgmq", 4)]
-    rates: Values = defaultdict(list)
+    runs_of: dict[tuple[str, int], list[ShortRun]] = defaultdict(list)
     async with scratch_app(admin_dsn) as s:
         await s.conn.execute("SELECT pgmq.create('short'), pgmq.create('short_raw')")
         for r in range(runs):
@@ -260,8 +285,8 @@ async def section_short(admin_dsn: str, runs: int, sizes: Sizes, log: Log) -> in
                     await wait_ready([producer])
                     await s.conn.execute(f"VACUUM ANALYZE pgmq.q_{queue}")
                     measure = short_raw if raw else short_pgtasks
-                    rates[kind, c].append(await measure(s, c, sizes.duration))
-                log(f"round {r + 1}/{runs}  {kind} c={c}: {rates[kind, c][-1]:,.0f} jobs/s")
+                    runs_of[kind, c].append(await measure(s, c, sizes.duration))
+                log(f"round {r + 1}/{runs}  {kind} c={c}: {runs_of[kind, c][-1].rate:,.0f} jobs/s")
     print(
         f"### short: 1 ms jobs, ~{sizes.level:,} kept waiting by a producer process, "
         f"{sizes.duration:g} s per case\n"
@@ -269,12 +294,33 @@ async def section_short(admin_dsn: str, runs: int, sizes: Sizes, log: Log) -> in
     rows, targets = [], []
     for kind, c in cases:
         limit = c * 1000.0
-        rate = Summary.of(rates[kind, c])
-        share = Summary.of([v / limit for v in rates[kind, c]])
-        rows.append([kind, str(c), f"{limit:,.0f}", fmt_rate(rate), f"{share.median:.0%}"])
+        done = runs_of[kind, c]
+        rate = Summary.of([d.rate for d in done])
+        share = Summary.of([d.rate / limit for d in done])
+        in_sleep = Summary.of([d.in_sleep for d in done]).median
+        sleep_ms = Summary.of([d.sleep_ms for d in done]).median
+        rows.append(
+            [
+                kind,
+                str(c),
+                f"{limit:,.0f}",
+                fmt_rate(rate),
+                f"{share.median:.0%}",
+                f"{in_sleep:.0%}",
+                f"{sleep_ms:.2f}",
+            ]
+        )
         if kind == "pgtasks":
             targets.append(target_row(f"pgtasks c={c}, share of the slot limit", share, 0.6))
-    headers = ["consumer", "concurrency", "slot limit jobs/s", "jobs/s", "% of limit"]
+    headers = [
+        "consumer",
+        "concurrency",
+        "slot limit jobs/s",
+        "jobs/s",
+        "% of limit",
+        "slot time in the sleeps",
+        "a 1 ms sleep took, ms",
+    ]
     print(markdown_table(headers, rows))
     print("\n" + markdown_table(["measure", "median (min-max)", "target", ""], targets))
     return missed(targets)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pgtasks
 
 executed: Counter[str] = Counter()  # jobs run, per task
+slept = [0.0]  # short: seconds its 1 ms sleeps took, summed
 started: dict[int, float] = {}  # stamp(i): perf_counter at its first line
 stream_samples: list[tuple[float, float]] = []  # stream(sent): (start, start - sent), wall
 
@@ -44,7 +45,9 @@ def make(dsn: str | None) -> Bench:
 
     @app.task(name="scale.short", queue="short")
     async def short(i: int) -> None:
+        began = time.perf_counter()
         await asyncio.sleep(0.001)
+        slept[0] += time.perf_counter() - began
         executed["short"] += 1
 
     @app.task(name="scale.stream", queue="stream")
