@@ -253,6 +253,7 @@ async def test_show_and_retry_as_json(db_dsn: str, conn: asyncpg.Connection) -> 
         "results": 0,
         "cancel_requests": 0,
         "workers": 0,
+        "workflows": 0,
         "archived": 0,
     }
 

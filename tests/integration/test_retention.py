@@ -49,7 +49,7 @@ async def test_a_prune_deletes_in_batches_oldest_first_and_keeps_the_newer(
     await archive_aged(conn, "ret_batches", 10, 5 * HOUR)
     await archive_aged(conn, "ret_batches", 15, 3 * HOUR)
     await archive_aged(conn, "ret_batches", 5, 0 * HOUR)
-    cutoff = await queues.archive_cutoff(conn, 2 * HOUR)
+    cutoff = await queues.ago(conn, 2 * HOUR)
 
     # one statement deletes one batch at most, the oldest first
     assert await queues.archive_prune(conn, "ret_batches", cutoff, 10) == 10

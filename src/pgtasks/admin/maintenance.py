@@ -1,6 +1,6 @@
 """Deleting what has outlived its use: expired idempotency keys, old error history, the
 records of jobs past their ``result_ttl``, requests to cancel jobs that ended meanwhile, the
-rows of workers long stopped or gone, and old archived messages.
+rows of workers long stopped or gone, workflows long finished, and old archived messages.
 
 `prune` does all of it when called (``pgtasks prune``, ``app.schedule_prune``);
 `prune_archives` is the archive's part alone, which every worker also runs on its own queues
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from ..db import attempt_errors, keys, queues, results, workers
+from ..db import attempt_errors, keys, queues, results, workers, workflows
 from ..db.database import Database
 from ..db.sql import Executor
 from ..queues import QUEUE_NAME
@@ -34,7 +34,7 @@ async def prune_archives(
     every pgtasks queue), a batch per statement; returns how many. A queue that does not
     exist (any more) is skipped."""
     names = list(queue_names) if queue_names is not None else await queues.queue_list(conn)
-    cutoff = await queues.archive_cutoff(conn, older_than)
+    cutoff = await queues.ago(conn, older_than)
     deleted = 0
     for queue in names:
         if not QUEUE_NAME.fullmatch(queue):  # not one of ours
@@ -50,6 +50,20 @@ async def prune_archives(
     return deleted
 
 
+async def prune_workflows(
+    conn: Executor, older_than: dt.timedelta, *, batch: int = queues.ARCHIVE_BATCH
+) -> int:
+    """Delete the workflows (with their steps) finished longer ago than ``older_than``, a
+    batch per statement; returns how many. Running workflows are kept."""
+    cutoff = await queues.ago(conn, older_than)
+    deleted = 0
+    while True:
+        n = await workflows.workflows_prune(conn, cutoff, batch)
+        deleted += n
+        if n < batch:
+            return deleted
+
+
 async def prune(
     database: Database,
     *,
@@ -57,6 +71,7 @@ async def prune(
     archive_older_than: dt.timedelta | None,
     archive_queues: Sequence[str] | None = None,
     workers_older_than: dt.timedelta = dt.timedelta(days=1),
+    workflows_older_than: dt.timedelta = dt.timedelta(days=7),
 ) -> dict[str, int]:
     """See `App.prune`; returns how many rows of each kind were deleted. The archives of
     ``archive_queues`` (None: every pgtasks queue) lose their messages older than
@@ -68,6 +83,7 @@ async def prune(
         "results": await results.results_prune(pool),
         "cancel_requests": await results.cancel_requests_prune(pool),
         "workers": await workers.workers_prune(pool, workers_older_than),
+        "workflows": await prune_workflows(pool, workflows_older_than),
         "archived": 0,
     }
     if archive_older_than is not None:

@@ -307,16 +307,19 @@ class App(PeriodicApp):
         errors_older_than: dt.timedelta = dt.timedelta(days=7),
         archive_older_than: dt.timedelta | None = None,
         workers_older_than: dt.timedelta = dt.timedelta(days=1),
+        workflows_older_than: dt.timedelta = dt.timedelta(days=7),
     ) -> dict[str, int]:
         """Delete what has outlived its use: idempotency keys past their retention, the
         error history of attempts older than ``errors_older_than`` (dead letters keep
         theirs), the records (results, cancellations, expiries) of jobs past their
         ``result_ttl``, requests to cancel jobs that ended meanwhile, the rows of workers
-        stopped or gone and last seen more than ``workers_older_than`` ago, and archived
-        messages: those older than ``archive_older_than`` in every queue when it is given,
-        else those older than the app's ``archive_retention`` in the app's queues (none
-        when that is None). The archive is deleted a batch of 10,000 messages per
-        transaction. Returns how many rows of each kind were deleted."""
+        stopped or gone and last seen more than ``workers_older_than`` ago, the workflows
+        (with their steps) finished more than ``workflows_older_than`` ago (a running one
+        is kept), and archived messages: those older than ``archive_older_than`` in every
+        queue when it is given, else those older than the app's ``archive_retention`` in
+        the app's queues (none when that is None). The archive and the workflows are
+        deleted a batch of 10,000 per transaction. Returns how many rows of each kind were
+        deleted."""
         older_than: dt.timedelta | None = archive_older_than
         archive_queues: list[str] | None = None  # every queue
         if older_than is None:
@@ -327,6 +330,7 @@ class App(PeriodicApp):
             archive_older_than=older_than,
             archive_queues=archive_queues,
             workers_older_than=workers_older_than,
+            workflows_older_than=workflows_older_than,
         )
 
     async def wait_for(self, refs: Iterable[JobRef[Any]], *, poll: float = 0.05) -> None:

@@ -54,6 +54,7 @@ async def prune(app: App, args: argparse.Namespace) -> int:
         errors_older_than=args.errors_older_than,
         archive_older_than=args.archive_older_than,
         workers_older_than=args.workers_older_than,
+        workflows_older_than=args.workflows_older_than,
     )
     if args.json:
         print_json(counts)
@@ -62,7 +63,8 @@ async def prune(app: App, args: argparse.Namespace) -> int:
         f"pgtasks: deleted {counts['keys']} expired idempotency key(s), {counts['errors']} "
         f"error record(s), {counts['results']} job record(s) past result_ttl, "
         f"{counts['cancel_requests']} stale cancel request(s), {counts['workers']} worker "
-        f"row(s), {counts['archived']} archived message(s)"
+        f"row(s), {counts['workflows']} finished workflow(s), {counts['archived']} archived "
+        "message(s)"
     )
     return 0
 

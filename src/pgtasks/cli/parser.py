@@ -179,7 +179,8 @@ def build() -> argparse.ArgumentParser:
     prune = command(
         sub,
         "prune",
-        "delete expired idempotency keys, old error history and old archived messages",
+        "delete expired idempotency keys, old error history, finished workflows and old "
+        "archived messages",
         "python -m pgtasks prune --archive-older-than 30d",
         "prune",
         "Workers already delete archived messages past the app's archive_retention from\n"
@@ -199,6 +200,14 @@ def build() -> argparse.ArgumentParser:
         default=dt.timedelta(days=1),
         metavar="AGE",
         help="rows of workers stopped or gone and last seen longer ago than this (default: 1d)",
+    )
+    prune.add_argument(
+        "--workflows-older-than",
+        type=duration,
+        default=dt.timedelta(days=7),
+        metavar="AGE",
+        help="workflows (with their steps) finished longer ago than this (default: 7d; a "
+        "running one is kept)",
     )
     prune.add_argument(
         "--archive-older-than",

@@ -119,13 +119,13 @@ ARCHIVE_BATCH = 10_000
 """Archived messages one retention statement deletes at most: each batch is its own short
 transaction, so the first prune of a huge archive never holds one giant one."""
 
-ARCHIVE_CUTOFF = "SELECT now() - $1::interval"
+AGO = "SELECT now() - $1::interval"
 
 
-async def archive_cutoff(conn: Executor, older_than: dt.timedelta) -> dt.datetime:
-    """The instant, on the database's clock, before which archived messages are
-    ``older_than``."""
-    cutoff: dt.datetime = await conn.fetchval(ARCHIVE_CUTOFF, older_than)
+async def ago(conn: Executor, older_than: dt.timedelta) -> dt.datetime:
+    """The instant ``older_than`` ago, on the database's clock: a prune's cutoff, taken once
+    when it starts, so that it ends while rows keep coming."""
+    cutoff: dt.datetime = await conn.fetchval(AGO, older_than)
     return cutoff
 
 

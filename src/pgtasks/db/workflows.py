@@ -1,6 +1,6 @@
 """The SQL of workflows (see the 0005 migration): start one, move it on when a step's job
 ends (in the worker's transaction that writes that end), cancel it, read it (its status, for
-its handle and for operators; the workflow a job belongs to)."""
+its handle and for operators; the workflow a job belongs to), prune the finished ones."""
 
 from __future__ import annotations
 
@@ -77,6 +77,29 @@ async def steps_failed_unread(
 
 
 WORKFLOW_CANCEL = "SELECT pgtasks.workflow_cancel($1::bigint, $2::float8)"
+
+
+# the oldest finished first, through the workflows_finished index (migration 0014); SKIP
+# LOCKED: a workflow whose last step's end is being written is left to the next prune
+WORKFLOWS_PRUNE = """
+WITH gone AS (
+    SELECT id FROM pgtasks.workflows
+    WHERE state <> 'running' AND finished_at < $1
+    ORDER BY finished_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM pgtasks.workflows AS w USING gone WHERE w.id = gone.id RETURNING 1
+)
+SELECT count(*) FROM deleted
+"""
+
+
+async def workflows_prune(conn: Executor, finished_before: dt.datetime, batch: int) -> int:
+    """Delete up to ``batch`` workflows finished before ``finished_before``, with their
+    steps; returns how many."""
+    count: int = await conn.fetchval(WORKFLOWS_PRUNE, finished_before, batch)
+    return count
 
 
 async def workflow_cancel(conn: Executor, workflow_id: int, ttl: float) -> int:
