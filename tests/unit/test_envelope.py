@@ -8,6 +8,7 @@ import datetime as dt
 import enum
 import inspect
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Annotated, Any, Literal, Optional, Union
@@ -324,6 +325,17 @@ def test_decode_reads_the_version_as_a_json_number() -> None:
 
 def test_decode_accepts_an_already_parsed_object() -> None:
     assert envelope.decode({"v": 1, "task": "t", "args": [1]}) == envelope.Envelope("t", [1], {})
+
+
+def test_decode_accepts_subclasses_in_an_already_parsed_object() -> None:
+    class Name(str):
+        pass
+
+    class Items(list[int]):
+        pass
+
+    body = {"v": 1, "task": Name("t"), "args": Items([1]), "kwargs": OrderedDict(a=2)}
+    assert envelope.decode(body) == envelope.Envelope("t", [1], {"a": 2})
 
 
 class Opaque:

@@ -340,18 +340,19 @@ def _checked(body: Any, text: str | bytes | None, *, exact: bool) -> Envelope:
             f"the message body has envelope version {version!r}; this pgtasks reads "
             f'version {VERSION} (a "v": {VERSION} key)'
         )
+    # the exact type first: JSON reads into these, and the check costs next to nothing
     task = body.get("task")
-    if type(task) is not str or not task:
+    if (type(task) is not str and not isinstance(task, str)) or not task:
         raise EnvelopeError(f'the message body has no task name ("task": {task!r})')
     args = body.get("args")
     kwargs = body.get("kwargs")
     if args is None:
         args = []
-    elif type(args) is not list:
+    elif type(args) is not list and not isinstance(args, list):
         raise EnvelopeError(f'"args" of task {task!r} is a JSON {_json_type(args)}, not an array')
     if kwargs is None:
         kwargs = {}
-    elif type(kwargs) is not dict:
+    elif type(kwargs) is not dict and not isinstance(kwargs, dict):
         raise EnvelopeError(
             f'"kwargs" of task {task!r} is a JSON {_json_type(kwargs)}, not an object'
         )
