@@ -146,3 +146,35 @@ async def test_a_step_that_ends_after_its_workflow_was_pruned_is_acked(
     assert (await job.status()).state == "succeeded"
     assert await conn.fetchval("SELECT count(*) FROM pgtasks.dead_letters") == 1  # broken's
     assert await rows(conn, [ref.id]) == (0, 0)  # and nothing came back
+
+
+async def test_the_scheduled_prune_takes_the_workflows_age(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    # docs/periodic.md: schedule_prune's options are those of App.prune; a deployment that
+    # keeps its workflows 30 days must be able to say so to the built-in schedule, which
+    # otherwise deletes them after the default 7
+    @app.task(queue="wfp_sched")
+    async def one(x: int) -> int:
+        return x
+
+    refs = [await chain(one.s(i), one.si(i)).defer() for i in range(3)]
+    async with app.worker(queues=["wfp_sched"], poll_interval=30):
+        for ref in refs:
+            await ref.result(timeout=15)
+    await backdate(conn, [refs[0].id], 40 * dt.timedelta(days=1))
+    await backdate(conn, [refs[1].id], 10 * dt.timedelta(days=1))  # kept at 30 days
+    app.schedule_prune(
+        every=dt.timedelta(seconds=1),
+        workflows_older_than=dt.timedelta(days=30),
+        workers_older_than=dt.timedelta(days=2),
+    )
+    await app.migrate()
+    async with app.worker(queues=["default"], poll_interval=0.2):
+        for _ in range(200):
+            if await rows(conn, [refs[0].id]) == (0, 0):
+                break
+            await anyio.sleep(0.05)
+    assert await rows(conn, [refs[0].id]) == (0, 0)
+    assert await rows(conn, [refs[1].id, refs[2].id]) == (2, 4)
+

@@ -145,16 +145,25 @@ def prune_task(
     prune: Callable[..., Awaitable[dict[str, int]]], queue: str
 ) -> Task[..., dict[str, int]]:
     """The task ``app.schedule_prune`` schedules: ``prune`` (`App.prune`), with its ages in
-    seconds (no ``archive_older_than``: the app's ``archive_retention``, on its queues)."""
+    seconds (no ``archive_older_than``: the app's ``archive_retention``, on its queues).
+    ``workers_older_than`` and ``workflows_older_than`` come as keywords, and only when
+    not the default: a schedule that does not set them keeps the arguments a worker of an
+    earlier version accepts."""
 
     async def prune_job(
-        errors_older_than: float = 7 * 86_400.0, archive_older_than: float | None = None
+        errors_older_than: float = 7 * 86_400.0,
+        archive_older_than: float | None = None,
+        *,
+        workers_older_than: float = 86_400.0,
+        workflows_older_than: float = 7 * 86_400.0,
     ) -> dict[str, int]:
         return await prune(
             errors_older_than=dt.timedelta(seconds=errors_older_than),
             archive_older_than=(
                 dt.timedelta(seconds=archive_older_than) if archive_older_than is not None else None
             ),
+            workers_older_than=dt.timedelta(seconds=workers_older_than),
+            workflows_older_than=dt.timedelta(seconds=workflows_older_than),
         )
 
     return Task(prune_job, name=PRUNE_TASK, queue=queue)

@@ -114,6 +114,8 @@ class PeriodicApp:
         tz: str | None = None,
         errors_older_than: dt.timedelta = dt.timedelta(days=7),
         archive_older_than: dt.timedelta | None = None,
+        workers_older_than: dt.timedelta = dt.timedelta(days=1),
+        workflows_older_than: dt.timedelta = dt.timedelta(days=7),
         queue: str = "default",
         catch_up: CatchUp = "latest",
     ) -> Schedule:
@@ -123,9 +125,15 @@ class PeriodicApp:
         if task is None:
             task = admin_schedules.prune_task(self.prune, queue)
             self._register(task)
+        ages: dict[str, float] = {}  # only those not the default (see prune_task)
+        if workers_older_than != dt.timedelta(days=1):
+            ages["workers_older_than"] = workers_older_than.total_seconds()
+        if workflows_older_than != dt.timedelta(days=7):
+            ages["workflows_older_than"] = workflows_older_than.total_seconds()
         signature = task.options(queue=queue).s(
             errors_older_than.total_seconds(),
             archive_older_than.total_seconds() if archive_older_than is not None else None,
+            **ages,
         )
         return self.schedule(
             signature,
