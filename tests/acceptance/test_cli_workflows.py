@@ -91,4 +91,7 @@ async def test_workflow_show_and_a_steps_job_show(db_dsn: str) -> None:
     missing = cli(db_dsn, "workflow", "show", "99999")
     assert missing.returncode == 1
     assert missing.stdout == ""
-    assert missing.stderr == "pgtasks: error: no workflow 99999 (never deferred, or rolled back)\n"
+    assert (
+        missing.stderr
+        == "pgtasks: error: no workflow 99999 (never deferred, rolled back, or pruned)\n"
+    )

@@ -178,3 +178,20 @@ async def test_the_scheduled_prune_takes_the_workflows_age(
     assert await rows(conn, [refs[0].id]) == (0, 0)
     assert await rows(conn, [refs[1].id, refs[2].id]) == (2, 4)
 
+
+async def test_workflow_show_of_a_pruned_workflow_says_it_may_have_been_pruned(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    from pgtasks.admin.workflows import get_workflow
+
+    @app.task(queue="wfp_show")
+    async def one(x: int) -> int:
+        return x
+
+    ref = await chain(one.s(1), one.si(2)).defer()
+    async with app.worker(queues=["wfp_show"], poll_interval=30):
+        await ref.result(timeout=15)
+    await backdate(conn, [ref.id], 2 * WEEK)
+    assert (await app.prune())["workflows"] == 1
+    with pytest.raises(JobNotFound, match="pruned"):  # as the handle says
+        await get_workflow(app.database, ref.id)

@@ -52,7 +52,7 @@ async def get_workflow(database: Database, workflow_id: int) -> WorkflowDetail:
     async with acquire_clean(pool) as conn:
         status = await workflow_status(conn, workflow_id)
         if status is None:
-            raise JobNotFound(f"no workflow {workflow_id} (never deferred, or rolled back)")
+            raise JobNotFound(f"no workflow {workflow_id} (never deferred, rolled back, or pruned)")
         sent: dict[str, list[int]] = defaultdict(list)
         for s in status.steps:
             if s.state == "sent" and s.job_id is not None:
