@@ -22,6 +22,11 @@ from ..db.database import Database
 from ..db.sql import Executor
 from ..queues import QUEUE_NAME
 
+# prune's ages by default: one definition for App.prune, the scheduled prune and the CLI
+ERRORS_OLDER_THAN = dt.timedelta(days=7)
+WORKERS_OLDER_THAN = dt.timedelta(days=1)
+WORKFLOWS_OLDER_THAN = dt.timedelta(days=7)
+
 
 async def prune_archives(
     conn: Executor,
@@ -70,8 +75,8 @@ async def prune(
     errors_older_than: dt.timedelta,
     archive_older_than: dt.timedelta | None,
     archive_queues: Sequence[str] | None = None,
-    workers_older_than: dt.timedelta = dt.timedelta(days=1),
-    workflows_older_than: dt.timedelta = dt.timedelta(days=7),
+    workers_older_than: dt.timedelta = WORKERS_OLDER_THAN,
+    workflows_older_than: dt.timedelta = WORKFLOWS_OLDER_THAN,
 ) -> dict[str, int]:
     """See `App.prune`; returns how many rows of each kind were deleted. The archives of
     ``archive_queues`` (None: every pgtasks queue) lose their messages older than

@@ -19,6 +19,7 @@ from ..db import schedules as sql
 from ..db.database import Database
 from ..exceptions import ScheduleNotFound
 from ..tasks import JobRef, Task
+from .maintenance import ERRORS_OLDER_THAN, WORKERS_OLDER_THAN, WORKFLOWS_OLDER_THAN
 
 PRUNE_TASK = "pgtasks.prune"
 
@@ -151,11 +152,11 @@ def prune_task(
     earlier version accepts."""
 
     async def prune_job(
-        errors_older_than: float = 7 * 86_400.0,
+        errors_older_than: float = ERRORS_OLDER_THAN.total_seconds(),
         archive_older_than: float | None = None,
         *,
-        workers_older_than: float = 86_400.0,
-        workflows_older_than: float = 7 * 86_400.0,
+        workers_older_than: float = WORKERS_OLDER_THAN.total_seconds(),
+        workflows_older_than: float = WORKFLOWS_OLDER_THAN.total_seconds(),
     ) -> dict[str, int]:
         return await prune(
             errors_older_than=dt.timedelta(seconds=errors_older_than),

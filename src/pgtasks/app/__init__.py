@@ -304,10 +304,10 @@ class App(PeriodicApp):
     async def prune(
         self,
         *,
-        errors_older_than: dt.timedelta = dt.timedelta(days=7),
+        errors_older_than: dt.timedelta = maintenance.ERRORS_OLDER_THAN,
         archive_older_than: dt.timedelta | None = None,
-        workers_older_than: dt.timedelta = dt.timedelta(days=1),
-        workflows_older_than: dt.timedelta = dt.timedelta(days=7),
+        workers_older_than: dt.timedelta = maintenance.WORKERS_OLDER_THAN,
+        workflows_older_than: dt.timedelta = maintenance.WORKFLOWS_OLDER_THAN,
     ) -> dict[str, int]:
         """Delete what has outlived its use: idempotency keys past their retention, the
         error history of attempts older than ``errors_older_than`` (dead letters keep

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import ParamSpec
 
+from ..admin import maintenance
 from ..admin import schedules as admin_schedules
 from ..db.database import Database
 from ..exceptions import ConfigurationError
@@ -112,10 +113,10 @@ class PeriodicApp:
         *,
         every: dt.timedelta | None = None,
         tz: str | None = None,
-        errors_older_than: dt.timedelta = dt.timedelta(days=7),
+        errors_older_than: dt.timedelta = maintenance.ERRORS_OLDER_THAN,
         archive_older_than: dt.timedelta | None = None,
-        workers_older_than: dt.timedelta = dt.timedelta(days=1),
-        workflows_older_than: dt.timedelta = dt.timedelta(days=7),
+        workers_older_than: dt.timedelta = maintenance.WORKERS_OLDER_THAN,
+        workflows_older_than: dt.timedelta = maintenance.WORKFLOWS_OLDER_THAN,
         queue: str = "default",
         catch_up: CatchUp = "latest",
     ) -> Schedule:
@@ -126,9 +127,9 @@ class PeriodicApp:
             task = admin_schedules.prune_task(self.prune, queue)
             self._register(task)
         ages: dict[str, float] = {}  # only those not the default (see prune_task)
-        if workers_older_than != dt.timedelta(days=1):
+        if workers_older_than != maintenance.WORKERS_OLDER_THAN:
             ages["workers_older_than"] = workers_older_than.total_seconds()
-        if workflows_older_than != dt.timedelta(days=7):
+        if workflows_older_than != maintenance.WORKFLOWS_OLDER_THAN:
             ages["workflows_older_than"] = workflows_older_than.total_seconds()
         signature = task.options(queue=queue).s(
             errors_older_than.total_seconds(),

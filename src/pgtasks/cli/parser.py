@@ -4,11 +4,11 @@ in `arguments`)."""
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from typing import Any
 
 from .._options import Flag, Number, Option, OptionSet, Text
 from .._version import __version__
+from ..admin import maintenance
 from ..admin.jobs import STATES
 from ..worker import WORKER_OPTIONS
 from .arguments import (
@@ -190,21 +190,21 @@ def build() -> argparse.ArgumentParser:
     prune.add_argument(
         "--errors-older-than",
         type=duration,
-        default=dt.timedelta(days=7),
+        default=maintenance.ERRORS_OLDER_THAN,
         metavar="AGE",
         help="error history to delete, e.g. 7d, 12h (default: 7d; dead letters keep theirs)",
     )
     prune.add_argument(
         "--workers-older-than",
         type=duration,
-        default=dt.timedelta(days=1),
+        default=maintenance.WORKERS_OLDER_THAN,
         metavar="AGE",
         help="rows of workers stopped or gone and last seen longer ago than this (default: 1d)",
     )
     prune.add_argument(
         "--workflows-older-than",
         type=duration,
-        default=dt.timedelta(days=7),
+        default=maintenance.WORKFLOWS_OLDER_THAN,
         metavar="AGE",
         help="workflows (with their steps) finished longer ago than this (default: 7d; a "
         "running one is kept)",
