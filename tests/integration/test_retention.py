@@ -123,13 +123,39 @@ async def test_a_worker_deletes_its_queues_old_archive_by_itself(
             r[0] for r in await conn.fetch("SELECT msg_id FROM pgmq.a_ret_worker ORDER BY 1")
         ]
         assert len(await ages(conn, "ret_other")) == 3
-        # burst workers and retention_interval=None do not prune
-        assert app.worker(burst=True).retention is None
         assert app.worker(retention_interval=None).retention is None
         assert (
             pgtasks.App(db_dsn, archive_retention=None).worker(queues=["ret_worker"]).retention
             is None
         )
+    finally:
+        await app.close()
+
+
+async def test_a_burst_worker_prunes_once_it_has_drained_its_queues(
+    db_dsn: str, conn: asyncpg.Connection
+) -> None:
+    # workers run only in bursts (from cron) must bound the archive too: one pass at the end
+    app = pgtasks.App(db_dsn, archive_retention=HOUR)
+
+    @app.task(queue="ret_burst")
+    async def job(n: int) -> int:
+        return n
+
+    await archive_aged(conn, "ret_burst", 12_000, 2 * HOUR)  # two batches
+    await archive_aged(conn, "ret_burst", 4, dt.timedelta(minutes=10))  # within the retention
+    try:
+        refs = [await job.defer(i) for i in range(5)]
+        worker = app.worker(burst=True, queues=["ret_burst"])
+        with anyio.fail_after(30):
+            await worker.run()  # returns once the queue is drained and the pass is done
+        assert worker.retention is not None
+        assert (worker.retention.passes, worker.retention.deleted) == (1, 12_000)
+        archived = {r[0] for r in await conn.fetch("SELECT msg_id FROM pgmq.a_ret_burst")}
+        assert len(archived) == 4 + 5
+        assert {r.id for r in refs} <= archived
+        # and with retention_interval=None it does not prune
+        assert app.worker(burst=True, retention_interval=None).retention is None
     finally:
         await app.close()
 

@@ -1,15 +1,17 @@
-"""Archive retention: a worker deletes the archived messages of the queues it serves once
-they are older than the app's ``archive_retention``, so that a queue that runs for a year
-does not keep a year of succeeded jobs, and nobody has to schedule anything for it.
+"""Archive retention: a worker deletes the archived messages of the queues it serves once they
+are older than the app's ``archive_retention``, so that a queue that runs for a year does
+not keep a year of succeeded jobs, and nobody has to schedule anything for it.
 
 A pass every ``retention_interval`` seconds (with 10% jitter, so that workers started
 together spread out), the first within a minute of the start (a worker restarted more often
-than the interval still prunes). Each pass opens a connection of its own, outside the app's
-pool (it never waits behind task code, nor holds a connection between passes), and deletes
-through `admin.maintenance.prune_archives`: a batch of 10,000 messages per transaction, the
-oldest first, up to a cutoff taken on the database's clock. Any number of workers may prune
-the same queue at once: they skip each other's rows (``SKIP LOCKED``). A failed pass is
-logged and the next one comes at the next interval; it never stops the worker.
+than the interval still prunes). A ``burst`` worker makes one pass, once it has drained its
+queues (`prune_once`), so that workers run only in bursts (from cron) bound the archive too.
+Each pass opens a connection of its own, outside the app's pool (it never waits behind task
+code, nor holds a connection between passes), and deletes through
+`admin.maintenance.prune_archives`: a batch of 10,000 messages per transaction, the oldest
+first, up to a cutoff taken on the database's clock. Any number of workers may prune the
+same queue at once: they skip each other's rows (``SKIP LOCKED``). A failed pass is logged
+and the next one comes at the next interval; it never stops the worker.
 """
 
 from __future__ import annotations

@@ -134,8 +134,9 @@ WORKER_OPTIONS = OptionSet(
         "retention_interval",
         3600.0,
         "how often, in seconds, the worker deletes the archived messages of its queues older "
-        "than the app's archive_retention (a batch of 10,000 per transaction; never in burst "
-        "mode); the first pass comes within a minute of the start",
+        "than the app's archive_retention (a batch of 10,000 per transaction); the first pass "
+        "comes within a minute of the start; in burst mode, one pass once the queues are "
+        "drained",
         Number(1, 7 * 86_400, unit="seconds", none="this worker does not prune"),
         flags=("--retention-interval",),
         metavar="SECONDS",

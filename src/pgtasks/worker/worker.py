@@ -8,7 +8,8 @@ at most ``pool_max_size - 1`` at a time, leaving a pooled connection for everyth
 
 Two scopes. The *service* scope holds the background loops (listener, completer, lease
 keeper; the scheduler of the app's periodic jobs, on a connection of its own; archive
-retention, on a connection of its own for each pass, `retention.py`). The *work*
+retention, on a connection of its own for each pass, `retention.py`; in burst mode one
+pass, once the queues are drained). The *work*
 scope holds the fetch loop and the running jobs. A soft stop ends the fetch loop and gives
 running jobs ``shutdown_timeout`` seconds; then every job still running
 is cancelled for the reason "stop" and hands its message back at once. A job that ignores
@@ -145,9 +146,10 @@ class Worker:
             )
         self.retention: Retention | None = None
         """Deletes the archived messages of its queues past the app's ``archive_retention``
-        (not in ``burst`` mode, nor with ``retention_interval=None``)."""
+        (none with ``retention_interval=None``): every interval, or in ``burst`` mode once,
+        when the queues are drained."""
         interval, keep = self.retention_interval, settings.archive_retention
-        if interval is not None and keep is not None and not self.burst:
+        if interval is not None and keep is not None:
             self.retention = Retention(database, self.queues, keep, interval)
 
     # --- public ---------------------------------------------------------------------------
@@ -276,7 +278,7 @@ class Worker:
                 service.start_soon(heartbeat.run)
                 if self.scheduler is not None:
                     service.start_soon(self.scheduler.run)
-                if self.retention is not None:
+                if self.retention is not None and not self.burst:
                     service.start_soon(self.retention.run)
                 if self.listen:
                     self.listener = Listener(
@@ -395,6 +397,10 @@ class Worker:
                         claimed, drained = await fetcher.claim_pass()
                         if claimed == 0:
                             self._burst_done()
+                            if self.retention is not None:
+                                # a worker that only ever runs in bursts (from cron, say)
+                                # bounds its queues' archives too
+                                await self.retention.prune_once()
                             return
                         continue
                     await fetcher.wakeup.wait(0.05)
