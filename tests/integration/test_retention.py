@@ -7,6 +7,7 @@ archived message is gone."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import anyio
 import asyncpg
@@ -16,6 +17,7 @@ import pgtasks
 from pgtasks import ConfigurationError
 from pgtasks.admin import maintenance
 from pgtasks.db import queues
+from pgtasks.worker import worker as worker_module
 from pgtasks.worker.retention import Retention
 
 HOUR = dt.timedelta(hours=1)
@@ -158,6 +160,42 @@ async def test_a_burst_worker_prunes_once_it_has_drained_its_queues(
         assert app.worker(burst=True, retention_interval=None).retention is None
     finally:
         await app.close()
+
+
+async def test_a_burst_pass_stops_at_its_budget_and_the_next_burst_goes_on(
+    db_dsn: str, conn: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = pgtasks.App(db_dsn, archive_retention=HOUR)
+    await archive_aged(conn, "ret_budget", 25_000, 2 * HOUR)
+    try:
+        monkeypatch.setattr(worker_module, "BURST_PASS_BUDGET", 0.0)  # spent at once
+        first = app.worker(burst=True, queues=["ret_budget"])
+        with anyio.fail_after(30):
+            await first.run()
+        assert first.retention is not None
+        assert (first.retention.passes, first.retention.deleted) == (1, 0)
+        assert len(await ages(conn, "ret_budget")) == 25_000
+        monkeypatch.undo()
+        second = app.worker(burst=True, queues=["ret_budget"])
+        with anyio.fail_after(30):
+            await second.run()
+        assert second.retention is not None
+        assert second.retention.deleted == 25_000
+    finally:
+        await app.close()
+
+
+async def test_a_prune_starts_no_batch_after_its_deadline(conn: asyncpg.Connection) -> None:
+    await archive_aged(conn, "ret_until", 25_000, 2 * HOUR)
+    late = time.monotonic() - 1.0
+    assert await maintenance.prune_archives(conn, HOUR, ["ret_until"], until=late) == 0
+    assert len(await ages(conn, "ret_until")) == 25_000
+    statements: list[str] = []
+    conn.add_query_logger(lambda record: statements.append(record.query))
+    soon = time.monotonic() + 60.0
+    assert await maintenance.prune_archives(conn, HOUR, ["ret_until"], until=soon) == 25_000
+    await anyio.sleep(0.05)  # asyncpg calls query loggers soon after, not at once
+    assert sum("DELETE" in q for q in statements) == 3  # batches of 10,000: 2 full, 1 not
 
 
 async def test_a_failed_pass_is_logged_and_the_worker_goes_on(

@@ -13,6 +13,7 @@ being archived).
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Sequence
 
 import asyncpg
@@ -34,10 +35,12 @@ async def prune_archives(
     queue_names: Sequence[str] | None = None,
     *,
     batch: int = queues.ARCHIVE_BATCH,
+    until: float | None = None,
 ) -> int:
     """Delete the archived messages older than ``older_than`` of these queues (None: of
     every pgtasks queue), a batch per statement; returns how many. A queue that does not
-    exist (any more) is skipped."""
+    exist (any more) is skipped. With ``until`` (a `time.monotonic` instant), no batch is
+    started after it: a later call goes on where this one stopped."""
     names = list(queue_names) if queue_names is not None else await queues.queue_list(conn)
     cutoff = await queues.ago(conn, older_than)
     deleted = 0
@@ -45,6 +48,8 @@ async def prune_archives(
         if not QUEUE_NAME.fullmatch(queue):  # not one of ours
             continue
         while True:
+            if until is not None and time.monotonic() >= until:
+                return deleted
             try:
                 n = await queues.archive_prune(conn, queue, cutoff, batch)
             except asyncpg.UndefinedTableError:  # dropped meanwhile

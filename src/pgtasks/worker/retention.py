@@ -5,7 +5,8 @@ not keep a year of succeeded jobs, and nobody has to schedule anything for it.
 A pass every ``retention_interval`` seconds (with 10% jitter, so that workers started
 together spread out), the first within a minute of the start (a worker restarted more often
 than the interval still prunes). A ``burst`` worker makes one pass, once it has drained its
-queues (`prune_once`), so that workers run only in bursts (from cron) bound the archive too.
+queues, of at most `BURST_PASS_BUDGET` seconds of batches, so that workers run only in
+bursts (from cron) bound the archive too.
 Each pass opens a connection of its own, outside the app's pool (it never waits behind task
 code, nor holds a connection between passes), and deletes through
 `admin.maintenance.prune_archives`: a batch of 10,000 messages per transaction, the oldest
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import random
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -30,6 +32,10 @@ from ..db.errors import ErrorKind, classify
 logger = logging.getLogger("pgtasks")
 
 FIRST_PASS_WITHIN = 60.0  # seconds after the start (at most the interval)
+
+BURST_PASS_BUDGET = 10.0
+"""Seconds of batches a burst worker's pass may start, so that its first pass over an
+archive that grew for a year does not hold its exit for hours: the next burst goes on."""
 
 
 class Retention:
@@ -58,10 +64,11 @@ class Retention:
             await self.prune_once()
             await anyio.sleep(self.interval * random.uniform(0.9, 1.1))
 
-    async def prune_once(self) -> int:
-        """One pass; returns how many archived messages it deleted (0 when it failed)."""
+    async def prune_once(self, budget: float | None = None) -> int:
+        """One pass (no batch started after ``budget`` seconds, when given); returns how
+        many archived messages it deleted (0 when it failed)."""
         try:
-            deleted = await self._prune()
+            deleted = await self._prune(None if budget is None else time.monotonic() + budget)
         except Exception as exc:
             level = logging.WARNING if classify(exc) is ErrorKind.TRANSIENT else logging.ERROR
             logger.log(
@@ -83,10 +90,10 @@ class Retention:
             )
         return deleted
 
-    async def _prune(self) -> int:
+    async def _prune(self, until: float | None) -> int:
         conn = await self._database.connect()
         try:
-            deleted = await prune_archives(conn, self.retention, self.queues)
+            deleted = await prune_archives(conn, self.retention, self.queues, until=until)
         except BaseException:
             conn.terminate()  # a statement may still run: never wait on it
             raise

@@ -57,7 +57,7 @@ from .job import CancelReason, Job
 from .leases import LeaseKeeper
 from .listener import Listener
 from .outcome import Outcome
-from .retention import Retention
+from .retention import BURST_PASS_BUDGET, Retention
 from .scheduler import Scheduler
 from .settings import (
     WORKER_OPTIONS,
@@ -400,7 +400,7 @@ class Worker:
                             if self.retention is not None:
                                 # a worker that only ever runs in bursts (from cron, say)
                                 # bounds its queues' archives too
-                                await self.retention.prune_once()
+                                await self.retention.prune_once(BURST_PASS_BUDGET)
                             return
                         continue
                     await fetcher.wakeup.wait(0.05)
