@@ -247,3 +247,28 @@ def test_the_options_are_checked() -> None:
         app.worker(retention_interval=0.5)
     assert pgtasks.App().archive_retention == dt.timedelta(days=7)
     assert app.worker().retention is not None
+
+
+async def test_a_burst_workers_failed_pass_does_not_promise_a_next_one_within_the_hour(
+    db_dsn: str, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a burst worker makes no other pass: the next burst does, whenever it runs
+    app = pgtasks.App(db_dsn, archive_retention=HOUR)
+    app.task(queue="ret_burst_locked", name="tests.ret.burst_locked")(_noop)
+    await archive_aged(conn, "ret_burst_locked", 3, 2 * HOUR)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE pgmq.a_ret_burst_locked IN ACCESS EXCLUSIVE MODE")
+    try:
+        worker = app.worker(burst=True, queues=["ret_burst_locked"])
+        with anyio.fail_after(30):
+            await worker.run()  # its lock_timeout, 2 s
+    finally:
+        await conn.execute("ROLLBACK")
+        await app.close()
+    failed = [r.getMessage() for r in caplog.records if "a pass failed" in r.getMessage()]
+    assert len(failed) == 1
+    assert "LockNotAvailableError" in failed[0]
+    assert failed[0].endswith("; the next burst tries again"), failed[0]
+
+
+async def _noop() -> None: ...

@@ -5,14 +5,15 @@ not keep a year of succeeded jobs, and nobody has to schedule anything for it.
 A pass every ``retention_interval`` seconds (with 10% jitter, so that workers started
 together spread out), the first within a minute of the start (a worker restarted more often
 than the interval still prunes). A ``burst`` worker makes one pass, once it has drained its
-queues, of at most `BURST_PASS_BUDGET` seconds of batches, so that workers run only in
-bursts (from cron) bound the archive too.
+queues, of at most `BURST_PASS_BUDGET` seconds of batches (cut short `BURST_PASS_GRACE`
+seconds later), so that workers run only in bursts (from cron) bound the archive too.
 Each pass opens a connection of its own, outside the app's pool (it never waits behind task
 code, nor holds a connection between passes), and deletes through
 `admin.maintenance.prune_archives`: a batch of 10,000 messages per transaction, the oldest
 first, up to a cutoff taken on the database's clock. Any number of workers may prune the
 same queue at once: they skip each other's rows (``SKIP LOCKED``). A failed pass is logged
-and the next one comes at the next interval; it never stops the worker.
+and the next one comes at the next interval (a burst worker's: at the next burst); it never
+stops the worker.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ FIRST_PASS_WITHIN = 60.0  # seconds after the start (at most the interval)
 BURST_PASS_BUDGET = 10.0
 """Seconds of batches a burst worker's pass may start, so that its first pass over an
 archive that grew for a year does not hold its exit for hours: the next burst goes on."""
+
+BURST_PASS_GRACE = 10.0
+"""Seconds a burst worker's pass may run past its budget (the batch started within it)
+before it is cut short: a statement that waits on a locked archive without a lock timeout
+(through PgBouncer, which refuses one) would otherwise hold the exit as long as the lock."""
 
 
 class Retention:
@@ -65,18 +71,25 @@ class Retention:
             await anyio.sleep(self.interval * random.uniform(0.9, 1.1))
 
     async def prune_once(self, budget: float | None = None) -> int:
-        """One pass (no batch started after ``budget`` seconds, when given); returns how
-        many archived messages it deleted (0 when it failed)."""
+        """One pass (no batch started after ``budget`` seconds, when given, and cut short
+        `BURST_PASS_GRACE` seconds later: a burst worker's); returns how many archived
+        messages it deleted (0 when it failed)."""
+        limit = None if budget is None else budget + BURST_PASS_GRACE
         try:
-            deleted = await self._prune(None if budget is None else time.monotonic() + budget)
+            with anyio.move_on_after(limit) as scope:
+                deleted = await self._prune(None if budget is None else time.monotonic() + budget)
+            if scope.cancelled_caught:
+                raise TimeoutError(f"cut short after {limit:g} s")
         except Exception as exc:
             level = logging.WARNING if classify(exc) is ErrorKind.TRANSIENT else logging.ERROR
             logger.log(
                 level,
-                "archive retention: a pass failed (%s: %s); the next one is in %.0f s",
+                "archive retention: a pass failed (%s: %s); %s",
                 type(exc).__name__,
                 exc,
-                self.interval,
+                "the next burst tries again"
+                if budget is not None
+                else f"the next one is in {self.interval:.0f} s",
             )
             return 0
         self.passes += 1

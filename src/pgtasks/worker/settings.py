@@ -135,8 +135,8 @@ WORKER_OPTIONS = OptionSet(
         3600.0,
         "how often, in seconds, the worker deletes the archived messages of its queues older "
         "than the app's archive_retention (a batch of 10,000 per transaction); the first pass "
-        "comes within a minute of the start; in burst mode, one pass of at most 10 s once "
-        "the queues are drained",
+        "comes within a minute of the start; in burst mode, one pass once the queues are "
+        "drained, starting no batch after 10 s and cut short at 20 s",
         Number(1, 7 * 86_400, unit="seconds", none="this worker does not prune"),
         flags=("--retention-interval",),
         metavar="SECONDS",
