@@ -271,4 +271,29 @@ async def test_a_burst_workers_failed_pass_does_not_promise_a_next_one_within_th
     assert failed[0].endswith("; the next burst tries again"), failed[0]
 
 
+async def test_a_queue_whose_archive_cannot_be_pruned_does_not_keep_the_others_from_it(
+    db_dsn: str, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a locked archive (or one this role may not delete from) is that queue's problem, as
+    # it is for claims: every burst would otherwise stop at it and never reach the others
+    app = pgtasks.App(db_dsn, archive_retention=HOUR)
+    for queue in ("ret_first_locked", "ret_then_free"):
+        app.task(queue=queue, name=f"tests.ret.{queue}")(_noop)
+        await archive_aged(conn, queue, 3, 2 * HOUR)
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE pgmq.a_ret_first_locked IN ACCESS EXCLUSIVE MODE")
+    try:
+        worker = app.worker(burst=True, queues=["ret_first_locked", "ret_then_free"])
+        with anyio.fail_after(30):
+            await worker.run()
+    finally:
+        await conn.execute("ROLLBACK")
+        await app.close()
+    assert len(await ages(conn, "ret_first_locked")) == 3
+    assert await ages(conn, "ret_then_free") == []
+    assert worker.retention is not None
+    assert worker.retention.deleted == 3
+    assert "a pass failed (LockNotAvailableError" in caplog.text
+
+
 async def _noop() -> None: ...

@@ -11,9 +11,10 @@ Each pass opens a connection of its own, outside the app's pool (it never waits 
 code, nor holds a connection between passes), and deletes through
 `admin.maintenance.prune_archives`: a batch of 10,000 messages per transaction, the oldest
 first, up to a cutoff taken on the database's clock. Any number of workers may prune the
-same queue at once: they skip each other's rows (``SKIP LOCKED``). A failed pass is logged
-and the next one comes at the next interval (a burst worker's: at the next burst); it never
-stops the worker.
+same queue at once: they skip each other's rows (``SKIP LOCKED``). A queue whose archive
+cannot be pruned (locked, or a missing grant) does not keep the others from it. A failed pass
+is logged and the next one comes at the next interval (a burst worker's: at the next burst);
+it never stops the worker.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 from collections.abc import Sequence
 
 import anyio
+import asyncpg
 
 from ..admin.maintenance import prune_archives
 from ..db.database import Database
@@ -105,10 +107,22 @@ class Retention:
 
     async def _prune(self, until: float | None) -> int:
         conn = await self._database.connect()
+        deleted, failure = 0, None
         try:
-            deleted = await prune_archives(conn, self.retention, self.queues, until=until)
+            for queue in self.queues:
+                if until is not None and time.monotonic() >= until:
+                    break
+                try:
+                    deleted += await prune_archives(conn, self.retention, [queue], until=until)
+                except asyncpg.PostgresError as exc:
+                    # this queue's (its archive locked, or not ours to delete from): the
+                    # others are pruned all the same; a lost connection fails the next one
+                    failure = failure or exc
         except BaseException:
             conn.terminate()  # a statement may still run: never wait on it
             raise
         await conn.close(timeout=5)
+        if failure is not None:
+            self.deleted += deleted  # the pass failed, not what the other queues lost
+            raise failure
         return deleted
