@@ -68,8 +68,9 @@ class App(PeriodicApp):
             succeeded.
         archive_retention: how long a succeeded job's message stays in its queue's
             archive (7 days); None keeps every one. Every worker deletes the older ones
-            from the queues it serves, hourly (``worker(retention_interval=...)``), and
-            `prune` from the app's queues; see [Operations](operations.md#retention).
+            from the queues it serves, hourly (``worker(retention_interval=...)``; a burst
+            worker once it has drained them), and `prune` from the app's queues; see
+            [Operations](operations.md#retention).
         create_queues: create a queue that does not exist when a job is deferred to it (if
             the database allows it too, see [Migrations](migrations.md#queue-creation));
             turn it off in production, so that a job for a queue nobody created (a typo)

@@ -27,7 +27,8 @@ APP_OPTIONS = OptionSet(
         "archive_retention",
         dt.timedelta(days=7),
         "how long a succeeded job's message stays in its queue's archive: every worker deletes "
-        "older ones from its queues (hourly), and prune from the app's queues",
+        "older ones from its queues (hourly; a burst worker once it has drained them), and "
+        "prune from the app's queues",
         Duration(dt.timedelta(hours=1), MAX_DELAY, none="keep every archived message"),
     ),
     Option(
