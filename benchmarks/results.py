@@ -79,7 +79,7 @@ async def drain(dsn: str, queue: str, keeps: bool, n: int) -> float:
     else:
 
         @app.task(queue=queue, name=f"bench.{queue}")
-        async def job(i: int) -> None:  # type: ignore[misc]
+        async def job(i: int) -> None:
             return None
 
     try:

@@ -110,7 +110,8 @@ def bench_cpu(dsn: str, runs: int, jobs: int, concurrency: int) -> list[list[str
     app = pgtasks.App(dsn)
 
     @app.task(queue="bench_cpu", name="benchsync.burn")
-    def task(rounds: int) -> int: ...
+    def task(rounds: int) -> int:
+        raise NotImplementedError("benchsync.burn runs in the worker processes")
 
     rates: dict[int, list[float]] = {1: [], 2: []}
     try:

@@ -198,6 +198,21 @@ async def test_a_prune_starts_no_batch_after_its_deadline(conn: asyncpg.Connecti
     assert sum("DELETE" in q for q in statements) == 3  # batches of 10,000: 2 full, 1 not
 
 
+async def test_a_pass_over_many_queues_logs_their_number_not_their_names(
+    app: pgtasks.App, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    names = [f"ret_many_{i}" for i in range(6)]
+    for name in names:
+        await archive_aged(conn, name, 1, 2 * HOUR)
+    caplog.set_level("INFO", logger="pgtasks")
+    assert await Retention(app.database, names, HOUR, 60).prune_once() == 6
+    assert "deleted 6 archived message(s) older than 1:00:00 from 6 queues" in caplog.text
+    assert await Retention(app.database, names[:2], HOUR, 60).prune_once() == 0  # none left
+    await archive_aged(conn, names[0], 1, 2 * HOUR)
+    assert await Retention(app.database, names[:2], HOUR, 60).prune_once() == 1
+    assert "from ret_many_0, ret_many_1" in caplog.text
+
+
 async def test_a_failed_pass_is_logged_and_the_worker_goes_on(
     app: pgtasks.App, conn: asyncpg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -101,7 +101,7 @@ class Retention:
                 "archive retention: deleted %d archived message(s) older than %s from %s",
                 deleted,
                 self.retention,
-                ", ".join(self.queues),
+                ", ".join(self.queues) if len(self.queues) <= 5 else f"{len(self.queues)} queues",
             )
         return deleted
 
