@@ -311,4 +311,27 @@ async def test_a_queue_whose_archive_cannot_be_pruned_does_not_keep_the_others_f
     assert "a pass failed (LockNotAvailableError" in caplog.text
 
 
+async def test_a_prune_told_to_go_on_records_the_queue_it_cannot_prune(
+    app: pgtasks.App, conn: asyncpg.Connection
+) -> None:
+    for queue in ("ret_go_locked", "ret_go_free"):
+        await archive_aged(conn, queue, 3, 2 * HOUR)
+    own = await app.database.connect()  # the worker's settings: a 2 s lock_timeout
+    await conn.execute("BEGIN")
+    await conn.execute("LOCK TABLE pgmq.a_ret_go_locked IN ACCESS EXCLUSIVE MODE")
+    try:
+        with pytest.raises(asyncpg.LockNotAvailableError):  # by default, the error
+            await maintenance.prune_archives(own, HOUR, ["ret_go_locked", "ret_go_free"])
+        failed: dict[str, asyncpg.PostgresError] = {}
+        names = ["ret_go_locked", "ret_go_free"]
+        assert await maintenance.prune_archives(own, HOUR, names, failed=failed) == 3
+        assert list(failed) == ["ret_go_locked"]
+        assert isinstance(failed["ret_go_locked"], asyncpg.LockNotAvailableError)
+    finally:
+        await conn.execute("ROLLBACK")
+        await own.close()
+    assert len(await ages(conn, "ret_go_locked")) == 3
+    assert await ages(conn, "ret_go_free") == []
+
+
 async def _noop() -> None: ...

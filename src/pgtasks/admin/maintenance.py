@@ -36,11 +36,15 @@ async def prune_archives(
     *,
     batch: int = queues.ARCHIVE_BATCH,
     until: float | None = None,
+    failed: dict[str, asyncpg.PostgresError] | None = None,
 ) -> int:
     """Delete the archived messages older than ``older_than`` of these queues (None: of
     every pgtasks queue), a batch per statement; returns how many. A queue that does not
     exist (any more) is skipped. With ``until`` (a `time.monotonic` instant), no batch is
-    started after it: a later call goes on where this one stopped."""
+    started after it: a later call goes on where this one stopped. With ``failed``, a queue
+    whose archive cannot be pruned (a database error: its table locked, a missing grant) is
+    recorded there and the others are pruned all the same; without it, the error is
+    raised."""
     names = list(queue_names) if queue_names is not None else await queues.queue_list(conn)
     cutoff = await queues.ago(conn, older_than)
     deleted = 0
@@ -53,6 +57,11 @@ async def prune_archives(
             try:
                 n = await queues.archive_prune(conn, queue, cutoff, batch)
             except asyncpg.UndefinedTableError:  # dropped meanwhile
+                break
+            except asyncpg.PostgresError as exc:  # a lost connection is no PostgresError
+                if failed is None:
+                    raise
+                failed[queue] = exc
                 break
             deleted += n
             if n < batch:

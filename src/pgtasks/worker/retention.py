@@ -79,9 +79,14 @@ class Retention:
         limit = None if budget is None else budget + BURST_PASS_GRACE
         try:
             with anyio.move_on_after(limit) as scope:
-                deleted = await self._prune(None if budget is None else time.monotonic() + budget)
+                deleted, failed = await self._prune(
+                    None if budget is None else time.monotonic() + budget
+                )
             if scope.cancelled_caught:
                 raise TimeoutError(f"cut short after {limit:g} s")
+            self.deleted += deleted  # the other queues' messages are gone all the same
+            if failed:
+                raise next(iter(failed.values()))
         except Exception as exc:
             level = logging.WARNING if classify(exc) is ErrorKind.TRANSIENT else logging.ERROR
             logger.log(
@@ -95,7 +100,6 @@ class Retention:
             )
             return 0
         self.passes += 1
-        self.deleted += deleted
         if deleted:
             logger.info(
                 "archive retention: deleted %d archived message(s) older than %s from %s",
@@ -105,24 +109,17 @@ class Retention:
             )
         return deleted
 
-    async def _prune(self, until: float | None) -> int:
+    async def _prune(self, until: float | None) -> tuple[int, dict[str, asyncpg.PostgresError]]:
+        """Messages deleted, and the queues whose archive could not be pruned (locked, or
+        not this role's to delete from): the others are pruned all the same."""
         conn = await self._database.connect()
-        deleted, failure = 0, None
+        failed: dict[str, asyncpg.PostgresError] = {}
         try:
-            for queue in self.queues:
-                if until is not None and time.monotonic() >= until:
-                    break
-                try:
-                    deleted += await prune_archives(conn, self.retention, [queue], until=until)
-                except asyncpg.PostgresError as exc:
-                    # this queue's (its archive locked, or not ours to delete from): the
-                    # others are pruned all the same; a lost connection fails the next one
-                    failure = failure or exc
+            deleted = await prune_archives(
+                conn, self.retention, self.queues, until=until, failed=failed
+            )
         except BaseException:
             conn.terminate()  # a statement may still run: never wait on it
             raise
         await conn.close(timeout=5)
-        if failure is not None:
-            self.deleted += deleted  # the pass failed, not what the other queues lost
-            raise failure
-        return deleted
+        return deleted, failed
