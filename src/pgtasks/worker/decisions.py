@@ -65,22 +65,19 @@ class Decisions:
             return
         logger.debug("%s succeeded in %.3fs", job, duration)
         event = JobEvent("succeeded", ctx.queue, ctx.id, ctx.attempt, ctx.task, None, duration)
-        end = self.step_succeeded(job, task, value)
         result, result_error = self.result(task, value)
-        if result is None and result_error is None:  # the common case, built for its cost
-            outcome = Outcome("ack", job, self.archive(task), event=event, step_end=end)
-        else:
-            outcome = Outcome(
+        self._submit(
+            Outcome(
                 "ack",
                 job,
                 self.archive(task),
                 result=result,
                 result_error=result_error,
-                ttl=self.ttl(task),
+                ttl=self.ttl(task) if result is not None or result_error is not None else 0.0,
                 event=event,
-                step_end=end,
+                step_end=self.step_succeeded(job, task, value),
             )
-        self._submit(outcome)
+        )
 
     def step_succeeded(self, job: Job, task: Task[Any, Any], value: object) -> StepEnd | None:
         """For a workflow's step: its result, to pass on (always encoded, whatever the task
